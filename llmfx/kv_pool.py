@@ -1,0 +1,58 @@
+"""KVPool: the paged KV memory on the device, a donated handle that is spent once a step takes it."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from llmfx.config import ModelConfig
+
+LayerKV = tuple[Tensor, Tensor]  # K and V, each [P, S, K, D]
+
+
+class SpentHandleError(RuntimeError):
+    """A donated buffer was used after a step took it; use the handle that step returned."""
+
+
+class KVPool:
+    """Per layer K and V pages [P, S, K, D]; page 0 is the null page that padding writes to.
+
+    The pool is donated as in JAX: `take()` hands the tensors to one step, which writes them in
+    place, and this handle is spent; the step returns a fresh handle over the same memory.
+    """
+
+    __slots__ = ("_layers",)
+
+    def __init__(self, layers: tuple[LayerKV, ...]) -> None:
+        self._layers: tuple[LayerKV, ...] | None = layers
+
+    @staticmethod
+    def allocate(cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype, device) -> KVPool:
+        """Zeroed pages for every layer; num_pages counts the null page."""
+        if num_pages < 2:
+            raise ValueError(f"the KV pool needs at least 2 pages (the null page and one more), got {num_pages}")
+        shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+        return KVPool(tuple(
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(cfg.num_layers)
+        ))
+
+    def take(self) -> tuple[LayerKV, ...]:
+        """The layers, for exactly one step; the handle is spent afterwards."""
+        layers = self.layers
+        self._layers = None
+        return layers
+
+    @property
+    def layers(self) -> tuple[LayerKV, ...]:
+        if self._layers is None:
+            raise SpentHandleError("this KVPool handle was donated to a step; use the handle the step returned")
+        return self._layers
+
+    @property
+    def num_pages(self) -> int:
+        return self.layers[0][0].shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.layers[0][0].shape[1]

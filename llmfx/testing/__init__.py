@@ -1,0 +1,1 @@
+"""Tools for testing llmfx and research code built on it."""

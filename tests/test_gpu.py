@@ -1,0 +1,45 @@
+"""GPU checks (run on the H200; skipped without CUDA): bf16 parity with transformers on the paged path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmfx.batch import SequenceChunk, pack
+from llmfx.kv_pool import KVPool
+from llmfx.models import run
+from llmfx.testing.reference import greedy_generate
+from llmfx.weights import load_params, resolve_model
+from tests.conftest import HF_CASES
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_bf16_prefill_logits_match_transformers_on_gpu(hf_checkpoint, case):
+    model, path = hf_checkpoint(case)
+    source = resolve_model(path)
+    params = load_params(source, dtype="bf16", device="cuda")
+    ids = torch.randint(0, source.config.vocab_size, (20,), generator=torch.Generator().manual_seed(1))
+    hf = model.to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        expected = hf(ids[None].cuda()).logits[0, -1].float()
+    kv = KVPool.allocate(source.config, 7, 4, torch.bfloat16, "cuda")
+    with torch.no_grad():
+        logits, _ = run(params, source.config, pack([SequenceChunk(tuple(ids.tolist()), 0, (5, 3, 1, 2, 6))], 4,
+                                                     "cuda"), kv)
+    model.to("cpu", torch.float32)
+    # bf16 keeps 8 bits of mantissa: compare at a tolerance proportional to the logits' scale.
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(logits[0], expected, rtol=0, atol=0.05 * scale)
+    assert logits[0].argmax() == expected.argmax() or (expected.max() - expected[logits[0].argmax()]) < 0.02 * scale
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3", "mistral"])
+def test_greedy_tokens_on_gpu_in_fp32_equal_cpu(hf_checkpoint, case):
+    _, path = hf_checkpoint(case)
+    source = resolve_model(path)
+    prompt = list(range(3, 23))
+    cpu = greedy_generate(load_params(source), source.config, prompt, 32, shuffle_pages_seed=0)
+    gpu = greedy_generate(load_params(source, device="cuda"), source.config, prompt, 32, shuffle_pages_seed=0)
+    assert gpu == cpu
