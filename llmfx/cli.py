@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -12,36 +13,78 @@ from llmfx.presets import PRESETS
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmfx", description="llmfx: LLM inference for researchers")
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="generate text for one or more prompts")
-    gen.add_argument("prompts", nargs="+", help="prompt text(s)")
-    gen.add_argument("--model", default="tiny",
-                     help=f"checkpoint dir, hub id in the local HF cache, or preset ({', '.join(PRESETS)})")
-    gen.add_argument("--max-tokens", type=int, default=32, help="new tokens per prompt")
+    _add_generate(commands.add_parser("generate", help="generate text for one or more prompts"))
     args = parser.parse_args(argv)
-    return _generate(args)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"llmfx: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompts", nargs="+", help="prompt text(s)")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="tiny",
+                       help=f"checkpoint dir, hub id in the local HF cache, or preset ({', '.join(PRESETS)})")
+    model.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model's)")
+    model.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+    model.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--max-tokens", type=int, default=32, help="new tokens per prompt")
+    sampling.add_argument("--min-tokens", type=int, default=0)
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    sampling.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
+    sampling.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    sampling.add_argument("--ignore-eos", action="store_true")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    engine.add_argument("--max-batch-size", type=int, default=256)
+    engine.add_argument("--max-num-tokens", type=int, default=8192, help="tokens per step")
+    engine.add_argument("--max-seq-len", type=int, default=None, help="prompt + output cap")
+    engine.add_argument("--kv-max-tokens", type=int, default=None, help="KV cache capacity in tokens")
+    engine.add_argument("--free-gpu-memory-fraction", type=float, default=0.9)
+    engine.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    engine.add_argument("--policy", default="guaranteed_no_evict",
+                        choices=["guaranteed_no_evict", "max_utilization"], help="capacity scheduler policy")
+    engine.add_argument("--no-prefix-cache", action="store_true", help="disable KV block reuse")
+    engine.add_argument("--disable-overlap-scheduler", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.set_defaults(run=_generate)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from llmfx.testing.reference import greedy_generate
-    from llmfx.tokenizer import ByteTokenizer
-    from llmfx.weights import load_params, resolve_model
+    from llmfx.kv_cache import KvCacheConfig
+    from llmfx.llm import LLM
+    from llmfx.sampling_params import SamplingParams
+    from llmfx.scheduler import SchedulerConfig
 
-    source = resolve_model(args.model)
-    if source.path is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
-    else:
-        tokenizer = ByteTokenizer(vocab_size=source.config.vocab_size)
-        print("note: a preset has random weights: its text is noise until you pass a real checkpoint", file=sys.stderr)
-    params = load_params(source)
-    for prompt in args.prompts:
-        ids = tokenizer.encode(prompt)
-        start = time.perf_counter()
-        out = greedy_generate(params, source.config, ids, args.max_tokens, stop_token_ids=source.config.eos_token_ids)
-        elapsed = time.perf_counter() - start
-        print(f"{prompt!r} -> {tokenizer.decode(out, skip_special_tokens=True)!r}")
-        print(f"  {len(out)} tokens in {elapsed:.2f} s ({len(out) / elapsed:.1f} tokens/s)")
+    params = SamplingParams(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
+                            seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    if args.model in PRESETS and args.load_format != "dummy" and not args.json:
+        print(f"note: preset {args.model!r} has random weights, so its text is noise; "
+              f"pass --model <checkpoint> for real text", file=sys.stderr)
+    start = time.perf_counter()
+    with LLM(args.model, args.tokenizer, dtype=args.dtype, device=args.device, load_format=args.load_format,
+             max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens, max_seq_len=args.max_seq_len,
+             kv_cache_config=KvCacheConfig(max_tokens=args.kv_max_tokens, page_size=args.page_size,
+                                           free_gpu_memory_fraction=args.free_gpu_memory_fraction,
+                                           enable_block_reuse=not args.no_prefix_cache),
+             scheduler_config=SchedulerConfig(capacity_scheduler_policy=args.policy),
+             disable_overlap_scheduler=args.disable_overlap_scheduler) as llm:
+        loaded = time.perf_counter()
+        outputs = llm.generate(args.prompts, params, use_tqdm=not args.json)
+        elapsed = time.perf_counter() - loaded
+    tokens = sum(len(o.token_ids) for o in outputs)
+    for out in outputs:
+        completion = out.outputs[0]
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "text": completion.text, "token_ids": list(completion.token_ids),
+                              "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}))
+        else:
+            print(f"{out.prompt!r} -> {completion.text!r} ({completion.finish_reason})")
+    rate = f"{tokens} tokens in {elapsed:.2f} s: {tokens / elapsed:.1f} tokens/s (load {loaded - start:.2f} s)"
+    print(rate, file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

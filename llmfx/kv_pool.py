@@ -56,3 +56,28 @@ class KVPool:
     @property
     def page_size(self) -> int:
         return self.layers[0][0].shape[1]
+
+
+# Without a GPU to measure there is no free-memory figure to take a fraction of: CPU pools hold
+# this many tokens unless KvCacheConfig.max_tokens says otherwise.
+CPU_DEFAULT_KV_TOKENS = 65536
+
+
+def kv_pool_pages(cfg: ModelConfig, kv_cfg, dtype: torch.dtype, device: torch.device, max_seq_len: int) -> int:
+    """Pages to allocate (null page included): max_tokens, capped on CUDA by the free-memory fraction."""
+    page_size = kv_cfg.page_size
+    bytes_per_page = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize * page_size
+    limits = []
+    if kv_cfg.max_tokens is not None:
+        limits.append(-(-kv_cfg.max_tokens // page_size))
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        limits.append(int(free_bytes * kv_cfg.free_gpu_memory_fraction) // bytes_per_page)
+    elif kv_cfg.max_tokens is None:
+        limits.append(-(-max(CPU_DEFAULT_KV_TOKENS, max_seq_len) // page_size))
+    pages = min(limits)
+    if pages < 1:
+        raise ValueError(f"the KV cache gets no pages: KvCacheConfig(max_tokens={kv_cfg.max_tokens}, "
+                         f"free_gpu_memory_fraction={kv_cfg.free_gpu_memory_fraction}) leaves less than one page "
+                         f"of {page_size} tokens ({bytes_per_page} bytes)")
+    return pages + 1

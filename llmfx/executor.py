@@ -1,0 +1,205 @@
+"""PyExecutor: the step function over explicit state, and the background thread that drives it.
+
+`step(state, inbox, engine, cfg) -> (state, StepOutput)` is deterministic and can be driven by
+hand (tests, notebooks, the simulator); `PyExecutor` runs the same step in a loop on its own thread,
+fed by a thread-safe queue. No policy and no model code live here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from llmfx.kv_pool import KVPool
+from llmfx.model_engine import ModelEngine, StepFailed
+from llmfx.scheduler import (
+    Request,
+    ScheduledBatch,
+    SchedulerConfig,
+    SchedulerLimits,
+    SchedulerState,
+    TokenEvent,
+    abort,
+    add_requests,
+    has_work,
+    postprocess,
+    schedule,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AddRequest:
+    """Inbox message: start serving a request."""
+
+    request: Request
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRequest:
+    """Inbox message: end requests now ("abort"), or fail them ("error")."""
+
+    request_ids: tuple[int, ...]
+    reason: str = "abort"
+
+
+Message = AddRequest | AbortRequest
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutorConfig:
+    """What the step needs besides state: engine limits and the scheduler's settings."""
+
+    limits: SchedulerLimits
+    scheduler: SchedulerConfig
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutorState:
+    """The loop's state between steps. `kv` is DONATED: stepping this state spends it."""
+
+    sched: SchedulerState
+    kv: KVPool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepOutput:
+    """What one step produced: token events, error messages of failed requests, and the batch run."""
+
+    events: tuple[TokenEvent, ...] = ()
+    errors: Mapping[int, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    batch: ScheduledBatch = dataclasses.field(default_factory=ScheduledBatch)
+
+
+def step(state: ExecutorState, inbox: Iterable[Message], engine: ModelEngine,
+         cfg: ExecutorConfig) -> tuple[ExecutorState, StepOutput]:
+    """Apply the inbox, schedule, run the model, postprocess. Only a failing step's requests fail."""
+    sched, kv = state.sched, state.kv
+    events: list[TokenEvent] = []
+    errors: dict[int, str] = {}
+    for message in inbox:
+        if isinstance(message, AbortRequest):
+            sched, ended = abort(sched, message.request_ids, message.reason)
+            events.extend(ended)
+            continue
+        try:
+            sched = add_requests(sched, (message.request,), cfg.limits, cfg.scheduler)
+        except ValueError as err:  # the front end validates first; this guards direct callers
+            events.append(TokenEvent(request_id=message.request.request_id, new_token_ids=(), finish_reason="error"))
+            errors[message.request.request_id] = str(err)
+    sched, batch = schedule(sched, (), cfg.limits, cfg.scheduler)
+    if batch.seqs:
+        requests = {s.request_id: s.request for s in sched.running}
+        try:
+            kv, sampled = engine.execute(kv, batch, requests)
+        except StepFailed as failure:
+            kv = failure.kv
+            log.exception("step %d failed; failing its %d requests", sched.step, len(batch.seqs))
+            failed = tuple(s.request_id for s in batch.seqs)
+            sched, ended = abort(sched, failed, "error")
+            events.extend(ended)
+            errors.update({rid: str(failure) for rid in failed})
+        else:
+            sched, produced = postprocess(sched, batch, sampled, cfg.limits)
+            events.extend(produced)
+    out = StepOutput(events=tuple(events), errors=MappingProxyType(errors), batch=batch)
+    return ExecutorState(sched=sched, kv=kv), out
+
+
+def has_pending_work(state: ExecutorState) -> bool:
+    """True while any request waits or runs."""
+    return has_work(state.sched)
+
+
+class PyExecutor:
+    """Drives `step` on a background thread; messages arrive through a thread-safe queue."""
+
+    def __init__(self, state: ExecutorState, engine: ModelEngine, cfg: ExecutorConfig,
+                 on_output: Callable[[StepOutput], None]) -> None:
+        self._state = state
+        self._engine = engine
+        self._cfg = cfg
+        self._on_output = on_output
+        self._queue: queue.Queue[Message | None] = queue.Queue()
+        self._stopping = threading.Event()
+        self._failure: Exception | None = None
+        self._thread = threading.Thread(target=self._loop, name="llmfx-executor", daemon=True)
+        self._thread.start()
+
+    @property
+    def state(self) -> ExecutorState:
+        """The state after the latest step (read-only: its KV handle belongs to the loop)."""
+        return self._state
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; it enters the scheduler at the next step."""
+        if self._failure is not None or self._stopping.is_set():
+            raise RuntimeError(f"the executor is stopped ({self._failure or 'shut down'}); create a new LLM")
+        self._queue.put(AddRequest(request))
+
+    def abort(self, request_ids: Iterable[int], reason: str = "abort") -> None:
+        """Queue the end of requests; their pages are freed at the next step."""
+        self._queue.put(AbortRequest(tuple(request_ids), reason))
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop; requests still waiting or running end with finish_reason "abort"."""
+        self._stopping.set()
+        self._queue.put(None)  # wakes the loop if it is blocked waiting for work
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise RuntimeError(f"the executor thread did not stop within {timeout} s")
+
+    def _drain(self, block: bool) -> list[Message]:
+        messages: list[Message] = []
+        try:
+            item = self._queue.get(block=block)
+            while True:
+                if item is not None:
+                    messages.append(item)
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            return messages
+
+    def _loop(self) -> None:
+        state = self._state
+        inbox: list[Message] = []
+        try:
+            while True:
+                inbox = self._drain(block=not has_pending_work(state))
+                if self._stopping.is_set():
+                    break
+                state, out = step(state, inbox, self._engine, self._cfg)
+                self._state = state  # published for inspection; the loop owns it
+                inbox = []
+                self._deliver(out)
+        except Exception as err:  # a bug outside the model step: end every request rather than hang them
+            log.exception("the executor loop failed; ending all requests")
+            self._failure = err
+        self._state = state
+        self._abort_everything(inbox + self._drain(block=False))
+
+    def _abort_everything(self, inbox: list[Message]) -> None:
+        sched = self._state.sched
+        ids = [s.request_id for s in sched.running + sched.waiting]
+        ids += [m.request.request_id for m in inbox if isinstance(m, AddRequest)]
+        sched, ended = abort(sched, ids, "abort")
+        pending = {e.request_id for e in ended}
+        # Requests still in the inbox never reached the scheduler: end them here.
+        extra = tuple(TokenEvent(request_id=rid, new_token_ids=(), finish_reason="abort") for rid in ids
+                      if rid not in pending)
+        self._state = dataclasses.replace(self._state, sched=sched)
+        self._deliver(StepOutput(events=ended + extra))
+
+    def _deliver(self, out: StepOutput) -> None:
+        if not out.events:
+            return
+        try:
+            self._on_output(out)
+        except Exception:  # a broken consumer must not stop the engine
+            log.exception("output handler failed")

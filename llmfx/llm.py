@@ -1,0 +1,305 @@
+"""LLM: the user-facing entry point. Tokenizes, validates, submits to the executor, detokenizes.
+
+This is the only module that touches the tokenizer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from llmfx.detokenizer import DetokenizerState, detokenize, flush, new_detokenizer
+from llmfx.dtypes import resolve_dtype
+from llmfx.executor import ExecutorConfig, ExecutorState, PyExecutor, StepOutput
+from llmfx.kv_cache import KvCacheConfig, new_page_pool
+from llmfx.kv_pool import KVPool, kv_pool_pages
+from llmfx.model_engine import ModelEngine
+from llmfx.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from llmfx.sampling_params import SamplingParams
+from llmfx.scheduler import Request, SchedulerConfig, SchedulerLimits, TokenEvent, new_scheduler_state, validate_request
+from llmfx.tokenizer import ByteTokenizer
+from llmfx.weights import ModelSource, load_params, resolve_model
+
+Prompt = str | Sequence[int]
+
+
+class RequestHandle:
+    """A submitted request: `result()`, iteration over snapshots (sync or async), `abort()`."""
+
+    def __init__(self, llm: LLM, request: Request, prompt: str | None, streaming: bool) -> None:
+        self._llm = llm
+        self.request_id = request.request_id
+        self._request = request
+        self._prompt = prompt
+        self._streaming = streaming
+        self._detok: DetokenizerState | None = (
+            new_detokenizer(request.prompt_token_ids, request.params) if request.params.detokenize else None
+        )
+        self._token_ids: tuple[int, ...] = ()
+        self._text = ""
+        self._metrics = RequestMetrics(arrival_time=time.monotonic(),
+                                       num_prompt_tokens=len(request.prompt_token_ids))
+        self._final: RequestOutput | None = None
+        self._updates: queue.Queue[RequestOutput] = queue.Queue()
+        self._done = threading.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        """The final output; blocks until the request finishes."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+        assert self._final is not None
+        return self._final
+
+    def abort(self) -> None:
+        """End the request: it finishes with finish_reason "abort" and its pages are freed."""
+        self._llm._executor.abort((self.request_id,))
+
+    def __iter__(self):
+        """Snapshots as tokens arrive (only the final one unless streaming), ending with the final one."""
+        while True:
+            update = self._updates.get()
+            yield update
+            if update.finished:
+                return
+
+    async def __aiter__(self):
+        while True:
+            update = await asyncio.to_thread(self._updates.get)
+            yield update
+            if update.finished:
+                return
+
+    def _on_event(self, event: TokenEvent, error: str | None) -> None:
+        """Runs on the executor thread: append tokens, detokenize, check stop strings, publish."""
+        if self._done.is_set():
+            return  # tokens of a step that was already running when a stop string ended the request
+        new_ids, text_diff = event.new_token_ids, ""
+        finish_reason, stop_reason = event.finish_reason, event.stop_reason
+        if self._detok is not None and new_ids:
+            self._detok, delta = detokenize(self._detok, new_ids, self._llm.tokenizer)
+            text_diff = delta.text_diff
+            if delta.finished_by_stop:
+                new_ids = new_ids[: delta.num_tokens_kept - len(self._token_ids)]
+                if finish_reason is None:
+                    self._llm._executor.abort((self.request_id,))
+                finish_reason, stop_reason = "stop", delta.stop_string
+        if self._detok is not None and finish_reason is not None and not self._detok.finished:
+            self._detok, delta = flush(self._detok, self._llm.tokenizer)
+            text_diff += delta.text_diff
+            if delta.finished_by_stop:
+                new_ids = new_ids[: max(0, delta.num_tokens_kept - len(self._token_ids))]
+                finish_reason, stop_reason = "stop", delta.stop_string
+        self._token_ids += new_ids
+        self._text += text_diff
+        now = time.monotonic()
+        metrics = self._metrics
+        if new_ids and metrics.first_token_time is None:
+            metrics = replace(metrics, first_token_time=now)
+        metrics = replace(metrics, num_generated_tokens=len(self._token_ids),
+                          finished_time=now if finish_reason else None)
+        self._metrics = metrics
+        completion = CompletionOutput(index=0, text=self._text, token_ids=self._token_ids, text_diff=text_diff,
+                                      token_ids_diff=new_ids, finish_reason=finish_reason, stop_reason=stop_reason,
+                                      error=error)
+        snapshot = RequestOutput(request_id=self.request_id, prompt=self._prompt,
+                                 prompt_token_ids=self._request.prompt_token_ids, outputs=(completion,),
+                                 finished=finish_reason is not None, metrics=metrics)
+        if snapshot.finished:
+            self._final = snapshot
+            self._updates.put(snapshot)
+            self._done.set()
+            self._llm._forget(self.request_id)
+        elif self._streaming:
+            self._updates.put(snapshot)
+
+
+class LLM:
+    """Load a model and serve generate() calls through a background PyExecutor."""
+
+    def __init__(
+        self,
+        model: str | Path = "tiny",
+        tokenizer: str | Path | Any | None = None,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device | None = None,
+        max_batch_size: int = 256,
+        max_num_tokens: int = 8192,
+        max_seq_len: int | None = None,
+        kv_cache_config: KvCacheConfig | None = None,
+        scheduler_config: SchedulerConfig | None = None,
+        disable_overlap_scheduler: bool = False,
+        seed: int = 0,
+        load_format: str = "auto",
+        skip_tokenizer_init: bool = False,
+    ) -> None:
+        source = resolve_model(model)
+        cfg = source.config
+        max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
+        for name, value in (("max_batch_size", max_batch_size), ("max_num_tokens", max_num_tokens),
+                            ("max_seq_len", max_seq_len), ("seed", seed)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
+                raise ValueError(f"LLM {name} must be a {'non-negative' if name == 'seed' else 'positive'} "
+                                 f"integer, got {value!r}")
+        if not isinstance(disable_overlap_scheduler, bool):
+            raise ValueError(f"LLM disable_overlap_scheduler must be a bool, got {disable_overlap_scheduler!r}")
+        kv_cache_config = kv_cache_config or KvCacheConfig()
+        scheduler_config = scheduler_config or SchedulerConfig()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.config = cfg
+        self.max_seq_len = max_seq_len
+        # On the CPU path the executor runs each step to completion: there is no device work to overlap.
+        self.disable_overlap_scheduler = disable_overlap_scheduler
+        self.tokenizer = None if skip_tokenizer_init else _load_tokenizer(tokenizer, source)
+        tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
+        self._eos_token_ids = (frozenset(cfg.eos_token_ids) | _generation_eos(source)
+                               | frozenset([] if tokenizer_eos is None else [tokenizer_eos]))
+        params = load_params(source, dtype=dtype, device=self.device, load_format=load_format, seed=seed,
+                             max_positions=max_seq_len)
+        kv_dtype = resolve_dtype(dtype, cfg.dtype)
+        page_size = kv_cache_config.page_size
+        num_pages = kv_pool_pages(cfg, kv_cache_config, kv_dtype, self.device, max_seq_len)
+        self.limits = SchedulerLimits(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
+                                      max_seq_len=max_seq_len, page_size=page_size)
+        self._executor_cfg = ExecutorConfig(limits=self.limits, scheduler=scheduler_config)
+        self._num_pages = num_pages
+        state = ExecutorState(
+            sched=new_scheduler_state(new_page_pool(num_pages, page_size, kv_cache_config.enable_block_reuse)),
+            kv=KVPool.allocate(cfg, num_pages, page_size, kv_dtype, self.device),
+        )
+        engine = ModelEngine(params, cfg, page_size=page_size, seed=seed)
+        self._ids = itertools.count()
+        self._handles: dict[int, RequestHandle] = {}
+        self._lock = threading.Lock()
+        self._executor = PyExecutor(state, engine, self._executor_cfg, self._dispatch)
+
+    # -- public API --
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> RequestOutput | list[RequestOutput]:
+        """Generate for one prompt (returns one output) or a list (returns a list, in input order)."""
+        single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and bool(prompts)
+                                              and all(isinstance(t, int) for t in prompts))
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise ValueError("prompts must hold at least one prompt")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(batch)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(batch):
+                raise ValueError(f"sampling_params has {len(params_list)} entries for {len(batch)} prompts: "
+                                 f"pass one SamplingParams or one per prompt")
+        requests = [self._make_request(p, sp) for p, sp in zip(batch, params_list)]  # all checked before any runs
+        handles = [self._submit(r, p, streaming=False) for r, p in zip(requests, batch)]
+        with tqdm(total=len(handles), disable=not use_tqdm or len(handles) < 2, desc="generate") as bar:
+            outputs = []
+            for handle in handles:
+                outputs.append(handle.result())
+                bar.update(1)
+        return outputs[0] if single else outputs
+
+    def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                       streaming: bool = False) -> RequestHandle:
+        """Submit one prompt and return its handle at once."""
+        request = self._make_request(prompt, sampling_params or SamplingParams())
+        return self._submit(request, prompt, streaming=streaming)
+
+    def shutdown(self) -> None:
+        """Stop the executor; requests in flight end with finish_reason "abort"."""
+        self._executor.shutdown()
+        with self._lock:
+            leftover = list(self._handles.values())
+        for handle in leftover:  # submitted while the loop was stopping: never reached the scheduler
+            handle._on_event(TokenEvent(request_id=handle.request_id, new_token_ids=(), finish_reason="abort"), None)
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    @property
+    def scheduler_state(self):
+        """The scheduler's latest immutable state (queues, page pool, preemption count), for inspection."""
+        return self._executor.state.sched
+
+    # -- internals --
+
+    def _make_request(self, prompt: Prompt, params: SamplingParams) -> Request:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        if self.tokenizer is None and (isinstance(prompt, str) or params.detokenize):
+            raise ValueError("this LLM was built with skip_tokenizer_init=True: prompts must be token ids and "
+                             "SamplingParams.detokenize must be False")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            ids = tuple(self.tokenizer.encode(prompt))
+        else:
+            ids = tuple(prompt)
+            bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool)
+                        or not 0 <= t < self.config.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {self.config.vocab_size})")
+        request = Request(request_id=next(self._ids), prompt_token_ids=ids, params=params,
+                          eos_token_ids=self._eos_token_ids, arrival_time=time.monotonic())
+        validate_request(request, self.limits, self._executor_cfg.scheduler, self._num_pages)
+        return request
+
+    def _submit(self, request: Request, prompt: Prompt, streaming: bool) -> RequestHandle:
+        handle = RequestHandle(self, request, prompt if isinstance(prompt, str) else None, streaming)
+        with self._lock:
+            self._handles[request.request_id] = handle
+        self._executor.submit(request)
+        return handle
+
+    def _dispatch(self, out: StepOutput) -> None:
+        with self._lock:
+            handles = [(self._handles.get(e.request_id), e) for e in out.events]
+        for handle, event in handles:
+            if handle is not None:
+                handle._on_event(event, out.errors.get(event.request_id))
+
+    def _forget(self, request_id: int) -> None:
+        with self._lock:
+            self._handles.pop(request_id, None)
+
+
+def _load_tokenizer(tokenizer: str | Path | Any | None, source: ModelSource):
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        return tokenizer  # a tokenizer object the caller built
+    path = Path(tokenizer) if tokenizer is not None else source.path
+    if path is None:
+        return ByteTokenizer(vocab_size=source.config.vocab_size)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"no tokenizer could be loaded from {path}: pass tokenizer=<dir with tokenizer files> "
+                         f"or a tokenizer object") from err
+
+
+def _generation_eos(source: ModelSource) -> frozenset[int]:
+    """EOS ids a checkpoint's generation_config.json adds (Llama 3 instruct ends turns with <|eot_id|>)."""
+    if source.path is None or not (source.path / "generation_config.json").is_file():
+        return frozenset()
+    eos = json.loads((source.path / "generation_config.json").read_text()).get("eos_token_id")
+    return frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])

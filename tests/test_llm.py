@@ -1,0 +1,189 @@
+"""LLM.generate end to end on CPU: parity with transformers, seeds, streaming, stops, aborts, errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from llmfx.kv_cache import KvCacheConfig, num_available
+from llmfx.kv_pool import KVPool
+from llmfx.llm import LLM
+from llmfx.model_engine import StepFailed
+from llmfx.sampling_params import SamplingParams
+from llmfx.scheduler import SchedulerConfig
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, detokenize=False)
+
+
+def _prompts(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    with LLM("tiny", kv_cache_config=KvCacheConfig(page_size=4, max_tokens=1024)) as llm:
+        yield llm
+
+
+def test_batched_greedy_with_chunked_prefill_and_preemption_equals_transformers(hf_checkpoint):
+    model, path = hf_checkpoint("llama")
+    prompts = _prompts(96, [5, 17, 33, 9, 26, 12])
+    # 40 pages of 4 tokens cannot hold six sequences of up to 57 tokens: max_utilization must preempt.
+    with LLM(path, skip_tokenizer_init=True, max_num_tokens=16, max_batch_size=6,
+             kv_cache_config=KvCacheConfig(page_size=4, max_tokens=160),
+             scheduler_config=SchedulerConfig(capacity_scheduler_policy="max_utilization")) as llm:
+        outputs = llm.generate(prompts, GREEDY)
+        assert llm.scheduler_state.num_preemptions > 0
+    for prompt, out in zip(prompts, outputs):
+        assert list(out.token_ids) == _hf_greedy(model, prompt, 24)
+        assert out.outputs[0].finish_reason == "length"
+
+
+def test_guaranteed_no_evict_serves_a_batch_larger_than_the_pool_without_preempting(hf_checkpoint):
+    model, path = hf_checkpoint("qwen2")
+    prompts = _prompts(96, [20, 7, 30, 14], seed=1)
+    with LLM(path, skip_tokenizer_init=True, max_num_tokens=32,
+             kv_cache_config=KvCacheConfig(page_size=4, max_tokens=64)) as llm:
+        outputs = llm.generate(prompts, GREEDY)
+        assert llm.scheduler_state.num_preemptions == 0
+    assert [list(o.token_ids) for o in outputs] == [_hf_greedy(model, p, 24) for p in prompts]
+
+
+def test_seeded_sampling_is_independent_of_batch_composition_and_order(tiny):
+    params = SamplingParams(temperature=0.9, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = tiny.generate("The seed decides", params)
+    others = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True) for n in (5, 20, 11)]
+    batch = tiny.generate(["x", "The seed decides", "yy", "zzz"], [others[0], params, others[1], others[2]])
+    reordered = tiny.generate(["zzz", "yy", "The seed decides"], [others[2], others[1], params])
+    assert alone.token_ids == batch[1].token_ids == reordered[2].token_ids
+    assert len(set(alone.token_ids)) > 1  # sampling, not a constant
+
+
+def test_unseeded_requests_differ(tiny):
+    params = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    a, b = tiny.generate(["same prompt", "same prompt"], params)
+    assert a.token_ids != b.token_ids
+
+
+def test_streaming_deltas_concatenate_to_the_final_text(tiny):
+    handle = tiny.generate_async("Stream me", SamplingParams(temperature=0.7, seed=5, max_tokens=30,
+                                                             ignore_eos=True), streaming=True)
+    updates = list(handle)
+    final = handle.result()
+    assert updates[-1] == final and final.finished and len(updates) > 1
+    assert "".join(u.outputs[0].text_diff for u in updates) == final.text
+    assert sum((u.outputs[0].token_ids_diff for u in updates), ()) == final.token_ids
+
+
+def test_async_iteration_yields_the_final_output(tiny):
+    import asyncio
+
+    async def collect():
+        handle = tiny.generate_async("async", SamplingParams(max_tokens=6, ignore_eos=True), streaming=True)
+        return [u async for u in handle]
+
+    updates = asyncio.run(collect())
+    assert updates[-1].finished and len(updates[-1].token_ids) == 6
+
+
+def test_stop_string_spanning_tokens_ends_and_trims(tiny):
+    free = tiny.generate("Stop here", SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    ids = free.token_ids
+    i = next(i for i in range(3, len(ids) - 1) if ids[i] < 128 and ids[i + 1] < 128)
+    stop = tiny.tokenizer.decode(ids[i:i + 2])
+    cut = free.text.find(stop)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=[stop])
+    stopped = tiny.generate("Stop here", params)
+    assert stopped.text == free.text[:cut]
+    assert stopped.outputs[0].finish_reason == "stop" and stopped.outputs[0].stop_reason == stop
+    kept = tiny.generate("Stop here", SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=[stop],
+                                                     include_stop_str_in_output=True))
+    assert kept.text == free.text[:cut + len(stop)]
+
+
+def test_stop_token_id_ends_the_request_and_is_kept(tiny):
+    free = tiny.generate("Stop token", SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    target = free.token_ids[6]
+    out = tiny.generate("Stop token", SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True,
+                                                     stop_token_ids=[target]))
+    first = free.token_ids.index(target)
+    assert out.token_ids == free.token_ids[: first + 1]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == target
+
+
+def test_abort_ends_the_request_and_frees_its_pages(tiny):
+    handle = tiny.generate_async("abort me", SamplingParams(max_tokens=900, ignore_eos=True), streaming=True)
+    next(iter(handle))  # it is running
+    handle.abort()
+    final = handle.result(timeout=30)
+    assert final.outputs[0].finish_reason == "abort" and 0 < len(final.token_ids) < 900
+    deadline = time.monotonic() + 10
+    pool = tiny.scheduler_state.pool
+    while num_available(pool) != pool.num_pages - 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+        pool = tiny.scheduler_state.pool
+    assert num_available(pool) == pool.num_pages - 1
+
+
+@pytest.mark.parametrize(("prompt", "params", "message"), [
+    ("", None, "prompt must not be empty"),
+    ([1, 2, 10_000], None, "token id 10000 is outside the vocabulary"),
+    ("x" * 3000, None, "max_seq_len=2048"),
+    ("ok", SamplingParams(max_tokens=2000), "needs .* KV pages"),  # the pool holds 1024 tokens
+])
+def test_bad_requests_raise_before_entering_the_engine(tiny, prompt, params, message, monkeypatch):
+    submitted = []
+    monkeypatch.setattr(tiny._executor, "submit", submitted.append)
+    with pytest.raises(ValueError, match=message):
+        tiny.generate(["fine prompt", prompt], params)
+    assert submitted == []  # the good prompt beside the bad one was not started either
+
+
+@pytest.mark.parametrize(("field", "value"), [("temperature", -0.5), ("max_tokens", 0), ("top_p", 0.5),
+                                              ("min_tokens", -1), ("seed", -3)])
+def test_invalid_sampling_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**{field: value})
+
+
+def test_an_exception_in_a_step_fails_only_that_steps_requests():
+    with LLM("tiny", kv_cache_config=KvCacheConfig(page_size=4, max_tokens=1024)) as llm:
+        engine = llm._executor._engine
+        real = engine.execute
+
+        def failing(kv, batch, requests):  # fails any step that carries a prompt ending in "!"
+            if any(s.token_ids and s.token_ids[-1] == ord("!") for s in batch.seqs):
+                raise StepFailed(KVPool(kv.take()), RuntimeError("injected failure"))
+            return real(kv, batch, requests)
+
+        engine.execute = failing
+        bad = llm.generate("boom!", SamplingParams(max_tokens=4))
+        assert bad.outputs[0].finish_reason == "error" and "injected failure" in bad.outputs[0].error
+        good = llm.generate("fine", SamplingParams(max_tokens=4, ignore_eos=True))
+        assert good.outputs[0].finish_reason == "length" and len(good.token_ids) == 4
+
+
+def test_shutdown_with_requests_in_flight_aborts_them_and_returns():
+    llm = LLM("tiny", kv_cache_config=KvCacheConfig(page_size=4, max_tokens=8192))
+    handles = [llm.generate_async(f"long {i}", SamplingParams(max_tokens=1500, ignore_eos=True)) for i in range(4)]
+    time.sleep(0.2)
+    done = threading.Event()
+    threading.Thread(target=lambda: (llm.shutdown(), done.set()), daemon=True).start()
+    assert done.wait(30), "shutdown hung"
+    finals = [h.result(timeout=5) for h in handles]
+    assert all(f.outputs[0].finish_reason == "abort" for f in finals)
+    with pytest.raises(RuntimeError, match="stopped"):
+        llm.generate_async("after", SamplingParams(max_tokens=2))
