@@ -1,13 +1,21 @@
-"""Sampler: greedy and seeded temperature sampling, sync-free and compilable, as pure functions.
+"""Sampler: seeded sampling with penalties, top-k/top-p/min-p and logprobs, sync-free and compilable.
 
 Randomness is a value. The noise for token v of a row is a hash of (request seed, position, v),
 so a seeded row's token depends neither on what it was batched with, nor on padding, row order or
 step order. Sampling is Gumbel-max: argmax(logits / T + g), g = -log(-log(u)), which draws from
-softmax(logits / T) without a host sync or torch.multinomial. Greedy rows (T == 0) are chosen per
-row with torch.where, so one batch mixes greedy and sampled requests.
+softmax(logits / T) without a host sync or torch.multinomial. Every per-row choice (greedy or
+sampled, which filters, which penalties) is a tensor value selected with torch.where, so one batch
+mixes greedy, sampled and penalized requests and the graph has static shapes.
 
-Later sampling features (top-k/p, min-p, penalties, logprobs) add per-row fields to
-SamplingTensors and rows to the packed host buffer in `SamplingTensors.build`.
+Order of operations per row, as in vLLM:
+  1. penalties on the raw logits: repetition (tokens in prompt OR output: positive logits divided
+     by it, the others multiplied), then frequency * output count, then presence * (count > 0);
+  2. temperature: scaled = penalized / T, with T = 1 for greedy rows;
+  3. logprobs, rank and top-20 come from log_softmax(scaled): after penalties and temperature,
+     before any filter;
+  4. filters: top-k and min-p (value thresholds, so their order does not matter), then top-p over
+     the renormalized survivors; ties with the last kept value are always kept;
+  5. greedy rows take argmax(penalized), sampled rows argmax(filtered scaled + g).
 """
 
 from __future__ import annotations
@@ -16,10 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from llmfx.sampling_params import SamplingParams
 
+TOP_LOGPROBS = 20  # top logprobs always computed (static shape); the host slices the k it was asked
 _M32 = 0xFFFFFFFF
 # MurmurHash3 (x86_32) constants.
 _C1 = 0xCC9E2D51
@@ -28,15 +38,25 @@ _F1 = 0x85EBCA6B
 _F2 = 0xC2B2AE35
 _NOISE_BITS = 24  # the 24 high bits of the hash make u = (k + 0.5) / 2**24, k in [0, 2**24)
 _HALF = 1 << (_NOISE_BITS - 1)
+# Rows of the packed host buffer in SamplingTensors.build, with the value a padding row gets.
+_FIELDS = (("temperature", 0.0), ("seed", 0.0), ("position", 0.0), ("top_k", 0.0), ("top_p", 1.0),
+           ("min_p", 0.0), ("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0))
+_INT_FIELDS = ("seed", "position", "top_k")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SamplingTensors:
-    """Per-row sampling parameters on the device, so one batch mixes greedy and sampled rows."""
+    """Per-row sampling parameters on the device; neutral values (greedy padding rows) filter nothing."""
 
     temperature: Tensor  # [B] float32, 0 means greedy
     seed: Tensor  # [B] int64, a 32-bit value per request
     position: Tensor  # [B] int64, position of the token being sampled (== tokens before it)
+    top_k: Tensor  # [B] int64, <= 0 (or >= V) disables
+    top_p: Tensor  # [B] float32 in (0, 1], 1 disables
+    min_p: Tensor  # [B] float32 in [0, 1], 0 disables
+    repetition_penalty: Tensor  # [B] float32 > 0, 1 disables
+    presence_penalty: Tensor  # [B] float32, 0 disables
+    frequency_penalty: Tensor  # [B] float32, 0 disables
 
     @staticmethod
     def build(
@@ -56,22 +76,87 @@ class SamplingTensors:
             assert 0 <= s <= _M32, f"seed must be a 32-bit value (see request_seed), got {s}"
         for p in positions:
             assert 0 <= p <= _M32, f"position must be in [0, 2**32), got {p}"
-        # float64 holds every field exactly (float32 temperatures, 32-bit seeds, positions < 2**53).
-        host = torch.zeros(3, rows, dtype=torch.float64)  # [3, B]; padding rows: T=0, seed=0, pos=0
+        # float64 holds every field exactly (float32 parameters, 32-bit seeds, positions < 2**53).
+        host = torch.tensor([[neutral] for _, neutral in _FIELDS], dtype=torch.float64).repeat(1, rows)  # [9, B]
         n = len(params)
         if n:
-            host[0, :n] = torch.tensor([p.temperature for p in params], dtype=torch.float32).double()
-            host[1, :n] = torch.tensor(list(seeds), dtype=torch.float64)
-            host[2, :n] = torch.tensor(list(positions), dtype=torch.float64)
+            columns = {
+                "seed": list(seeds),
+                "position": list(positions),
+                "top_k": [max(p.top_k, 0) for p in params],
+            }
+            for i, (name, _) in enumerate(_FIELDS):
+                if name in columns:
+                    host[i, :n] = torch.tensor(columns[name], dtype=torch.float64)
+                else:  # float32 first, so the device value is what a float32 field would hold
+                    host[i, :n] = torch.tensor([getattr(p, name) for p in params], dtype=torch.float32).double()
         device = torch.device(device)
         if device.type == "cuda":
             host = host.pin_memory()
-        packed = host.to(device, non_blocking=True)  # [3, B]; the one host-to-device copy
-        return SamplingTensors(
-            temperature=packed[0].float(),
-            seed=packed[1].long(),
-            position=packed[2].long(),
-        )
+        packed = host.to(device, non_blocking=True)  # [9, B]; the one host-to-device copy
+        return SamplingTensors(**{
+            name: packed[i].long() if name in _INT_FIELDS else packed[i].float() for i, (name, _) in enumerate(_FIELDS)
+        })
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PenaltyState:
+    """Which tokens each row has seen: the input of repetition, presence and frequency penalties."""
+
+    prompt_mask: Tensor  # [B, V] bool, token occurs in the prompt
+    output_counts: Tensor  # [B, V] int32, occurrences among the generated tokens
+
+    @staticmethod
+    def build(
+        prompt_token_ids_per_row: Sequence[Sequence[int]],
+        output_token_ids_per_row: Sequence[Sequence[int]],
+        vocab_size: int,
+        device: torch.device | str,
+        *,
+        pad_to: int | None = None,
+    ) -> PenaltyState:
+        """Host side: copy the token ids once (padding rows: nothing seen) and scatter them on the device."""
+        n = len(prompt_token_ids_per_row)
+        assert len(output_token_ids_per_row) == n, (n, len(output_token_ids_per_row))
+        rows = n if pad_to is None else pad_to
+        if rows < n:
+            raise ValueError(f"PenaltyState.build: pad_to must be >= the number of rows {n}, got {pad_to}")
+        prompt_width = max((len(ids) for ids in prompt_token_ids_per_row), default=0)
+        output_width = max((len(ids) for ids in output_token_ids_per_row), default=0)
+        # Id vocab_size is the padding: it lands in an extra column that is dropped.
+        host = torch.full((rows, prompt_width + output_width), vocab_size, dtype=torch.int64)  # [B, Lp + Lo]
+        for row, (prompt, output) in enumerate(zip(prompt_token_ids_per_row, output_token_ids_per_row)):
+            for ids in (prompt, output):
+                assert all(0 <= t < vocab_size for t in ids), f"token ids must be in [0, {vocab_size})"
+            host[row, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.int64)
+            host[row, prompt_width : prompt_width + len(output)] = torch.tensor(list(output), dtype=torch.int64)
+        device = torch.device(device)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        ids = host.to(device, non_blocking=True)  # [B, Lp + Lo]; the one host-to-device copy
+        prompt_ids, output_ids = ids[:, :prompt_width], ids[:, prompt_width:]
+        prompt_mask = torch.zeros(rows, vocab_size + 1, dtype=torch.bool, device=device)
+        prompt_mask = prompt_mask.scatter(1, prompt_ids, True)[:, :vocab_size].contiguous()  # [B, V]
+        counts = torch.zeros(rows, vocab_size + 1, dtype=torch.int32, device=device)
+        counts = counts.scatter_add(1, output_ids, torch.ones_like(output_ids, dtype=torch.int32))
+        return PenaltyState(prompt_mask=prompt_mask, output_counts=counts[:, :vocab_size].contiguous())
+
+
+def count_tokens(output_counts: Tensor, tokens: Tensor) -> Tensor:
+    """Add this step's tokens [B] int64 to output_counts [B, V]; rows whose token is -1 are unchanged."""
+    valid = (tokens >= 0).to(output_counts.dtype).unsqueeze(1)  # [B, 1]
+    return output_counts.scatter_add(1, tokens.clamp(min=0).unsqueeze(1), valid)  # [B, V]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SampleOutput:
+    """A sampled (or scored) token per row with its logprob, rank and the top-20 alternatives."""
+
+    tokens: Tensor  # [B] int64
+    logprobs: Tensor  # [B] float32, logprob of tokens
+    ranks: Tensor  # [B] int64, 1 + the number of tokens strictly more likely (ties share the best rank)
+    topk_ids: Tensor  # [B, 20] int64, most likely first (ties: lower id first); -1 pads when V < 20
+    topk_logprobs: Tensor  # [B, 20] float32, descending; -inf pads when V < 20
 
 
 def request_seed(params_seed: int | None, engine_seed: int, request_id: int) -> int:
@@ -169,15 +254,79 @@ def _neg_log_uniform(k: Tensor) -> Tensor:
     return torch.where(low, -torch.log(u_low), -torch.log1p(-one_minus_u))
 
 
-def sample(logits: Tensor, tensors: SamplingTensors) -> Tensor:
-    """Sample one token per row: logits [B, V] (any float dtype) -> tokens [B] int64, no host sync."""
+def apply_penalties(logits: Tensor, tensors: SamplingTensors, penalties: PenaltyState) -> Tensor:
+    """Repetition, then frequency, then presence penalty (vLLM's order): logits [B, V] float32 -> [B, V]."""
+    output_seen = penalties.output_counts > 0  # [B, V]
+    seen = penalties.prompt_mask | output_seen  # [B, V]
+    rep = tensors.repetition_penalty.unsqueeze(1)  # [B, 1]
+    # Neutral rows (1, 0, 0) come out bit for bit unchanged, so passing penalties never moves them.
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - tensors.frequency_penalty.unsqueeze(1) * penalties.output_counts.float()
+    return logits - tensors.presence_penalty.unsqueeze(1) * output_seen.float()  # [B, V]
+
+
+def filter_threshold(sorted_scaled: Tensor, tensors: SamplingTensors) -> Tensor:
+    """Lowest kept value per row given each row's scaled logits sorted descending [B, V]: [B, 1].
+
+    Kept: values >= the k-th largest (top-k), with p >= min_p * p_max (min-p), then the shortest
+    prefix of those whose renormalized mass reaches top_p; every value equal to the last kept one
+    is kept too, so the kept set is a function of the values alone, not of the order among ties.
+    """
+    vocab = sorted_scaled.shape[1]
+    k = tensors.top_k  # [B]
+    k = torch.where((k <= 0) | (k > vocab), vocab, k)
+    kth = sorted_scaled.gather(1, (k - 1).unsqueeze(1))  # [B, 1]
+    relative = torch.exp(sorted_scaled - sorted_scaled[:, :1])  # [B, V] p / p_max
+    candidate = (sorted_scaled >= kth) & (relative >= tensors.min_p.unsqueeze(1))  # [B, V], a prefix
+    probs = torch.softmax(sorted_scaled.masked_fill(~candidate, float("-inf")), dim=-1)  # [B, V]
+    mass_before = F.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))  # [B, V], exclusive cumulative sum
+    top_p = tensors.top_p.unsqueeze(1)  # [B, 1]
+    # top_p >= 1 keeps all: the float32 sum may reach 1 before the last token.
+    keep = candidate & ((mass_before < top_p) | (top_p >= 1))  # [B, V], a prefix holding rank 0
+    last = keep.sum(dim=-1, keepdim=True).clamp(min=1) - 1  # [B, 1]
+    return sorted_scaled.gather(1, last)  # [B, 1]
+
+
+def sample(logits: Tensor, tensors: SamplingTensors, penalties: PenaltyState | None = None) -> SampleOutput:
+    """Sample one token per row from logits [B, V] (any float dtype), no host sync; see the module doc.
+
+    Logprobs, ranks and top-20 are of log_softmax(penalized logits / T) (T = 1 for greedy rows),
+    i.e. after penalties and temperature, BEFORE top-k/top-p/min-p. penalties=None means none.
+    """
     assert logits.dim() == 2, f"logits must be [B, V], got shape {tuple(logits.shape)}"
     batch, vocab = logits.shape
-    for name in ("temperature", "seed", "position"):
+    for name in SamplingTensors.__slots__:
         assert getattr(tensors, name).shape == (batch,), (name, getattr(tensors, name).shape, batch)
     scores = logits.float()  # [B, V]
+    if penalties is not None:
+        assert penalties.prompt_mask.shape == penalties.output_counts.shape == (batch, vocab)
+        scores = apply_penalties(scores, tensors, penalties)
     temperature = tensors.temperature.float()  # [B]
     sampled_row = temperature > 0  # [B]
     safe_t = torch.where(sampled_row, temperature, torch.ones_like(temperature))  # [B]
-    noisy = scores / safe_t.unsqueeze(1) + gumbel_noise(tensors.seed, tensors.position, vocab)  # [B, V]
-    return torch.where(sampled_row, noisy.argmax(dim=-1), scores.argmax(dim=-1))  # [B]
+    scaled = scores / safe_t.unsqueeze(1)  # [B, V]; greedy rows: scores exactly
+    sorted_scaled, sorted_ids = torch.sort(scaled, dim=-1, descending=True, stable=True)  # [B, V] each
+    kept = scaled >= filter_threshold(sorted_scaled, tensors)  # [B, V]
+    noisy = scaled.masked_fill(~kept, float("-inf")) + gumbel_noise(tensors.seed, tensors.position, vocab)  # [B, V]
+    tokens = torch.where(sampled_row, noisy.argmax(dim=-1), scaled.argmax(dim=-1))  # [B]
+    return _with_logprobs(scaled, tokens, sorted_scaled[:, :TOP_LOGPROBS], sorted_ids[:, :TOP_LOGPROBS])
+
+
+def score_tokens(logits: Tensor, token_ids: Tensor) -> SampleOutput:
+    """Logprob, rank and top-20 of given tokens under log_softmax(logits) [T, V] (prompt logprobs)."""
+    scores = logits.float()  # [T, V]
+    top_values, top_ids = torch.topk(scores, min(TOP_LOGPROBS, scores.shape[1]), dim=-1)  # [T, <=20]
+    return _with_logprobs(scores, token_ids, top_values, top_ids)
+
+
+def _with_logprobs(scaled: Tensor, tokens: Tensor, top_values: Tensor, top_ids: Tensor) -> SampleOutput:
+    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # [B, 1]
+    token_value = scaled.gather(1, tokens.unsqueeze(1))  # [B, 1]
+    missing = TOP_LOGPROBS - top_ids.shape[1]  # > 0 only when V < 20
+    return SampleOutput(
+        tokens=tokens,
+        logprobs=(token_value - lse).squeeze(1),
+        ranks=1 + (scaled > token_value).sum(dim=-1),
+        topk_ids=F.pad(top_ids, (0, missing), value=-1),
+        topk_logprobs=F.pad(top_values - lse, (0, missing), value=float("-inf")),
+    )

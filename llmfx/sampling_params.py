@@ -4,26 +4,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Fields whose sampler support has not landed yet: they are accepted only at their neutral value,
+MAX_LOGPROBS = 20  # the sampler always computes this many top logprobs (a static shape)
+
+# Fields whose support has not landed yet: they are accepted only at their neutral value,
 # so a request never silently runs with a setting the engine would ignore.
 _NOT_YET_SUPPORTED = {
-    "top_k": 0,
-    "top_p": 1.0,
-    "min_p": 0.0,
-    "repetition_penalty": 1.0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "logprobs": None,
-    "prompt_logprobs": None,
-    "n": 1,
-    "best_of": None,
-    "use_beam_search": False,
+    "n": (1, "llmfx returns one sequence per request"),
+    "best_of": (None, "llmfx returns one sequence per request"),
+    "use_beam_search": (False, "beam search has not landed"),
+    "prompt_logprobs": (None, "the engine computes logits for the last token of each sequence only"),
 }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SamplingParams:
-    """How to sample one request and when to stop it (names as in TensorRT-LLM and vLLM)."""
+    """How to sample one request and when to stop it (names and semantics as in vLLM).
+
+    Penalties act on the raw logits: repetition_penalty on tokens of the prompt OR the output
+    (positive logits divided by it, others multiplied), presence/frequency_penalty on output
+    tokens only. Then temperature (0 = greedy: argmax of the penalized logits), then top-k and
+    min-p, then top-p over the renormalized survivors; tokens tied with the last kept one are kept.
+    top_k 0 or -1 disables it. logprobs=k returns the sampled token's logprob and rank plus the
+    k most likely tokens, all from log_softmax(penalized logits / temperature), temperature taken
+    as 1 when greedy: after penalties, BEFORE top-k/top-p/min-p. prompt_logprobs is not supported yet.
+    """
 
     max_tokens: int = 32
     min_tokens: int = 0
@@ -77,11 +81,21 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams.{name} must be a bool, got {getattr(self, name)!r}")
         if self.stop and not self.detokenize:
             raise ValueError("SamplingParams.stop needs detokenize=True: stop strings are matched on text")
-        for name, neutral in _NOT_YET_SUPPORTED.items():
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise ValueError(f"SamplingParams.top_k must be an integer >= 1, or 0 or -1 to disable it, got {self.top_k!r}")
+        _check_number(self, "top_p", "in (0, 1]", lambda x: 0.0 < x <= 1.0)
+        _check_number(self, "min_p", "in [0, 1]", lambda x: 0.0 <= x <= 1.0)
+        _check_number(self, "repetition_penalty", "> 0 and finite", lambda x: 0.0 < x < float("inf"))
+        _check_number(self, "presence_penalty", "in [-2, 2]", lambda x: -2.0 <= x <= 2.0)
+        _check_number(self, "frequency_penalty", "in [-2, 2]", lambda x: -2.0 <= x <= 2.0)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _check_int(self, name, minimum=0, maximum=MAX_LOGPROBS, none_ok=True)
+        for name, (neutral, why) in _NOT_YET_SUPPORTED.items():
             if getattr(self, name) != neutral:
                 raise ValueError(
-                    f"SamplingParams.{name}={getattr(self, name)!r} is not supported yet: the sampler "
-                    f"implements greedy and seeded temperature sampling; leave {name} at {neutral!r}"
+                    f"SamplingParams.{name}={getattr(self, name)!r} is not supported yet ({why}); "
+                    f"leave {name} at {neutral!r}"
                 )
 
     @property
@@ -90,7 +104,16 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def _check_int(params: SamplingParams, name: str, *, minimum: int) -> None:
+def _check_int(params: SamplingParams, name: str, *, minimum: int, maximum: int | None = None,
+               none_ok: bool = False) -> None:
     value = getattr(params, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"SamplingParams.{name} must be an integer >= {minimum}, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or (maximum is not None and value > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"SamplingParams.{name} must be {'None or ' if none_ok else ''}an integer {allowed}, "
+                         f"got {value!r}")
+
+
+def _check_number(params: SamplingParams, name: str, allowed: str, ok) -> None:
+    value = getattr(params, name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):  # NaN fails ok
+        raise ValueError(f"SamplingParams.{name} must be a number {allowed}, got {value!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import pytest
 import torch
@@ -18,25 +19,31 @@ _P_MIN = 1e-6
 
 
 def _tensors(temps, seeds, positions) -> SamplingTensors:
+    """Temperature-only rows: every filter and penalty at its neutral value."""
+    rows = len(temps)
     return SamplingTensors(
         temperature=torch.tensor(temps, dtype=torch.float32),
         seed=torch.tensor(seeds, dtype=torch.int64),
         position=torch.tensor(positions, dtype=torch.int64),
+        top_k=torch.zeros(rows, dtype=torch.int64),
+        top_p=torch.ones(rows),
+        min_p=torch.zeros(rows),
+        repetition_penalty=torch.ones(rows),
+        presence_penalty=torch.zeros(rows),
+        frequency_penalty=torch.zeros(rows),
     )
 
 
 def _gather(tensors: SamplingTensors, index: torch.Tensor) -> SamplingTensors:
-    return SamplingTensors(
-        temperature=tensors.temperature[index], seed=tensors.seed[index], position=tensors.position[index]
-    )
+    return SamplingTensors(**{f.name: getattr(tensors, f.name)[index] for f in fields(SamplingTensors)})
 
 
 def _cat(a: SamplingTensors, b: SamplingTensors) -> SamplingTensors:
-    return SamplingTensors(
-        temperature=torch.cat([a.temperature, b.temperature]),
-        seed=torch.cat([a.seed, b.seed]),
-        position=torch.cat([a.position, b.position]),
-    )
+    return SamplingTensors(**{f.name: torch.cat([getattr(a, f.name), getattr(b, f.name)]) for f in fields(SamplingTensors)})
+
+
+def _sample(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:
+    return sample(logits, tensors).tokens
 
 
 @st.composite
@@ -57,7 +64,7 @@ def batches(draw, min_rows=1, max_rows=12):
 @given(batches())
 def test_greedy_rows_are_argmax(batch):
     logits, tensors = batch
-    tokens = sample(logits, tensors)
+    tokens = _sample(logits, tensors)
     greedy = tensors.temperature == 0
     assert tokens.dtype == torch.int64 and tokens.shape == (logits.shape[0],)
     assert torch.equal(tokens[greedy], logits.argmax(dim=-1)[greedy])
@@ -70,7 +77,7 @@ def test_row_token_is_invariant_to_batch_order(batch, rnd):
     perm = list(range(logits.shape[0]))
     rnd.shuffle(perm)
     perm_t = torch.tensor(perm)
-    assert torch.equal(sample(logits[perm_t], _gather(tensors, perm_t)), sample(logits, tensors)[perm_t])
+    assert torch.equal(_sample(logits[perm_t], _gather(tensors, perm_t)), _sample(logits, tensors)[perm_t])
 
 
 @settings(max_examples=60, deadline=None)
@@ -86,10 +93,10 @@ def test_row_token_is_invariant_to_unrelated_rows(batch, data):
         data.draw(st.lists(st.integers(0, 2**32 - 1), min_size=extra, max_size=extra)),
         data.draw(st.lists(st.integers(0, 2**20), min_size=extra, max_size=extra)),
     )
-    alone = sample(logits, tensors)
+    alone = _sample(logits, tensors)
     rows = logits.shape[0]
-    assert torch.equal(sample(torch.cat([logits, other_logits]), _cat(tensors, other))[:rows], alone)
-    assert torch.equal(sample(torch.cat([other_logits, logits]), _cat(other, tensors))[extra:], alone)
+    assert torch.equal(_sample(torch.cat([logits, other_logits]), _cat(tensors, other))[:rows], alone)
+    assert torch.equal(_sample(torch.cat([other_logits, logits]), _cat(other, tensors))[extra:], alone)
 
 
 @settings(max_examples=40, deadline=None)
@@ -108,8 +115,8 @@ def test_padding_rows_are_greedy_and_leave_real_rows_unchanged(rows, padding, ge
     padded = SamplingTensors.build(params, seeds, positions, "cpu", pad_to=n + padding)
     assert padded.temperature.shape == (n + padding,)
     assert torch.all(padded.temperature[n:] == 0)
-    tokens = sample(logits, padded)
-    assert torch.equal(tokens[:n], sample(logits[:n], plain))
+    tokens = _sample(logits, padded)
+    assert torch.equal(tokens[:n], _sample(logits[:n], plain))
     assert torch.equal(tokens[n:], logits[n:].argmax(dim=-1))
 
 
@@ -129,20 +136,20 @@ def test_build_rejects_pad_to_below_row_count():
 
 def test_positions_give_different_draws():
     n = 200
-    tokens = sample(torch.zeros(n, 1000), _tensors([1.0] * n, [7] * n, list(range(n))))
+    tokens = _sample(torch.zeros(n, 1000), _tensors([1.0] * n, [7] * n, list(range(n))))
     assert len(set(tokens.tolist())) > n // 2
 
 
 def test_seeds_give_different_draws():
     n = 200
-    tokens = sample(torch.zeros(n, 1000), _tensors([1.0] * n, list(range(n)), [3] * n))
+    tokens = _sample(torch.zeros(n, 1000), _tensors([1.0] * n, list(range(n)), [3] * n))
     assert len(set(tokens.tolist())) > n // 2
 
 
 def test_same_seed_and_position_give_the_same_draw():
     tensors = _tensors([1.0, 1.0], [11, 11], [5, 5])
     logits = torch.zeros(1, 1000).expand(2, 1000)
-    tokens = sample(logits, tensors)
+    tokens = _sample(logits, tensors)
     assert tokens[0] == tokens[1]
 
 
@@ -164,14 +171,14 @@ def test_token_frequencies_match_softmax(temperature, vary):
     seeds = [request_seed(None, 0, i) for i in index] if vary == "seed" else [1234] * n
     positions = [17] * n if vary == "seed" else index
     logits = _LOGITS8.expand(n, -1)
-    tokens = sample(logits, _tensors([temperature] * n, seeds, positions))
+    tokens = _sample(logits, _tensors([temperature] * n, seeds, positions))
     probs = torch.softmax(_LOGITS8 / temperature, dim=-1)
     assert _chi_square_p(tokens, probs) > _P_MIN
 
 
 def test_temperature_changes_the_distribution():
     n = 20_000
-    tokens = sample(_LOGITS8.expand(n, -1), _tensors([0.5] * n, list(range(n)), [0] * n))
+    tokens = _sample(_LOGITS8.expand(n, -1), _tensors([0.5] * n, list(range(n)), [0] * n))
     assert _chi_square_p(tokens, torch.softmax(_LOGITS8, dim=-1)) < _P_MIN
 
 
@@ -179,7 +186,7 @@ def test_sampling_any_float_dtype_matches_float32():
     n = 64
     logits = torch.randn(n, 100, generator=torch.Generator().manual_seed(0)).bfloat16()
     tensors = _tensors([1.0] * n, list(range(n)), [0] * n)
-    assert torch.equal(sample(logits, tensors), sample(logits.float(), tensors))
+    assert torch.equal(_sample(logits, tensors), _sample(logits.float(), tensors))
 
 
 def test_uniform_noise_is_uniform_and_open():
@@ -225,7 +232,7 @@ def test_compiled_sample_equals_eager():
         [0.0, 1.0, 0.5, 2.0] * 4, torch.randint(0, 2**32, (16,), generator=gen).tolist(), list(range(16))
     )
     compiled = torch.compile(sample, fullgraph=True)
-    assert torch.equal(compiled(logits, tensors), sample(logits, tensors))
+    assert torch.equal(compiled(logits, tensors).tokens, _sample(logits, tensors))
 
 
 def test_request_seed_is_deterministic():
