@@ -79,17 +79,23 @@ def pack(
     assert num_tokens >= real_tokens and num_seqs >= real_seqs and max_pages >= widest
     pad_tokens = num_tokens - real_tokens
     pad_seqs = num_seqs - real_seqs
-    table = torch.zeros(num_seqs, max_pages, dtype=torch.int32)
+    table = [0] * (num_seqs * max_pages)
     for b, chunk in enumerate(chunks):
-        table[b, : len(chunk.pages)] = torch.tensor(chunk.pages, dtype=torch.int32)
+        table[b * max_pages: b * max_pages + len(chunk.pages)] = chunk.pages
     last_rows = [s - 1 for s in starts[1:]] + [0] * pad_seqs
-    to = dict(device=device)
-    return ForwardBatch(
-        token_ids=torch.tensor(tokens + [0] * pad_tokens, dtype=torch.int64).to(**to),
-        positions=torch.tensor(positions + [0] * pad_tokens, dtype=torch.int64).to(**to),
-        slot_mapping=torch.tensor(slots + [-1] * pad_tokens, dtype=torch.int64).to(**to),
-        query_start_loc=torch.tensor(starts + [real_tokens] * pad_seqs, dtype=torch.int32).to(**to),
-        seq_lens=torch.tensor(lens + [0] * pad_seqs, dtype=torch.int32).to(**to),
-        page_table=table.to(**to),
-        logits_indices=torch.tensor(last_rows, dtype=torch.int64).to(**to),
-    )
+    # One host buffer and one copy: pinned and asynchronous on CUDA, so packing never waits for the
+    # step that is still running (a pageable copy would synchronize the stream).
+    host = torch.tensor(tokens + [0] * pad_tokens + positions + [0] * pad_tokens + slots + [-1] * pad_tokens
+                        + last_rows + starts + [real_tokens] * pad_seqs + lens + [0] * pad_seqs + table,
+                        dtype=torch.int64)
+    device = torch.device(device)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    flat = host.to(device, non_blocking=True)
+    t, b = num_tokens, num_seqs
+    token_ids, positions_d, slot_mapping, logits_indices, rest = flat.split([t, t, t, b, flat.numel() - 3 * t - b])
+    rest = rest.to(torch.int32)
+    query_start_loc, seq_lens, page_table = rest.split([b + 1, b, b * max_pages])
+    return ForwardBatch(token_ids=token_ids, positions=positions_d, slot_mapping=slot_mapping,
+                        query_start_loc=query_start_loc, seq_lens=seq_lens,
+                        page_table=page_table.view(b, max_pages), logits_indices=logits_indices)

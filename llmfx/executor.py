@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from llmfx.kv_pool import KVPool
-from llmfx.model_engine import ModelEngine, StepFailed
+from llmfx.model_engine import InFlight, ModelEngine, SampledToken, StepFailed
 from llmfx.scheduler import (
     Request,
     ScheduledBatch,
@@ -58,6 +58,7 @@ class ExecutorConfig:
 
     limits: SchedulerLimits
     scheduler: SchedulerConfig
+    overlap: bool = True  # postprocess step n while step n+1 runs on the device
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,20 +67,27 @@ class ExecutorState:
 
     sched: SchedulerState
     kv: KVPool
+    inflight: InFlight | None = None  # with overlap: the launched step whose tokens are not yet processed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StepOutput:
-    """What one step produced: token events, error messages of failed requests, and the batch run."""
+    """What one step produced: token events (with their logprobs), errors of failed requests, the batch launched."""
 
     events: tuple[TokenEvent, ...] = ()
     errors: Mapping[int, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     batch: ScheduledBatch = dataclasses.field(default_factory=ScheduledBatch)
+    sampled: Mapping[int, SampledToken] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
 
 
 def step(state: ExecutorState, inbox: Iterable[Message], engine: ModelEngine,
          cfg: ExecutorConfig) -> tuple[ExecutorState, StepOutput]:
-    """Apply the inbox, schedule, run the model, postprocess. Only a failing step's requests fail."""
+    """Apply the inbox, schedule, launch; then postprocess the previous step (overlap) or this one.
+
+    With overlap the host's stop checks and responses for step n run while the device runs step
+    n+1; a request that finished at step n has run one extra step, whose token is dropped. Only a
+    failing step's requests fail.
+    """
     sched, kv = state.sched, state.kv
     events: list[TokenEvent] = []
     errors: dict[int, str] = {}
@@ -94,10 +102,10 @@ def step(state: ExecutorState, inbox: Iterable[Message], engine: ModelEngine,
             events.append(TokenEvent(request_id=message.request.request_id, new_token_ids=(), finish_reason="error"))
             errors[message.request.request_id] = str(err)
     sched, batch = schedule(sched, (), cfg.limits, cfg.scheduler)
+    launched = None
     if batch.seqs:
-        requests = {s.request_id: s.request for s in sched.running}
         try:
-            kv, sampled = engine.execute(kv, batch, requests)
+            kv, launched = engine.launch(kv, batch, {s.request_id: s for s in sched.running})
         except StepFailed as failure:
             kv = failure.kv
             log.exception("step %d failed; failing its %d requests", sched.step, len(batch.seqs))
@@ -105,16 +113,20 @@ def step(state: ExecutorState, inbox: Iterable[Message], engine: ModelEngine,
             sched, ended = abort(sched, failed, "error")
             events.extend(ended)
             errors.update({rid: str(failure) for rid in failed})
-        else:
-            sched, produced = postprocess(sched, batch, sampled, cfg.limits)
-            events.extend(produced)
-    out = StepOutput(events=tuple(events), errors=MappingProxyType(errors), batch=batch)
-    return ExecutorState(sched=sched, kv=kv), out
+    done, pending = (state.inflight, launched) if cfg.overlap else (launched, None)
+    sampled: Mapping[int, SampledToken] = MappingProxyType({})
+    if done is not None:
+        sampled = engine.collect(done)
+        sched, produced = postprocess(sched, done.batch, {rid: s.token for rid, s in sampled.items()}, cfg.limits)
+        events.extend(produced)
+    out = StepOutput(events=tuple(events), errors=MappingProxyType(errors), batch=batch,
+                     sampled=MappingProxyType(dict(sampled)))
+    return ExecutorState(sched=sched, kv=kv, inflight=pending), out
 
 
 def has_pending_work(state: ExecutorState) -> bool:
-    """True while any request waits or runs."""
-    return has_work(state.sched)
+    """True while any request waits or runs, or a launched step awaits postprocessing."""
+    return has_work(state.sched) or state.inflight is not None
 
 
 class PyExecutor:
@@ -129,8 +141,12 @@ class PyExecutor:
         self._queue: queue.Queue[Message | None] = queue.Queue()
         self._stopping = threading.Event()
         self._failure: Exception | None = None
+        self._ready = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="llmfx-executor", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._failure is not None:
+            raise RuntimeError(f"engine warm-up failed: {self._failure}") from self._failure
 
     @property
     def state(self) -> ExecutorState:
@@ -167,6 +183,15 @@ class PyExecutor:
             return messages
 
     def _loop(self) -> None:
+        # CUDA-graph trees keep per-thread state: compile, capture and replay all on this thread.
+        try:
+            self._state = dataclasses.replace(self._state, kv=self._engine.warmup(self._state.kv))
+        except Exception as err:
+            log.exception("engine warm-up failed")
+            self._failure = err
+            self._ready.set()
+            return
+        self._ready.set()
         state = self._state
         inbox: list[Message] = []
         try:

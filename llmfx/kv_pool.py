@@ -63,8 +63,13 @@ class KVPool:
 CPU_DEFAULT_KV_TOKENS = 65536
 
 
-def kv_pool_pages(cfg: ModelConfig, kv_cfg, dtype: torch.dtype, device: torch.device, max_seq_len: int) -> int:
-    """Pages to allocate (null page included): max_tokens, capped on CUDA by the free-memory fraction."""
+def kv_pool_pages(cfg: ModelConfig, kv_cfg, dtype: torch.dtype, device: torch.device, max_seq_len: int,
+                  reserved_bytes: int = 0) -> int:
+    """Pages to allocate (null page included): max_tokens, capped on CUDA by the free-memory fraction.
+
+    On CUDA the fraction applies to the memory free after weights, less reserved_bytes (the step's
+    measured activation peak, which the CUDA graphs' private pools will hold).
+    """
     page_size = kv_cfg.page_size
     bytes_per_page = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize * page_size
     limits = []
@@ -72,7 +77,8 @@ def kv_pool_pages(cfg: ModelConfig, kv_cfg, dtype: torch.dtype, device: torch.de
         limits.append(-(-kv_cfg.max_tokens // page_size))
     if device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(device)
-        limits.append(int(free_bytes * kv_cfg.free_gpu_memory_fraction) // bytes_per_page)
+        usable = int(free_bytes * kv_cfg.free_gpu_memory_fraction) - reserved_bytes
+        limits.append(max(usable, 0) // bytes_per_page)
     elif kv_cfg.max_tokens is None:
         limits.append(-(-max(CPU_DEFAULT_KV_TOKENS, max_seq_len) // page_size))
     pages = min(limits)

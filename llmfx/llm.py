@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import queue
 import threading
 import time
@@ -20,18 +21,18 @@ import torch
 from tqdm.auto import tqdm
 
 from llmfx.detokenizer import DetokenizerState, detokenize, flush, new_detokenizer
-from llmfx.dtypes import resolve_dtype
-from llmfx.executor import ExecutorConfig, ExecutorState, PyExecutor, StepOutput
-from llmfx.kv_cache import KvCacheConfig, new_page_pool
-from llmfx.kv_pool import KVPool, kv_pool_pages
-from llmfx.model_engine import ModelEngine
-from llmfx.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from llmfx.executor import PyExecutor, StepOutput
+from llmfx.kv_cache import KvCacheConfig
+from llmfx.model_engine import SampledToken
+from llmfx.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from llmfx.sampling_params import SamplingParams
-from llmfx.scheduler import Request, SchedulerConfig, SchedulerLimits, TokenEvent, new_scheduler_state, validate_request
+from llmfx.scheduler import Request, SchedulerConfig, TokenEvent, validate_request
+from llmfx.startup import build_engine
 from llmfx.tokenizer import ByteTokenizer
-from llmfx.weights import ModelSource, load_params, resolve_model
+from llmfx.weights import ModelSource, resolve_model
 
 Prompt = str | Sequence[int]
+log = logging.getLogger(__name__)
 
 
 class RequestHandle:
@@ -48,6 +49,8 @@ class RequestHandle:
         )
         self._token_ids: tuple[int, ...] = ()
         self._text = ""
+        self._cumulative_logprob = 0.0
+        self._logprobs: tuple[dict[int, Logprob], ...] = ()
         self._metrics = RequestMetrics(arrival_time=time.monotonic(),
                                        num_prompt_tokens=len(request.prompt_token_ids))
         self._final: RequestOutput | None = None
@@ -84,7 +87,7 @@ class RequestHandle:
             if update.finished:
                 return
 
-    def _on_event(self, event: TokenEvent, error: str | None) -> None:
+    def _on_event(self, event: TokenEvent, error: str | None, sampled: SampledToken | None = None) -> None:
         """Runs on the executor thread: append tokens, detokenize, check stop strings, publish."""
         if self._done.is_set():
             return  # tokens of a step that was already running when a stop string ended the request
@@ -104,6 +107,13 @@ class RequestHandle:
             if delta.finished_by_stop:
                 new_ids = new_ids[: max(0, delta.num_tokens_kept - len(self._token_ids))]
                 finish_reason, stop_reason = "stop", delta.stop_string
+        if new_ids and sampled is not None:
+            self._cumulative_logprob += sampled.logprob
+            k = self._request.params.logprobs
+            if k is not None:
+                top = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(
+                    zip(sampled.top_ids[:k], sampled.top_logprobs[:k]), start=1)}
+                self._logprobs += ({**top, sampled.token: Logprob(sampled.logprob, sampled.rank)},)
         self._token_ids += new_ids
         self._text += text_diff
         now = time.monotonic()
@@ -113,9 +123,11 @@ class RequestHandle:
         metrics = replace(metrics, num_generated_tokens=len(self._token_ids),
                           finished_time=now if finish_reason else None)
         self._metrics = metrics
-        completion = CompletionOutput(index=0, text=self._text, token_ids=self._token_ids, text_diff=text_diff,
-                                      token_ids_diff=new_ids, finish_reason=finish_reason, stop_reason=stop_reason,
-                                      error=error)
+        completion = CompletionOutput(
+            index=0, text=self._text, token_ids=self._token_ids, text_diff=text_diff, token_ids_diff=new_ids,
+            cumulative_logprob=self._cumulative_logprob,
+            logprobs=None if self._request.params.logprobs is None else self._logprobs,
+            finish_reason=finish_reason, stop_reason=stop_reason, error=error)
         snapshot = RequestOutput(request_id=self.request_id, prompt=self._prompt,
                                  prompt_token_ids=self._request.prompt_token_ids, outputs=(completion,),
                                  finished=finish_reason is not None, metrics=metrics)
@@ -147,46 +159,36 @@ class LLM:
         seed: int = 0,
         load_format: str = "auto",
         skip_tokenizer_init: bool = False,
+        enforce_eager: bool = False,
+        cuda_graph_batch_sizes: Sequence[int] | None = None,
     ) -> None:
         source = resolve_model(model)
-        cfg = source.config
-        max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
-        for name, value in (("max_batch_size", max_batch_size), ("max_num_tokens", max_num_tokens),
-                            ("max_seq_len", max_seq_len), ("seed", seed)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
-                raise ValueError(f"LLM {name} must be a {'non-negative' if name == 'seed' else 'positive'} "
-                                 f"integer, got {value!r}")
         if not isinstance(disable_overlap_scheduler, bool):
-            raise ValueError(f"LLM disable_overlap_scheduler must be a bool, got {disable_overlap_scheduler!r}")
-        kv_cache_config = kv_cache_config or KvCacheConfig()
-        scheduler_config = scheduler_config or SchedulerConfig()
+            raise ValueError(f"disable_overlap_scheduler must be a bool, got {disable_overlap_scheduler!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.config = cfg
-        self.max_seq_len = max_seq_len
-        # On the CPU path the executor runs each step to completion: there is no device work to overlap.
-        self.disable_overlap_scheduler = disable_overlap_scheduler
+        self.config = source.config
         self.tokenizer = None if skip_tokenizer_init else _load_tokenizer(tokenizer, source)
         tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
-        self._eos_token_ids = (frozenset(cfg.eos_token_ids) | _generation_eos(source)
+        self._eos_token_ids = (frozenset(source.config.eos_token_ids) | _generation_eos(source)
                                | frozenset([] if tokenizer_eos is None else [tokenizer_eos]))
-        params = load_params(source, dtype=dtype, device=self.device, load_format=load_format, seed=seed,
-                             max_positions=max_seq_len)
-        kv_dtype = resolve_dtype(dtype, cfg.dtype)
-        page_size = kv_cache_config.page_size
-        num_pages = kv_pool_pages(cfg, kv_cache_config, kv_dtype, self.device, max_seq_len)
-        self.limits = SchedulerLimits(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
-                                      max_seq_len=max_seq_len, page_size=page_size)
-        self._executor_cfg = ExecutorConfig(limits=self.limits, scheduler=scheduler_config)
-        self._num_pages = num_pages
-        state = ExecutorState(
-            sched=new_scheduler_state(new_page_pool(num_pages, page_size, kv_cache_config.enable_block_reuse)),
-            kv=KVPool.allocate(cfg, num_pages, page_size, kv_dtype, self.device),
-        )
-        engine = ModelEngine(params, cfg, page_size=page_size, seed=seed)
+        parts = build_engine(source, dtype=dtype, device=self.device, max_batch_size=max_batch_size,
+                             max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
+                             kv_cache_config=kv_cache_config, scheduler_config=scheduler_config, seed=seed,
+                             load_format=load_format, enforce_eager=enforce_eager,
+                             overlap=not disable_overlap_scheduler, cuda_graph_batch_sizes=cuda_graph_batch_sizes)
+        self.limits = parts.cfg.limits
+        self.max_seq_len = self.limits.max_seq_len
+        self._executor_cfg = parts.cfg
+        self._num_pages = parts.num_pages
         self._ids = itertools.count()
         self._handles: dict[int, RequestHandle] = {}
         self._lock = threading.Lock()
-        self._executor = PyExecutor(state, engine, self._executor_cfg, self._dispatch)
+        started = time.perf_counter()
+        self._executor = PyExecutor(parts.state, parts.engine, parts.cfg, self._dispatch)  # warms up on its thread
+        self.startup_seconds = {**parts.timings, "compile_and_capture": time.perf_counter() - started}
+        log.info("llmfx startup: %s; KV pool %d pages of %d tokens",
+                 ", ".join(f"{k} {v:.2f} s" for k, v in self.startup_seconds.items()), parts.num_pages - 1,
+                 self.limits.page_size)
 
     # -- public API --
 
@@ -275,7 +277,7 @@ class LLM:
             handles = [(self._handles.get(e.request_id), e) for e in out.events]
         for handle, event in handles:
             if handle is not None:
-                handle._on_event(event, out.errors.get(event.request_id))
+                handle._on_event(event, out.errors.get(event.request_id), out.sampled.get(event.request_id))
 
     def _forget(self, request_id: int) -> None:
         with self._lock:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Logprob:
+    """A token's log-probability and its rank (1 = most likely; ties share the best rank)."""
+
+    logprob: float
+    rank: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -14,8 +23,8 @@ class CompletionOutput:
     token_ids: tuple[int, ...]
     text_diff: str = ""
     token_ids_diff: tuple[int, ...] = ()
-    cumulative_logprob: float | None = None
-    logprobs: tuple | None = None
+    cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs
+    logprobs: tuple[Mapping[int, Logprob], ...] | None = None  # per token: sampled + top-k, when asked
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     error: str | None = None  # the message of the failure when finish_reason == "error"

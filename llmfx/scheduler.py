@@ -10,6 +10,8 @@ from llmfx.kv_cache import PagePool, allocate, match_prefix, num_available, page
 from llmfx.sampling_params import SamplingParams
 
 POLICY_NAMES = ("guaranteed_no_evict", "max_utilization")
+# A decode input whose value only the device knows yet: the token a launched step is sampling.
+PLACEHOLDER = -1
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
@@ -66,6 +68,7 @@ class SequenceState:
     output_token_ids: tuple[int, ...] = ()
     num_computed_tokens: int = 0  # tokens whose KV is written or scheduled to be written
     pages: tuple[int, ...] = ()  # covers num_computed_tokens
+    num_inflight: int = 0  # tokens sampled by a launched step that postprocess has not seen yet
 
     @property
     def request_id(self) -> int:
@@ -73,9 +76,20 @@ class SequenceState:
         return self.request.request_id
 
     @property
-    def num_tokens(self) -> int:
-        """Prompt plus output tokens known so far."""
+    def num_known_tokens(self) -> int:
+        """Prompt plus output tokens whose values the host has."""
         return len(self.request.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus output tokens, in-flight ones included."""
+        return self.num_known_tokens + self.num_inflight
+
+    def finishing(self, limits: SchedulerLimits) -> bool:
+        """True when the in-flight tokens already reach max_tokens or max_seq_len: nothing more to schedule."""
+        outputs = len(self.output_token_ids) + self.num_inflight
+        return self.num_inflight > 0 and (outputs >= self.request.params.max_tokens
+                                          or self.num_tokens >= limits.max_seq_len)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -188,7 +202,10 @@ def add_requests(
 
 
 def token_slice(seq: SequenceState, start: int, stop: int) -> tuple[int, ...]:
-    """Tokens [start, stop) of prompt + output without building the whole list."""
+    """Tokens [start, stop) of prompt + output without building the whole list; in-flight ones are PLACEHOLDER."""
+    known = seq.num_known_tokens
+    if stop > known:
+        return token_slice(seq, start, known) + (PLACEHOLDER,) * (stop - max(start, known))
     prompt, p = seq.request.prompt_token_ids, len(seq.request.prompt_token_ids)
     if stop <= p:
         return prompt[start:stop]
@@ -272,7 +289,8 @@ def _preempt(state: SchedulerState, request_ids: Iterable[int]) -> tuple[Schedul
         raise ValueError(f"capacity policy asked to preempt request ids that are not running: {sorted(ids)}")
     # Tail pages first, so that shared prefixes stay cached longest.
     pool = release(state.pool, (p for s in gone for p in reversed(s.pages)))
-    requeued = tuple(dataclasses.replace(s, num_computed_tokens=0, pages=()) for s in gone)
+    # An in-flight token is dropped: the recompute samples it again at the same position.
+    requeued = tuple(dataclasses.replace(s, num_computed_tokens=0, pages=(), num_inflight=0) for s in gone)
     state = dataclasses.replace(
         state,
         pool=pool,
@@ -289,8 +307,10 @@ def _plan_running(state: SchedulerState, limits: SchedulerLimits) -> tuple[list[
     decodes: list[tuple[int, int, int]] = []
     prefills: list[tuple[int, int, int]] = []
     for i, s in enumerate(state.running):
+        if s.finishing(limits):
+            continue  # its last token is in flight; postprocess will finish it
         computed = s.num_computed_tokens
-        left = len(s.request.prompt_token_ids) + len(s.output_token_ids) - computed
+        left = s.num_tokens - computed
         if left == 1:
             decodes.append((i, computed, len(s.pages)))
         elif left > 1:
@@ -340,13 +360,15 @@ def schedule(
         s = running[i]
         pages = s.pages + fresh[used : used + need] if need else s.pages
         used += need
+        chunk = _scheduled(s, n, pages)
         running[i] = SequenceState(
             request=s.request,
             output_token_ids=s.output_token_ids,
             num_computed_tokens=s.num_computed_tokens + n,
             pages=pages,
+            num_inflight=s.num_inflight + chunk.sample,
         )
-        scheduled.append(_scheduled(s, n, pages))
+        scheduled.append(chunk)
         budget -= n
     assert used == len(fresh)
 
@@ -370,8 +392,9 @@ def schedule(
                 break
             pool, fresh = allocate(hit_pool, need)
             s = dataclasses.replace(s, pages=hit + fresh, num_computed_tokens=cached)
-            scheduled.append(_scheduled(s, n, s.pages))
-            s = dataclasses.replace(s, num_computed_tokens=cached + n)
+            chunk = _scheduled(s, n, s.pages)
+            scheduled.append(chunk)
+            s = dataclasses.replace(s, num_computed_tokens=cached + n, num_inflight=s.num_inflight + chunk.sample)
             running.append(s)
             admitted.append(s)
             budget -= n
@@ -405,7 +428,7 @@ def _stop(seq: SequenceState, token: int, limits: SchedulerLimits) -> tuple[str,
             return "stop", None
         if token in params.stop_token_ids:
             return "stop", token
-    if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= limits.max_seq_len:
+    if len(seq.output_token_ids) >= params.max_tokens or seq.num_known_tokens >= limits.max_seq_len:
         return "length", None
     return None
 
@@ -431,11 +454,13 @@ def postprocess(
         if not ss.sample:
             continue
         token = sampled[ss.request_id]
+        assert s.num_inflight > 0, "postprocess got a token the scheduler did not expect"
         s = SequenceState(
             request=s.request,
             output_token_ids=s.output_token_ids + (token,),
             num_computed_tokens=s.num_computed_tokens,
             pages=s.pages,
+            num_inflight=s.num_inflight - 1,
         )
         running[i] = s
         stop = _stop(s, token, limits)

@@ -152,7 +152,7 @@ def test_bad_requests_raise_before_entering_the_engine(tiny, prompt, params, mes
     assert submitted == []  # the good prompt beside the bad one was not started either
 
 
-@pytest.mark.parametrize(("field", "value"), [("temperature", -0.5), ("max_tokens", 0), ("top_p", 0.5),
+@pytest.mark.parametrize(("field", "value"), [("temperature", -0.5), ("max_tokens", 0), ("top_p", 1.5),
                                               ("min_tokens", -1), ("seed", -3)])
 def test_invalid_sampling_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
@@ -162,14 +162,14 @@ def test_invalid_sampling_params_name_the_field(field, value):
 def test_an_exception_in_a_step_fails_only_that_steps_requests():
     with LLM("tiny", kv_cache_config=KvCacheConfig(page_size=4, max_tokens=1024)) as llm:
         engine = llm._executor._engine
-        real = engine.execute
+        real = engine.launch
 
-        def failing(kv, batch, requests):  # fails any step that carries a prompt ending in "!"
+        def failing(kv, batch, sequences):  # fails any step that carries a prompt ending in "!"
             if any(s.token_ids and s.token_ids[-1] == ord("!") for s in batch.seqs):
                 raise StepFailed(KVPool(kv.take()), RuntimeError("injected failure"))
-            return real(kv, batch, requests)
+            return real(kv, batch, sequences)
 
-        engine.execute = failing
+        engine.launch = failing
         bad = llm.generate("boom!", SamplingParams(max_tokens=4))
         assert bad.outputs[0].finish_reason == "error" and "injected failure" in bad.outputs[0].error
         good = llm.generate("fine", SamplingParams(max_tokens=4, ignore_eos=True))
@@ -187,3 +187,23 @@ def test_shutdown_with_requests_in_flight_aborts_them_and_returns():
     assert all(f.outputs[0].finish_reason == "abort" for f in finals)
     with pytest.raises(RuntimeError, match="stopped"):
         llm.generate_async("after", SamplingParams(max_tokens=2))
+
+
+def test_logprobs_equal_log_softmax_of_transformers_logits(hf_checkpoint):
+    model, path = hf_checkpoint("llama")
+    prompt = _prompts(96, [11], seed=4)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, detokenize=False, logprobs=3)
+    with LLM(path, skip_tokenizer_init=True, kv_cache_config=KvCacheConfig(page_size=4, max_tokens=256)) as llm:
+        out = llm.generate(prompt, params).outputs[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + list(out.token_ids)])).logits[0]
+    expected = torch.log_softmax(logits[len(prompt) - 1: -1].double(), dim=-1)  # [6, V]
+    cumulative = 0.0
+    for i, (token, table) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert table[token].rank == 1 and abs(table[token].logprob - expected[i, token].item()) < 1e-4
+        top = expected[i].topk(3)
+        assert set(top.indices.tolist()) <= set(table)
+        for t, lp in zip(top.indices.tolist(), top.values.tolist()):
+            assert abs(table[t].logprob - lp) < 1e-4
+        cumulative += expected[i, token].item()
+    assert abs(out.cumulative_logprob - cumulative) < 1e-3

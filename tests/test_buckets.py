@@ -1,0 +1,97 @@
+"""Bucket choice, padding and the compiled step, on CPU (the GPU runs the same code with CUDA graphs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llmfx.buckets import BucketKey, default_decode_sizes, make_buckets
+from llmfx.kv_pool import KVPool
+from llmfx.model_engine import EngineConfig, ModelEngine
+from llmfx.sampling_params import SamplingParams
+from llmfx.scheduler import Request, ScheduledBatch, ScheduledSeq, SequenceState
+from llmfx.weights import load_params, resolve_model
+
+
+def _batch(sizes: list[int]) -> ScheduledBatch:
+    return ScheduledBatch(seqs=tuple(ScheduledSeq(request_id=i, token_ids=(1,) * n, start_pos=0, pages=(1,),
+                                                  sample=True) for i, n in enumerate(sizes)))
+
+
+@given(st.integers(1, 64), st.integers(16, 512), st.lists(st.integers(1, 40), min_size=1, max_size=64))
+def test_a_batch_pads_to_the_smallest_bucket_that_holds_it(max_batch, max_tokens, sizes):
+    sizes = sizes[:max_batch]
+    if sum(sizes) > max_tokens:
+        return
+    buckets = make_buckets(max_batch, max_tokens)
+    key = buckets.key(_batch(sizes))
+    b, t = len(sizes), sum(sizes)
+    assert key.num_seqs >= b and key.num_tokens >= t
+    assert key.decode == (t == b)
+    if key.decode:
+        assert key.num_tokens == key.num_seqs == min(s for s in buckets.decode_sizes if s >= b)
+    else:
+        assert key.num_seqs == max_batch and key.num_tokens == min(c for c in buckets.token_counts if c >= t)
+    assert key in buckets.all_keys()
+
+
+def test_default_decode_sizes_follow_the_design():
+    assert default_decode_sizes(256)[:6] == (1, 2, 4, 8, 16, 24) and default_decode_sizes(256)[-1] == 256
+    assert default_decode_sizes(20) == (1, 2, 4, 8, 16, 20)
+
+
+@pytest.mark.parametrize("sizes", [[0, 4], [3, 99], []])
+def test_bad_cuda_graph_batch_sizes_are_rejected(sizes):
+    with pytest.raises(ValueError, match=r"cuda_graph_batch_sizes must be integers in \[1, max_batch_size=8\]"):
+        make_buckets(8, 64, sizes)
+
+
+def _engine(compile: bool, buckets) -> tuple[ModelEngine, KVPool]:
+    source = resolve_model("tiny")
+    params = load_params(source)
+    engine = ModelEngine(params, source.config, EngineConfig(page_size=4, seed=0, max_pages_per_seq=16,
+                                                             buckets=buckets, compile=compile))
+    kv = KVPool.allocate(source.config, 40, 4, torch.float32, "cpu")
+    return engine, engine.warmup(kv)
+
+
+def _mixed_then_decode(engine: ModelEngine, kv: KVPool) -> list[dict[int, int]]:
+    """Three prefills of different lengths (one mixed step), then decode steps of shrinking batch size."""
+    params = SamplingParams(temperature=0.0)
+    requests = {i: SequenceState(request=Request(request_id=i, prompt_token_ids=(5,) * 9, params=params))
+                for i in range(3)}
+    pages = {0: (1, 2, 3, 4), 1: (9, 8, 7, 6), 2: (20, 21, 22, 23)}
+    prompts = {0: (3, 1, 4, 1, 5), 1: (9, 2, 6, 5, 3, 5, 8), 2: (2, 7)}
+    seqs = [ScheduledSeq(request_id=i, token_ids=prompts[i], start_pos=0, pages=pages[i], sample=True) for i in range(3)]
+    kv, sampled = engine.execute(kv, ScheduledBatch(seqs=tuple(seqs)), requests)
+    history = [{i: t.token for i, t in sampled.items()}]
+    lengths = {i: len(prompts[i]) for i in range(3)}
+    for live in ([0, 1, 2], [0, 2], [2]):
+        seqs = [ScheduledSeq(request_id=i, token_ids=(history[-1].get(i, history[0][i]),), start_pos=lengths[i],
+                             pages=pages[i], sample=True) for i in live]
+        kv, sampled = engine.execute(kv, ScheduledBatch(seqs=tuple(seqs)), requests)
+        for i in live:
+            lengths[i] += 1
+        history.append({**history[-1], **{i: t.token for i, t in sampled.items()}})
+    return history
+
+
+def test_padding_to_buckets_does_not_change_any_token():
+    exact = _mixed_then_decode(*_engine(False, None))
+    padded = _mixed_then_decode(*_engine(False, make_buckets(4, 32, [1, 2, 4])))
+    assert padded == exact
+
+
+def test_compiled_step_serves_every_bucket_without_recompiling_after_warmup():
+    torch._dynamo.reset()
+    exact = _mixed_then_decode(*_engine(False, None))
+    # execute() runs under fail_on_recompile: any recompile after warm-up raises instead of passing.
+    compiled = _mixed_then_decode(*_engine(True, make_buckets(4, 32, [1, 2, 4])))
+    assert compiled == exact
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3  # shape-generic after the first sizes
+
+
+def test_bucket_key_is_hashable_for_graph_tables():
+    assert len({BucketKey(num_tokens=4, num_seqs=4, decode=True), BucketKey(num_tokens=4, num_seqs=4, decode=True)}) == 1

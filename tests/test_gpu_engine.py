@@ -1,0 +1,72 @@
+"""The GPU engine on an H200: CUDA-graph buckets equal the eager path, never skip, never recompile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmfx.buckets import make_buckets
+from llmfx.kv_cache import KvCacheConfig
+from llmfx.kv_pool import KVPool
+from llmfx.llm import LLM
+from llmfx.model_engine import EngineConfig, ModelEngine
+from llmfx.sampling_params import SamplingParams
+from llmfx.scheduler import Request, ScheduledBatch, ScheduledSeq, SequenceState
+from llmfx.weights import load_params, resolve_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, detokenize=False)
+MIXED = [[(7 * i + 3 * j) % 96 for j in range(n)] for i, n in enumerate([3, 17, 40, 9, 28, 1, 64, 12, 5, 33])]
+
+
+def _serve(path, **kwargs) -> list[tuple[int, ...]]:
+    with LLM(path, skip_tokenizer_init=True, dtype="float32", device="cuda", max_batch_size=8, max_num_tokens=64,
+             kv_cache_config=KvCacheConfig(page_size=4, max_tokens=4096), **kwargs) as llm:
+        outs = llm.generate(MIXED, [GREEDY, SamplingParams(temperature=0.8, seed=3, max_tokens=40, ignore_eos=True,
+                                                            detokenize=False)] * 5, use_tqdm=False)
+    assert all(o.outputs[0].finish_reason == "length" for o in outs), [o.outputs[0].error for o in outs]
+    return [o.token_ids for o in outs]
+
+
+def test_cuda_graph_buckets_equal_the_eager_path_without_skips(hf_checkpoint):
+    _, path = hf_checkpoint("llama")
+    eager = _serve(path, enforce_eager=True)
+    skips_before = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    graphs = _serve(path)  # any recompile after warm-up would fail its step: finish_reason "error"
+    assert graphs == eager
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == skips_before == 0
+
+
+def _recorded_graphs() -> int:
+    from torch._inductor.cudagraph_trees import get_container
+
+    manager = get_container(torch.cuda.current_device()).tree_manager
+    if manager is None:
+        return 0
+
+    def count(nodes) -> int:
+        return sum(1 + count([c for cs in node.children.values() for c in cs]) for node in nodes)
+
+    return count([n for nodes in manager.roots.values() for n in nodes])
+
+
+def test_every_bucket_is_recorded_at_warmup_and_only_replayed_after(hf_checkpoint):
+    torch._dynamo.reset()
+    _, path = hf_checkpoint("qwen3")
+    source = resolve_model(path)
+    params = load_params(source, device="cuda")
+    buckets = make_buckets(8, 64, [1, 2, 4, 8])
+    engine = ModelEngine(params, source.config, EngineConfig(page_size=4, seed=0, max_pages_per_seq=32,
+                                                             buckets=buckets, compile=True))
+    kv = engine.warmup(KVPool.allocate(source.config, 64, 4, torch.float32, "cuda"))
+    recorded = _recorded_graphs()
+    assert recorded >= len(buckets.all_keys())
+    requests = {i: SequenceState(request=Request(request_id=i, prompt_token_ids=(1,), params=GREEDY))
+                for i in range(8)}
+    for sizes in ([5], [1, 1, 1], [30, 1, 1], [1] * 8, [60], [1, 1]):
+        seqs = tuple(ScheduledSeq(request_id=i, token_ids=(2,) * n, start_pos=0, pages=tuple(range(1 + 8 * i, 9 + 8 * i)),
+                                  sample=True) for i, n in enumerate(sizes))
+        kv, sampled = engine.execute(kv, ScheduledBatch(seqs=seqs), requests)
+        assert set(sampled) == set(range(len(sizes)))
+    assert _recorded_graphs() == recorded
