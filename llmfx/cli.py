@@ -8,12 +8,16 @@ import sys
 import time
 
 from llmfx.presets import PRESETS
+from llmfx.sim.cli import add_profile_parser, add_simulate_parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmfx", description="llmfx: LLM inference for researchers")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands.add_parser("generate", help="generate text for one or more prompts"))
+    _add_bench(commands.add_parser("bench", help="run a PERF.md benchmark (latency, offline, startup)"))
+    add_simulate_parser(commands)
+    add_profile_parser(commands)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -51,6 +55,40 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--disable-overlap-scheduler", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(run=_generate)
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("benchmark", choices=["latency", "offline", "startup"])
+    p.add_argument("--model", default="tinyllama-1.1b", help="preset shape, dummy weights (default tinyllama-1.1b)")
+    p.add_argument("--batches", default="1,8,64,256", help="latency: comma-separated batch sizes")
+    p.add_argument("--num-requests", type=int, default=256, help="offline: requests in the workload")
+    p.add_argument("--no-peers", action="store_true", help="skip the transformers runs")
+    p.add_argument("--disable-overlap-scheduler", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true", help="no torch.compile, no CUDA graphs")
+    p.add_argument("--workdir", default=None, help="where the dummy checkpoint is saved (reused if present)")
+    p.add_argument("--save", default=None, help="write results JSON into this folder (e.g. benchmarks/results)")
+    p.add_argument("--tag", default="", help="suffix of the results file name")
+    p.set_defaults(run=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from llmfx import bench
+
+    workdir = Path(args.workdir) if args.workdir else None
+    knobs = dict(disable_overlap_scheduler=args.disable_overlap_scheduler, enforce_eager=args.enforce_eager)
+    if args.benchmark == "latency":
+        batches = tuple(int(b) for b in args.batches.split(","))
+        rows = bench.latency(args.model, batches, peers=not args.no_peers, workdir=workdir, **knobs)
+    elif args.benchmark == "offline":
+        rows = bench.offline(args.model, args.num_requests, peers=not args.no_peers, workdir=workdir, **knobs)
+    else:
+        rows = bench.startup(args.model, workdir=workdir)
+    bench.print_table(rows)
+    if args.save:
+        print(f"saved {bench.save(rows, Path(args.save), args.tag)}")
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
