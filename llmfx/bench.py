@@ -1,0 +1,231 @@
+"""Benchmarks as PERF.md defines them: latency, offline throughput, startup; peers run in the same call.
+
+Scripts in benchmarks/ and `llmfx bench ...` call `run(name, ...)`. Every run prints one table
+(system, metric, value, fraction of the physical floor) and can write benchmarks/results/*.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from llmfx.presets import preset
+
+# Measured on the project's H200 (PERF.md): device-to-device copy, bytes read + written per second.
+H200_COPY_BYTES_PER_S = 4.27e12
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Row:
+    """One measured figure."""
+
+    benchmark: str
+    system: str
+    batch: int | None
+    metric: str
+    value: float
+    floor_fraction: float | None = None  # floor / measured for times, measured / ceiling for rates
+
+
+def weight_bytes(model: str) -> int:
+    """Bytes a decode step reads for linear layers and lm_head at 2 bytes a parameter."""
+    cfg = preset(model)
+    per_layer = cfg.hidden_size * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * cfg.hidden_size
+    per_layer += 3 * cfg.hidden_size * cfg.intermediate_size
+    return 2 * (cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size)
+
+
+def decode_step_floor_s(model: str, batch: int, context: int) -> float:
+    """Physical floor of one decode step: weights once plus every sequence's KV, at copy bandwidth."""
+    cfg = preset(model)
+    kv_bytes = 2 * cfg.num_layers * cfg.kv_size * 2  # bf16 K and V per token
+    return (weight_bytes(model) + batch * context * kv_bytes) / H200_COPY_BYTES_PER_S
+
+
+def hf_checkpoint(model: str, directory: Path) -> Path:
+    """Random bf16 weights of the preset's shape, saved once so llmfx and transformers read the same values."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = preset(model)
+    path = directory / model
+    if (path / "config.json").is_file():
+        return path
+    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                         intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.rms_norm_eps,
+                         max_position_embeddings=cfg.max_position_embeddings,
+                         tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=cfg.bos_token_id,
+                         eos_token_id=list(cfg.eos_token_ids))
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model_hf = LlamaForCausalLM(hf_cfg).to(torch.bfloat16)
+    model_hf.save_pretrained(path)
+    return path
+
+
+def latency(model: str, batches: tuple[int, ...], prompt_len: int = 128, new_tokens: int = 256,
+            peers: bool = True, workdir: Path | None = None, **llm_kwargs) -> list[Row]:
+    """ms per output token (decode) and time to first token, batches of identical-length greedy requests."""
+    from llmfx.llm import LLM
+    from llmfx.sampling_params import SamplingParams
+
+    path = hf_checkpoint(model, workdir or Path(tempfile.mkdtemp()))
+    cfg = preset(model)
+    rows: list[Row] = []
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
+    rng = random.Random(0)
+    with LLM(path, skip_tokenizer_init=True, dtype="bfloat16", max_batch_size=max(batches),
+             max_seq_len=prompt_len + new_tokens + 16, **llm_kwargs) as llm:
+        for b in batches:
+            prompts = [[rng.randrange(cfg.vocab_size) for _ in range(prompt_len)] for _ in range(b)]
+            llm.generate(prompts, params, use_tqdm=False)  # warm: same shapes, graphs replay
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            first = max(o.metrics.first_token_time for o in outs)
+            end = max(o.metrics.finished_time for o in outs)
+            arrival = min(o.metrics.arrival_time for o in outs)
+            step_s = (end - first) / (new_tokens - 1)
+            floor = decode_step_floor_s(model, b, prompt_len + new_tokens // 2)
+            rows.append(Row(benchmark="latency", system="llmfx", batch=b, metric="decode_ms_per_step",
+                            value=step_s * 1e3, floor_fraction=floor / step_s))
+            rows.append(Row(benchmark="latency", system="llmfx", batch=b, metric="output_tokens_per_s",
+                            value=b / step_s, floor_fraction=floor / step_s))
+            rows.append(Row(benchmark="latency", system="llmfx", batch=b, metric="ttft_ms",
+                            value=(first - arrival) * 1e3))
+    if peers:
+        rows += _hf_latency(path, prompt_len, new_tokens, model)
+    return rows
+
+
+def _hf_latency(path: Path, prompt_len: int, new_tokens: int, model: str) -> list[Row]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    ids = torch.randint(0, preset(model).vocab_size, (1, prompt_len), device="cuda")
+    rows = []
+    for name, extra in (("transformers eager", {}), ("transformers static cache", {"cache_implementation": "static"})):
+        with torch.no_grad():
+            hf.generate(ids, max_new_tokens=8, do_sample=False, **extra)
+            torch.cuda.synchronize()
+            times = []
+            for n in (1, new_tokens):  # the difference removes prefill from the per-token figure
+                start = time.perf_counter()
+                hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **extra)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        step = (times[1] - times[0]) / (new_tokens - 1)
+        floor = decode_step_floor_s(model, 1, prompt_len + new_tokens // 2)
+        rows.append(Row(benchmark="latency", system=name, batch=1, metric="decode_ms_per_step", value=step * 1e3,
+                        floor_fraction=floor / step))
+    del hf
+    torch.cuda.empty_cache()
+    return rows
+
+
+def offline_workload(vocab_size: int, num_requests: int = 256) -> list[tuple[list[int], int]]:
+    """nano-vllm's bench: random.seed(0), prompt and output lengths uniform in [100, 1024]."""
+    random.seed(0)
+    work = []
+    for _ in range(num_requests):
+        prompt = [random.randint(0, vocab_size - 1) for _ in range(random.randint(100, 1024))]
+        work.append((prompt, random.randint(100, 1024)))
+    return work
+
+
+def offline(model: str, num_requests: int = 256, peers: bool = True, peer_requests: int = 32,
+            workdir: Path | None = None, **llm_kwargs) -> list[Row]:
+    """Output and total tokens/s over wall time for the offline workload, after one untimed warm-up run."""
+    from llmfx.llm import LLM
+    from llmfx.sampling_params import SamplingParams
+
+    path = hf_checkpoint(model, workdir or Path(tempfile.mkdtemp()))
+    work = offline_workload(preset(model).vocab_size, num_requests)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False) for _, n in work]
+    prompts = [p for p, _ in work]
+    out_tokens = sum(n for _, n in work)
+    all_tokens = out_tokens + sum(len(p) for p in prompts)
+    floor_s = 1.5 * num_requests / 256  # PERF.md: about 1.5 s for the whole 256-request workload
+    with LLM(path, skip_tokenizer_init=True, dtype="bfloat16", max_seq_len=2048 + 64, **llm_kwargs) as llm:
+        llm.generate(prompts, params, use_tqdm=False)
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        preemptions = llm.scheduler_state.num_preemptions
+    rows = [Row(benchmark="offline", system="llmfx", batch=num_requests, metric="output_tokens_per_s",
+                value=out_tokens / elapsed, floor_fraction=floor_s / elapsed),
+            Row(benchmark="offline", system="llmfx", batch=num_requests, metric="total_tokens_per_s",
+                value=all_tokens / elapsed),
+            Row(benchmark="offline", system="llmfx", batch=num_requests, metric="preemptions", value=preemptions)]
+    if peers:
+        rows += _hf_offline(path, work[:peer_requests])
+    return rows
+
+
+def _hf_offline(path: Path, work: list[tuple[list[int], int]]) -> list[Row]:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="paged|sdpa").cuda()
+    config = GenerationConfig(max_new_tokens=max(n for _, n in work), do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+    # generate_batch takes one max_new_tokens: every request runs to the longest, counted as such.
+    start = time.perf_counter()
+    hf.generate_batch(inputs=[p for p, _ in work], generation_config=config)
+    elapsed = time.perf_counter() - start
+    tokens = config.max_new_tokens * len(work)
+    del hf
+    torch.cuda.empty_cache()
+    return [Row(benchmark="offline", system=f"transformers paged|sdpa ({len(work)} requests)", batch=len(work),
+                metric="output_tokens_per_s", value=tokens / elapsed)]
+
+
+def startup(model: str, workdir: Path | None = None) -> list[Row]:
+    """Process start to first token, with an empty compile cache and then with that cache warm."""
+    workdir = workdir or Path(tempfile.mkdtemp())
+    path = hf_checkpoint(model, workdir)
+    cache = workdir / "inductor-cache"
+    script = ("import time, json; t0 = time.perf_counter(); from llmfx.llm import LLM; "
+              "from llmfx.sampling_params import SamplingParams as S; "
+              f"llm = LLM({str(path)!r}, skip_tokenizer_init=True, dtype='bfloat16', max_batch_size=256); "
+              "llm.generate([[1, 2, 3]], S(max_tokens=1, detokenize=False), use_tqdm=False); "
+              "print(json.dumps({'total': time.perf_counter() - t0, **llm.startup_seconds})); llm.shutdown()")
+    rows = []
+    for kind in ("cold", "warm"):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - start
+        phases = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(Row(benchmark="startup", system="llmfx", batch=None, metric=f"{kind}_s", value=wall))
+        rows += [Row(benchmark="startup", system="llmfx", batch=None, metric=f"{kind}_{k}_s", value=v)
+                 for k, v in phases.items()]
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    """One aligned table: system, batch, metric, value, fraction of the floor."""
+    print(f"{'benchmark':<10} {'system':<38} {'batch':>5} {'metric':<24} {'value':>12} {'floor':>7}")
+    for r in rows:
+        frac = "" if r.floor_fraction is None else f"{r.floor_fraction:.1%}"
+        print(f"{r.benchmark:<10} {r.system:<38} {'' if r.batch is None else r.batch:>5} {r.metric:<24} "
+              f"{r.value:>12.3f} {frac:>7}")
+
+
+def save(rows: list[Row], directory: Path, tag: str = "") -> Path:
+    """Write benchmarks/results/<date>-<gpu><tag>.json with the environment and every figure."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / f"{time.strftime('%Y-%m-%d')}-{gpu.replace(' ', '-').lower()}{tag}.json"
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "gpu": gpu, "torch": torch.__version__,
+                               "commit": commit, "runs": [asdict(r) for r in rows]}, indent=1))
+    return out
