@@ -63,6 +63,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", default="1,8,64,256", help="latency: comma-separated batch sizes")
     p.add_argument("--num-requests", type=int, default=256, help="offline: requests in the workload")
     p.add_argument("--no-peers", action="store_true", help="skip the transformers runs")
+    p.add_argument("--peer-requests", type=int, default=32, help="offline: requests given to transformers")
     p.add_argument("--disable-overlap-scheduler", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile, no CUDA graphs")
     p.add_argument("--workdir", default=None, help="where the dummy checkpoint is saved (reused if present)")
@@ -82,7 +83,8 @@ def _bench(args: argparse.Namespace) -> int:
         batches = tuple(int(b) for b in args.batches.split(","))
         rows = bench.latency(args.model, batches, peers=not args.no_peers, workdir=workdir, **knobs)
     elif args.benchmark == "offline":
-        rows = bench.offline(args.model, args.num_requests, peers=not args.no_peers, workdir=workdir, **knobs)
+        rows = bench.offline(args.model, args.num_requests, peers=not args.no_peers, peer_requests=args.peer_requests,
+                             workdir=workdir, **knobs)
     else:
         rows = bench.startup(args.model, workdir=workdir)
     bench.print_table(rows)

@@ -1,7 +1,16 @@
 """Shared model ops: attention over the paged KV pool, KV write, rotary embeddings, RMSNorm."""
 
+import torch
+
 from llmfx.ops.attention import paged_attention, write_kv
 from llmfx.ops.norm import rms_norm
 from llmfx.ops.rope import apply_rope, rope_table
+
+if torch.cuda.is_available():  # registers the Triton kernels; CPU-only torch wheels ship no triton
+    try:
+        from llmfx.ops import triton_attention  # noqa: F401
+    except ModuleNotFoundError as missing:
+        if missing.name != "triton":
+            raise
 
 __all__ = ["apply_rope", "paged_attention", "rms_norm", "rope_table", "write_kv"]

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU work: `bash benchmarks/gpu_run.sh STAGE...` with stages
+#   tests    the GPU test suite (marked gpu)
+#   latency  PERF.md latency, batches 1,8,64,256, transformers peers
+#   offline  PERF.md offline workload, llmfx overlap on and off, transformers continuous batching peer
+#   startup  cold and warm compile cache
+#   profile  the simulator's cost model for the TinyLlama shape
+# Logs and results go to $OUT (the device tool brings them back).
+set -uo pipefail
+OUT=${OUT:-/tmp/llmfx-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/llmfx-inductor}
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install -e failed"
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
+work=/tmp/llmfx-bench
+for stage in "$@"; do
+  start=$(date +%s)
+  case "$stage" in
+    tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    latency) llmfx bench latency --workdir $work --save "$OUT" --tag=-latency 2>&1 | tee "$OUT/latency.log" | tail -30 ;;
+    offline) llmfx bench offline --workdir $work --save "$OUT" --tag=-offline 2>&1 | tee "$OUT/offline.log" | tail -12
+             llmfx bench offline --workdir $work --no-peers --disable-overlap-scheduler --save "$OUT" \
+               --tag=-offline-no-overlap 2>&1 | tee -a "$OUT/offline.log" | tail -6 ;;
+    startup) llmfx bench startup --workdir $work --save "$OUT" --tag=-startup 2>&1 | tee "$OUT/startup.log" | tail -20 ;;
+    profile) llmfx profile --model tinyllama-1.1b --out "$OUT/profile_h200.json" 2>&1 | tee "$OUT/profile.log" | tail -8 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+  echo "== $stage took $(( $(date +%s) - start )) s"
+done
