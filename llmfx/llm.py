@@ -161,6 +161,8 @@ class LLM:
         skip_tokenizer_init: bool = False,
         enforce_eager: bool = False,
         cuda_graph_batch_sizes: Sequence[int] | None = None,
+        compile_dynamic: bool | None = None,
+        inductor_options: dict[str, object] | None = None,
     ) -> None:
         source = resolve_model(model)
         if not isinstance(disable_overlap_scheduler, bool):
@@ -175,7 +177,8 @@ class LLM:
                              max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
                              kv_cache_config=kv_cache_config, scheduler_config=scheduler_config, seed=seed,
                              load_format=load_format, enforce_eager=enforce_eager,
-                             overlap=not disable_overlap_scheduler, cuda_graph_batch_sizes=cuda_graph_batch_sizes)
+                             overlap=not disable_overlap_scheduler, cuda_graph_batch_sizes=cuda_graph_batch_sizes,
+                             compile_dynamic=compile_dynamic, inductor_options=inductor_options)
         self.limits = parts.cfg.limits
         self.max_seq_len = self.limits.max_seq_len
         self._executor_cfg = parts.cfg

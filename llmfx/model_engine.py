@@ -10,7 +10,9 @@ no replay copies them. Warm-up compiles and records every bucket; afterwards a r
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,6 +51,8 @@ class EngineConfig:
     max_batch_size: int = 256  # rows of the token pool
     buckets: Buckets | None = None  # None: every batch runs at its exact size (eager CPU path)
     compile: bool = False  # torch.compile(mode="reduce-overhead") per bucket; CUDA graphs on CUDA
+    compile_dynamic: bool | None = None  # torch.compile's `dynamic`: None = automatic dynamic shapes
+    inductor_options: tuple[tuple[str, object], ...] = ()  # extra inductor options, e.g. (("split_reductions", False),)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,6 +134,8 @@ class ModelEngine:
 
     def warmup(self, kv: KVPool) -> KVPool:
         """Compile and record every bucket with all-padding batches; kv is DONATED. Run on the serving thread."""
+        if self.engine_cfg.compile and self.device.type == "cuda":
+            _cudagraph_thread_state()
         layers = kv.take()
         with torch.inference_mode():  # the grad mode is part of the compiled graph's guards
             if not self.engine_cfg.compile:
@@ -239,10 +245,30 @@ class ModelEngine:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
-        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        # mode="reduce-overhead" is the option triton.cudagraphs; spelled out so more options can join it.
+        options = {"triton.cudagraphs": self.device.type == "cuda", **dict(self.engine_cfg.inductor_options)}
         # dynamic=None: the first two sizes compile, after which one shape-generic graph serves every
         # bucket (automatic dynamic shapes); CUDA graphs are still recorded per bucket size.
-        return torch.compile(step_fn, mode=mode, fullgraph=True, dynamic=None)
+        return torch.compile(step_fn, options=options, fullgraph=True, dynamic=self.engine_cfg.compile_dynamic)
+
+
+def _cudagraph_thread_state() -> None:
+    """Give this thread its own CUDA-graph-tree state.
+
+    torch 2.11 creates that state only in the thread that first imported cudagraph_trees and
+    asserts in any other thread (later versions create it lazily); the executor thread compiles,
+    captures and replays, so it sets its state up before the first compiled call.
+    """
+    from torch._inductor import cudagraph_trees
+
+    local = cudagraph_trees.local
+    if hasattr(local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    # What cudagraph_trees does for its importing thread, done for this one.
+    local.tree_manager_containers = {}
+    local.tree_manager_locks = collections.defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
 
 
 def _to_host(t: Tensor) -> Tensor:

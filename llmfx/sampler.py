@@ -265,6 +265,22 @@ def apply_penalties(logits: Tensor, tensors: SamplingTensors, penalties: Penalty
     return logits - tensors.presence_penalty.unsqueeze(1) * output_seen.float()  # [B, V]
 
 
+@torch.library.custom_op("llmfx::cumsum_rows", mutates_args=())
+def cumsum_rows(x: Tensor) -> Tensor:
+    """Cumulative sum along the last dim [B, V].
+
+    An opaque op on purpose: for vocabulary-sized rows inductor (torch 2.11) emits a split-scan
+    kernel whose fusion pass asserts on the H200 build of the TinyLlama step, so the compiled
+    graph calls the plain kernel instead.
+    """
+    return torch.cumsum(x, dim=-1)
+
+
+@cumsum_rows.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
 def filter_threshold(sorted_scaled: Tensor, tensors: SamplingTensors) -> Tensor:
     """Lowest kept value per row given each row's scaled logits sorted descending [B, V]: [B, 1].
 
@@ -279,7 +295,7 @@ def filter_threshold(sorted_scaled: Tensor, tensors: SamplingTensors) -> Tensor:
     relative = torch.exp(sorted_scaled - sorted_scaled[:, :1])  # [B, V] p / p_max
     candidate = (sorted_scaled >= kth) & (relative >= tensors.min_p.unsqueeze(1))  # [B, V], a prefix
     probs = torch.softmax(sorted_scaled.masked_fill(~candidate, float("-inf")), dim=-1)  # [B, V]
-    mass_before = F.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))  # [B, V], exclusive cumulative sum
+    mass_before = F.pad(cumsum_rows(probs)[:, :-1], (1, 0))  # [B, V], exclusive cumulative sum
     top_p = tensors.top_p.unsqueeze(1)  # [B, 1]
     # top_p >= 1 keeps all: the float32 sum may reach 1 before the last token.
     keep = candidate & ((mass_before < top_p) | (top_p >= 1))  # [B, V], a prefix holding rank 0

@@ -37,7 +37,8 @@ def build_engine(source: ModelSource, *, dtype: str | torch.dtype = "auto", devi
                  max_batch_size: int = 256, max_num_tokens: int = 8192, max_seq_len: int | None = None,
                  kv_cache_config: KvCacheConfig | None = None, scheduler_config: SchedulerConfig | None = None,
                  seed: int = 0, load_format: str = "auto", enforce_eager: bool = False, overlap: bool = True,
-                 cuda_graph_batch_sizes: Sequence[int] | None = None) -> EngineParts:
+                 cuda_graph_batch_sizes: Sequence[int] | None = None, compile_dynamic: bool | None = None,
+                 inductor_options: Mapping[str, object] | None = None) -> EngineParts:
     """Validate the engine arguments, load weights, size the KV pool from what is left, allocate it."""
     cfg = source.config
     max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
@@ -57,7 +58,8 @@ def build_engine(source: ModelSource, *, dtype: str | torch.dtype = "auto", devi
     use_graphs = device.type == "cuda" and not enforce_eager
     engine = ModelEngine(params, cfg, EngineConfig(
         page_size=page_size, seed=seed, max_pages_per_seq=-(-max_seq_len // page_size),
-        max_batch_size=max_batch_size, buckets=buckets if use_graphs else None, compile=use_graphs))
+        max_batch_size=max_batch_size, buckets=buckets if use_graphs else None, compile=use_graphs,
+        compile_dynamic=compile_dynamic, inductor_options=tuple((inductor_options or {}).items())))
     started = time.perf_counter()
     activation_bytes = engine.peak_activation_bytes()  # measured before the KV pool takes the rest
     timings["profile"] = time.perf_counter() - started

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._inductor.cudagraph_trees  # noqa: F401  (its thread state belongs to the main thread, where tests run)
 from hypothesis import settings
 
 # CI has 2 cores and no GPU: keep hypothesis quick and deterministic there.

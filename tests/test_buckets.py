@@ -87,10 +87,12 @@ def test_padding_to_buckets_does_not_change_any_token():
 def test_compiled_step_serves_every_bucket_without_recompiling_after_warmup():
     torch._dynamo.reset()
     exact = _mixed_then_decode(*_engine(False, None))
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     # execute() runs under fail_on_recompile: any recompile after warm-up raises instead of passing.
     compiled = _mixed_then_decode(*_engine(True, make_buckets(4, 32, [1, 2, 4])))
     assert compiled == exact
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3  # shape-generic after the first sizes
+    # Shape-generic after the first sizes: a handful of graphs for all seven buckets.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before <= 3
 
 
 def test_bucket_key_is_hashable_for_graph_tables():

@@ -59,13 +59,13 @@ def test_every_bucket_is_recorded_at_warmup_and_only_replayed_after(hf_checkpoin
     buckets = make_buckets(8, 64, [1, 2, 4, 8])
     engine = ModelEngine(params, source.config, EngineConfig(page_size=4, seed=0, max_pages_per_seq=32,
                                                              buckets=buckets, compile=True))
-    kv = engine.warmup(KVPool.allocate(source.config, 64, 4, torch.float32, "cuda"))
+    kv = engine.warmup(KVPool.allocate(source.config, 140, 4, torch.float32, "cuda"))
     recorded = _recorded_graphs()
     assert recorded >= len(buckets.all_keys())
     requests = {i: SequenceState(request=Request(request_id=i, prompt_token_ids=(1,), params=GREEDY))
                 for i in range(8)}
     for sizes in ([5], [1, 1, 1], [30, 1, 1], [1] * 8, [60], [1, 1]):
-        seqs = tuple(ScheduledSeq(request_id=i, token_ids=(2,) * n, start_pos=0, pages=tuple(range(1 + 8 * i, 9 + 8 * i)),
+        seqs = tuple(ScheduledSeq(request_id=i, token_ids=(2,) * n, start_pos=0, pages=tuple(range(1 + 16 * i, 17 + 16 * i)),
                                   sample=True) for i, n in enumerate(sizes))
         kv, sampled = engine.execute(kv, ScheduledBatch(seqs=seqs), requests)
         assert set(sampled) == set(range(len(sizes)))
