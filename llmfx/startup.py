@@ -6,9 +6,11 @@ Warm-up (compile and CUDA-graph capture) is left to the caller, on the thread th
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -20,6 +22,19 @@ from llmfx.kv_pool import KVPool, kv_pool_pages
 from llmfx.model_engine import EngineConfig, ModelEngine
 from llmfx.scheduler import SchedulerConfig, SchedulerLimits, new_scheduler_state
 from llmfx.weights import ModelSource, load_params
+
+
+DEFAULT_COMPILE_CACHE = Path("~/.cache/llmfx/inductor").expanduser()
+
+
+def use_persistent_compile_cache() -> Path:
+    """Point inductor's on-disk cache at ~/.cache/llmfx/inductor unless TORCHINDUCTOR_CACHE_DIR is set.
+
+    Inductor reads the variable when it first compiles, so a warm start reuses the kernels and
+    graphs of earlier processes; setting it here (not at import) leaves users' own choice alone.
+    """
+    chosen = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(DEFAULT_COMPILE_CACHE))
+    return Path(chosen)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,6 +71,8 @@ def build_engine(source: ModelSource, *, dtype: str | torch.dtype = "auto", devi
                          max_positions=max_seq_len)
     timings["load"] = time.perf_counter() - started
     use_graphs = device.type == "cuda" and not enforce_eager
+    if use_graphs:
+        use_persistent_compile_cache()
     engine = ModelEngine(params, cfg, EngineConfig(
         page_size=page_size, seed=seed, max_pages_per_seq=-(-max_seq_len // page_size),
         max_batch_size=max_batch_size, buckets=buckets if use_graphs else None, compile=use_graphs,

@@ -97,3 +97,13 @@ def test_compiled_step_serves_every_bucket_without_recompiling_after_warmup():
 
 def test_bucket_key_is_hashable_for_graph_tables():
     assert len({BucketKey(num_tokens=4, num_seqs=4, decode=True), BucketKey(num_tokens=4, num_seqs=4, decode=True)}) == 1
+
+
+def test_the_compile_cache_defaults_to_llmfx_but_respects_the_user(monkeypatch, tmp_path):
+    from llmfx.startup import DEFAULT_COMPILE_CACHE, use_persistent_compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "recorded")  # so that teardown restores the original
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert use_persistent_compile_cache() == DEFAULT_COMPILE_CACHE
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    assert use_persistent_compile_cache() == tmp_path
