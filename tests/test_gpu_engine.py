@@ -38,6 +38,11 @@ def test_cuda_graph_buckets_equal_the_eager_path_without_skips(hf_checkpoint):
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == skips_before == 0
 
 
+def test_overlap_on_and_off_give_identical_outputs_on_gpu(hf_checkpoint):
+    _, path = hf_checkpoint("qwen2")
+    assert _serve(path) == _serve(path, disable_overlap_scheduler=True)
+
+
 def _recorded_graphs() -> int:
     from torch._inductor.cudagraph_trees import get_container
 
