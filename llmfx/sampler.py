@@ -269,9 +269,10 @@ def apply_penalties(logits: Tensor, tensors: SamplingTensors, penalties: Penalty
 def cumsum_rows(x: Tensor) -> Tensor:
     """Cumulative sum along the last dim [B, V].
 
-    An opaque op on purpose: for vocabulary-sized rows inductor (torch 2.11) emits a split-scan
-    kernel whose fusion pass asserts on the H200 build of the TinyLlama step, so the compiled
-    graph calls the plain kernel instead.
+    Opaque to inductor: on the H200 (torch 2.11) the vocabulary-sized scan went through inductor's
+    split-scan kernels, which raised "NYI TritonSplitDimKernel reductions" under one of the
+    compile settings tried; the plain kernel is cheap here. Kept until the compiled TinyLlama
+    step is verified on the GPU without it.
     """
     return torch.cumsum(x, dim=-1)
 
@@ -279,6 +280,24 @@ def cumsum_rows(x: Tensor) -> Tensor:
 @cumsum_rows.register_fake
 def _(x: Tensor) -> Tensor:
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("llmfx::argmax_rows", mutates_args=())
+def argmax_rows(x: Tensor) -> Tensor:
+    """Index of the largest value of each row [B, V] (first on ties): [B] int64.
+
+    An opaque op on purpose: with one row (B = 1) inductor (torch 2.11 to 2.13) splits a later
+    row reduction that reads this argmax, `ranks` in _with_logprobs, along the argmax's own ranges
+    and leaves a second stage that reduces over a single element; its fusion pass then asserts
+    (simd.py can_fuse: `assert rnumel1 == 1 and rnumel2 != 1`). Inductor does not look through an
+    opaque op, so the ranks reduction is split normally. tests/test_compile_tinyllama_shape.py.
+    """
+    return x.argmax(dim=-1)
+
+
+@argmax_rows.register_fake
+def _(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[:-1], dtype=torch.int64)
 
 
 def filter_threshold(sorted_scaled: Tensor, tensors: SamplingTensors) -> Tensor:
@@ -324,7 +343,7 @@ def sample(logits: Tensor, tensors: SamplingTensors, penalties: PenaltyState | N
     sorted_scaled, sorted_ids = torch.sort(scaled, dim=-1, descending=True, stable=True)  # [B, V] each
     kept = scaled >= filter_threshold(sorted_scaled, tensors)  # [B, V]
     noisy = scaled.masked_fill(~kept, float("-inf")) + gumbel_noise(tensors.seed, tensors.position, vocab)  # [B, V]
-    tokens = torch.where(sampled_row, noisy.argmax(dim=-1), scaled.argmax(dim=-1))  # [B]
+    tokens = argmax_rows(torch.where(sampled_row.unsqueeze(1), noisy, scaled))  # [B]; one argmax for both kinds
     return _with_logprobs(scaled, tokens, sorted_scaled[:, :TOP_LOGPROBS], sorted_ids[:, :TOP_LOGPROBS])
 
 
