@@ -219,6 +219,8 @@ def token_slice(seq: SequenceState, start: int, stop: int) -> tuple[int, ...]:
 
 def guaranteed_no_evict(state: SchedulerState, limits: SchedulerLimits) -> Plan:
     """Strict FCFS; admit only if the whole worst case fits beside what running requests reserved; never preempt."""
+    if not state.waiting or len(state.running) >= limits.max_batch_size:
+        return Plan()  # nothing could be admitted: skip summing the running requests' reservations
     pool = state.pool
     reserved = sum(max(0, worst_case_pages(s.request, limits) - len(s.pages)) for s in state.running)
     seats = limits.max_batch_size - len(state.running)
@@ -412,23 +414,25 @@ def schedule(
 def _scheduled(seq: SequenceState, n: int, pages: tuple[int, ...]) -> ScheduledSeq:
     start = seq.num_computed_tokens
     return ScheduledSeq(
-        request_id=seq.request_id,
+        request_id=seq.request.request_id,
         token_ids=token_slice(seq, start, start + n),
         start_pos=start,
         pages=pages,
-        sample=start + n == seq.num_tokens,
+        sample=start + n == len(seq.request.prompt_token_ids) + len(seq.output_token_ids) + seq.num_inflight,
     )
 
 
 def _stop(seq: SequenceState, token: int, limits: SchedulerLimits) -> tuple[str, int | None] | None:
     """(finish_reason, stop_reason) once seq (which already ends with token) must finish, else None."""
-    params = seq.request.params
-    if len(seq.output_token_ids) >= params.min_tokens:
-        if not params.ignore_eos and token in seq.request.eos_token_ids:
+    request = seq.request
+    params = request.params
+    num_out = len(seq.output_token_ids)  # locals, not properties: this runs for every sequence every step
+    if num_out >= params.min_tokens:
+        if not params.ignore_eos and token in request.eos_token_ids:
             return "stop", None
         if token in params.stop_token_ids:
             return "stop", token
-    if len(seq.output_token_ids) >= params.max_tokens or seq.num_known_tokens >= limits.max_seq_len:
+    if num_out >= params.max_tokens or len(request.prompt_token_ids) + num_out >= limits.max_seq_len:
         return "length", None
     return None
 
