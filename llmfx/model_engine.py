@@ -62,7 +62,7 @@ class SampledToken:
     token: int
     logprob: float
     rank: int
-    top_ids: tuple[int, ...]  # the 20 most likely, best first
+    top_ids: tuple[int, ...]  # the 20 most likely, best first; empty unless the request asked for logprobs
     top_logprobs: tuple[float, ...]
 
 
@@ -73,6 +73,7 @@ class InFlight:
     batch: ScheduledBatch
     host: StepTensors  # pinned on CUDA; valid after ready.synchronize()
     ready: torch.cuda.Event | None  # None on CPU, where launch is synchronous
+    top_rows: frozenset[int]  # rows whose request asked for logprobs: only these read the top-20
 
 
 def step_fn(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inputs: ForwardBatch,
@@ -180,16 +181,21 @@ class ModelEngine:
             # The pool is intact apart from this batch's rows, whose requests the caller fails.
             raise StepFailed(KVPool(layers), err) from err
         self._prev_rows = {s.request_id: row for row, s in enumerate(batch.seqs)}
-        return KVPool(layers), InFlight(batch=batch, host=host, ready=ready)
+        top_rows = frozenset(row for row, s in enumerate(batch.seqs)
+                             if sequences[s.request_id].request.params.logprobs is not None)
+        return KVPool(layers), InFlight(batch=batch, host=host, ready=ready, top_rows=top_rows)
 
     def collect(self, inflight: InFlight) -> dict[int, SampledToken]:
         """Wait for a launched step (the step's one synchronization point) and read its sampled tokens."""
         if inflight.ready is not None:
             inflight.ready.synchronize()
-        tokens, logprobs, ranks, top_ids, top_logprobs = inflight.host
-        return {s.request_id: SampledToken(token=int(tokens[row]), logprob=float(logprobs[row]), rank=int(ranks[row]),
-                                           top_ids=tuple(top_ids[row].tolist()),
-                                           top_logprobs=tuple(top_logprobs[row].tolist()))
+        # Host tensors from here on (the copy has landed): converting them to Python values syncs nothing.
+        tokens, logprobs, ranks = (t.tolist() for t in inflight.host[:3])
+        top_ids, top_logprobs = inflight.host[3:]
+        return {s.request_id: SampledToken(
+                    token=tokens[row], logprob=logprobs[row], rank=ranks[row],
+                    top_ids=tuple(top_ids[row].tolist()) if row in inflight.top_rows else (),
+                    top_logprobs=tuple(top_logprobs[row].tolist()) if row in inflight.top_rows else ())
                 for row, s in enumerate(inflight.batch.seqs) if s.sample}
 
     def execute(self, kv: KVPool, batch: ScheduledBatch,
