@@ -25,7 +25,7 @@ from llmfx.executor import PyExecutor, StepOutput
 from llmfx.kv_cache import KvCacheConfig
 from llmfx.model_engine import SampledToken
 from llmfx.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from llmfx.sampling_params import SamplingParams
+from llmfx.sampling_params import SamplingParams, child_seed
 from llmfx.scheduler import Request, SchedulerConfig, TokenEvent, validate_request
 from llmfx.startup import build_engine
 from llmfx.tokenizer import ByteTokenizer
@@ -35,24 +35,73 @@ Prompt = str | Sequence[int]
 log = logging.getLogger(__name__)
 
 
-class RequestHandle:
-    """A submitted request: `result()`, iteration over snapshots (sync or async), `abort()`."""
+class _Sequence:
+    """One generated sequence of a request: its tokens, text, logprobs and how it ended."""
 
-    def __init__(self, llm: LLM, request: Request, prompt: str | None, streaming: bool) -> None:
-        self._llm = llm
-        self.request_id = request.request_id
-        self._request = request
-        self._prompt = prompt
-        self._streaming = streaming
+    def __init__(self, index: int, request: Request, tokenizer) -> None:
+        self.index = index
+        self.request = request
+        self._tokenizer = tokenizer
+        params = request.params
         self._detok: DetokenizerState | None = (
-            new_detokenizer(request.prompt_token_ids, request.params) if request.params.detokenize else None
-        )
-        self._token_ids: tuple[int, ...] = ()
-        self._text = ""
-        self._cumulative_logprob = 0.0
-        self._logprobs: tuple[dict[int, Logprob], ...] = ()
-        self._metrics = RequestMetrics(arrival_time=time.monotonic(),
-                                       num_prompt_tokens=len(request.prompt_token_ids))
+            new_detokenizer(request.prompt_token_ids, params) if params.detokenize else None)
+        self.output = CompletionOutput(index=index, text="", token_ids=(), cumulative_logprob=0.0,
+                                       logprobs=None if params.logprobs is None else ())
+
+    @property
+    def finished(self) -> bool:
+        return self.output.finish_reason is not None
+
+    def update(self, event: TokenEvent, error: str | None, sampled: SampledToken | None) -> bool:
+        """Apply one event; returns True when a stop string ended the sequence while the engine still runs it."""
+        out = self.output
+        new_ids, text_diff = event.new_token_ids, ""
+        finish_reason, stop_reason = event.finish_reason, event.stop_reason
+        stopped_by_text = False
+        if self._detok is not None and new_ids:
+            self._detok, delta = detokenize(self._detok, new_ids, self._tokenizer)
+            text_diff = delta.text_diff
+            if delta.finished_by_stop:
+                new_ids = new_ids[: delta.num_tokens_kept - len(out.token_ids)]
+                stopped_by_text = finish_reason is None
+                finish_reason, stop_reason = "stop", delta.stop_string
+        if self._detok is not None and finish_reason is not None and not self._detok.finished:
+            self._detok, delta = flush(self._detok, self._tokenizer)
+            text_diff += delta.text_diff
+            if delta.finished_by_stop:
+                new_ids = new_ids[: max(0, delta.num_tokens_kept - len(out.token_ids))]
+                finish_reason, stop_reason = "stop", delta.stop_string
+        cumulative, logprobs = out.cumulative_logprob, out.logprobs
+        if new_ids and sampled is not None:
+            cumulative += sampled.logprob
+            k = self.request.params.logprobs
+            if k is not None:
+                top = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(
+                    zip(sampled.top_ids[:k], sampled.top_logprobs[:k]), start=1)}
+                logprobs += ({**top, sampled.token: Logprob(sampled.logprob, sampled.rank)},)
+        self.output = replace(out, text=out.text + text_diff, token_ids=out.token_ids + new_ids, text_diff=text_diff,
+                              token_ids_diff=new_ids, cumulative_logprob=cumulative, logprobs=logprobs,
+                              finish_reason=finish_reason, stop_reason=stop_reason, error=error)
+        return stopped_by_text
+
+
+class RequestHandle:
+    """A submitted request: `result()`, iteration over snapshots (sync or async), `abort()`.
+
+    With n / best_of the request runs as sibling sequences; the final output keeps the n with the
+    highest cumulative logprob (all of them when best_of is unset), in generation order.
+    """
+
+    def __init__(self, llm: LLM, requests: list[Request], prompt: str | None, keep: int, streaming: bool) -> None:
+        self._llm = llm
+        first = requests[0]
+        self.request_id = first.request_id
+        self._keep = keep
+        self._prompt = prompt
+        self._prompt_token_ids = first.prompt_token_ids
+        self._streaming = streaming
+        self._sequences = {r.request_id: _Sequence(i, r, llm.tokenizer) for i, r in enumerate(requests)}
+        self._metrics = RequestMetrics(arrival_time=time.monotonic(), num_prompt_tokens=len(first.prompt_token_ids))
         self._final: RequestOutput | None = None
         self._updates: queue.Queue[RequestOutput] = queue.Queue()
         self._done = threading.Event()
@@ -70,7 +119,7 @@ class RequestHandle:
 
     def abort(self) -> None:
         """End the request: it finishes with finish_reason "abort" and its pages are freed."""
-        self._llm._executor.abort((self.request_id,))
+        self._llm._executor.abort(tuple(self._sequences))
 
     def __iter__(self):
         """Snapshots as tokens arrive (only the final one unless streaming), ending with the final one."""
@@ -88,54 +137,33 @@ class RequestHandle:
                 return
 
     def _on_event(self, event: TokenEvent, error: str | None, sampled: SampledToken | None = None) -> None:
-        """Runs on the executor thread: append tokens, detokenize, check stop strings, publish."""
-        if self._done.is_set():
-            return  # tokens of a step that was already running when a stop string ended the request
-        new_ids, text_diff = event.new_token_ids, ""
-        finish_reason, stop_reason = event.finish_reason, event.stop_reason
-        if self._detok is not None and new_ids:
-            self._detok, delta = detokenize(self._detok, new_ids, self._llm.tokenizer)
-            text_diff = delta.text_diff
-            if delta.finished_by_stop:
-                new_ids = new_ids[: delta.num_tokens_kept - len(self._token_ids)]
-                if finish_reason is None:
-                    self._llm._executor.abort((self.request_id,))
-                finish_reason, stop_reason = "stop", delta.stop_string
-        if self._detok is not None and finish_reason is not None and not self._detok.finished:
-            self._detok, delta = flush(self._detok, self._llm.tokenizer)
-            text_diff += delta.text_diff
-            if delta.finished_by_stop:
-                new_ids = new_ids[: max(0, delta.num_tokens_kept - len(self._token_ids))]
-                finish_reason, stop_reason = "stop", delta.stop_string
-        if new_ids and sampled is not None:
-            self._cumulative_logprob += sampled.logprob
-            k = self._request.params.logprobs
-            if k is not None:
-                top = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(
-                    zip(sampled.top_ids[:k], sampled.top_logprobs[:k]), start=1)}
-                self._logprobs += ({**top, sampled.token: Logprob(sampled.logprob, sampled.rank)},)
-        self._token_ids += new_ids
-        self._text += text_diff
+        """Runs on the executor thread: update the event's sequence, publish a snapshot."""
+        seq = self._sequences[event.request_id]
+        if seq.finished or self._done.is_set():
+            return  # tokens of a step that was already running when a stop string ended the sequence
+        if seq.update(event, error, sampled):
+            self._llm._executor.abort((event.request_id,))
         now = time.monotonic()
         metrics = self._metrics
-        if new_ids and metrics.first_token_time is None:
+        if seq.output.token_ids_diff and metrics.first_token_time is None:
             metrics = replace(metrics, first_token_time=now)
-        metrics = replace(metrics, num_generated_tokens=len(self._token_ids),
-                          finished_time=now if finish_reason else None)
-        self._metrics = metrics
-        completion = CompletionOutput(
-            index=0, text=self._text, token_ids=self._token_ids, text_diff=text_diff, token_ids_diff=new_ids,
-            cumulative_logprob=self._cumulative_logprob,
-            logprobs=None if self._request.params.logprobs is None else self._logprobs,
-            finish_reason=finish_reason, stop_reason=stop_reason, error=error)
+        finished = all(s.finished for s in self._sequences.values())
+        self._metrics = metrics = replace(
+            metrics, num_generated_tokens=sum(len(s.output.token_ids) for s in self._sequences.values()),
+            finished_time=now if finished else None)
+        outputs = tuple(s.output if s is seq else replace(s.output, text_diff="", token_ids_diff=())
+                        for s in self._sequences.values())
+        if finished and self._keep < len(outputs):
+            best = sorted(outputs, key=lambda o: -o.cumulative_logprob)[: self._keep]
+            outputs = tuple(sorted(best, key=lambda o: o.index))
         snapshot = RequestOutput(request_id=self.request_id, prompt=self._prompt,
-                                 prompt_token_ids=self._request.prompt_token_ids, outputs=(completion,),
-                                 finished=finish_reason is not None, metrics=metrics)
-        if snapshot.finished:
+                                 prompt_token_ids=self._prompt_token_ids, outputs=outputs, finished=finished,
+                                 metrics=metrics)
+        if finished:
             self._final = snapshot
             self._updates.put(snapshot)
             self._done.set()
-            self._llm._forget(self.request_id)
+            self._llm._forget(tuple(self._sequences))
         elif self._streaming:
             self._updates.put(snapshot)
 
@@ -211,8 +239,8 @@ class LLM:
             if len(params_list) != len(batch):
                 raise ValueError(f"sampling_params has {len(params_list)} entries for {len(batch)} prompts: "
                                  f"pass one SamplingParams or one per prompt")
-        requests = [self._make_request(p, sp) for p, sp in zip(batch, params_list)]  # all checked before any runs
-        handles = [self._submit(r, p, streaming=False) for r, p in zip(requests, batch)]
+        requests = [self._make_requests(p, sp) for p, sp in zip(batch, params_list)]  # all checked before any runs
+        handles = [self._submit(r, p, sp.n, streaming=False) for r, p, sp in zip(requests, batch, params_list)]
         with tqdm(total=len(handles), disable=not use_tqdm or len(handles) < 2, desc="generate") as bar:
             outputs = []
             for handle in handles:
@@ -223,16 +251,19 @@ class LLM:
     def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                        streaming: bool = False) -> RequestHandle:
         """Submit one prompt and return its handle at once."""
-        request = self._make_request(prompt, sampling_params or SamplingParams())
-        return self._submit(request, prompt, streaming=streaming)
+        params = sampling_params or SamplingParams()
+        if streaming and params.num_sequences > params.n:
+            raise ValueError(f"streaming needs best_of == n (got best_of={params.best_of}, n={params.n}): which "
+                             f"sequences are kept is only known when all of them finish")
+        return self._submit(self._make_requests(prompt, params), prompt, params.n, streaming=streaming)
 
     def shutdown(self) -> None:
         """Stop the executor; requests in flight end with finish_reason "abort"."""
         self._executor.shutdown()
         with self._lock:
-            leftover = list(self._handles.values())
-        for handle in leftover:  # submitted while the loop was stopping: never reached the scheduler
-            handle._on_event(TokenEvent(request_id=handle.request_id, new_token_ids=(), finish_reason="abort"), None)
+            leftover = list(self._handles.items())
+        for request_id, handle in leftover:  # submitted while the loop was stopping: never reached the scheduler
+            handle._on_event(TokenEvent(request_id=request_id, new_token_ids=(), finish_reason="abort"), None)
 
     def __enter__(self) -> LLM:
         return self
@@ -247,7 +278,8 @@ class LLM:
 
     # -- internals --
 
-    def _make_request(self, prompt: Prompt, params: SamplingParams) -> Request:
+    def _make_requests(self, prompt: Prompt, params: SamplingParams) -> list[Request]:
+        """One engine request per generated sequence (n / best_of), validated; siblings share the prompt pages."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         if self.tokenizer is None and (isinstance(prompt, str) or params.detokenize):
@@ -263,16 +295,25 @@ class LLM:
                         or not 0 <= t < self.config.vocab_size), None)
             if bad is not None:
                 raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {self.config.vocab_size})")
-        request = Request(request_id=next(self._ids), prompt_token_ids=ids, params=params,
-                          eos_token_ids=self._eos_token_ids, arrival_time=time.monotonic())
-        validate_request(request, self.limits, self._executor_cfg.scheduler, self._num_pages)
-        return request
+        now, first_id = time.monotonic(), None
+        requests = []
+        for index in range(params.num_sequences):
+            own = params if params.num_sequences == 1 else replace(
+                params, n=1, best_of=None, seed=None if params.seed is None else child_seed(params.seed, index))
+            request = Request(request_id=next(self._ids), prompt_token_ids=ids, params=own,
+                              eos_token_ids=self._eos_token_ids, arrival_time=now, prefill_after=first_id)
+            validate_request(request, self.limits, self._executor_cfg.scheduler, self._num_pages)
+            first_id = request.request_id if first_id is None else first_id
+            requests.append(request)
+        return requests
 
-    def _submit(self, request: Request, prompt: Prompt, streaming: bool) -> RequestHandle:
-        handle = RequestHandle(self, request, prompt if isinstance(prompt, str) else None, streaming)
+    def _submit(self, requests: list[Request], prompt: Prompt, keep: int, streaming: bool) -> RequestHandle:
+        handle = RequestHandle(self, requests, prompt if isinstance(prompt, str) else None, keep, streaming)
         with self._lock:
-            self._handles[request.request_id] = handle
-        self._executor.submit(request)
+            for request in requests:
+                self._handles[request.request_id] = handle
+        for request in requests:
+            self._executor.submit(request)
         return handle
 
     def _dispatch(self, out: StepOutput) -> None:
@@ -282,9 +323,10 @@ class LLM:
             if handle is not None:
                 handle._on_event(event, out.errors.get(event.request_id), out.sampled.get(event.request_id))
 
-    def _forget(self, request_id: int) -> None:
+    def _forget(self, request_ids: tuple[int, ...]) -> None:
         with self._lock:
-            self._handles.pop(request_id, None)
+            for request_id in request_ids:
+                self._handles.pop(request_id, None)
 
 
 def _load_tokenizer(tokenizer: str | Path | Any | None, source: ModelSource):

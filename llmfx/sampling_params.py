@@ -9,8 +9,6 @@ MAX_LOGPROBS = 20  # the sampler always computes this many top logprobs (a stati
 # Fields whose support has not landed yet: they are accepted only at their neutral value,
 # so a request never silently runs with a setting the engine would ignore.
 _NOT_YET_SUPPORTED = {
-    "n": (1, "llmfx returns one sequence per request"),
-    "best_of": (None, "llmfx returns one sequence per request"),
     "use_beam_search": (False, "beam search has not landed"),
     "prompt_logprobs": (None, "the engine computes logits for the last token of each sequence only"),
 }
@@ -91,12 +89,23 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 _check_int(self, name, minimum=0, maximum=MAX_LOGPROBS, none_ok=True)
+        _check_int(self, "n", minimum=1)
+        if self.best_of is not None:
+            _check_int(self, "best_of", minimum=self.n)
+        if self.num_sequences > 1 and self.temperature == 0.0:
+            raise ValueError(f"SamplingParams.n={self.n} / best_of={self.best_of} needs temperature > 0: greedy "
+                             f"sequences of one prompt would all be identical")
         for name, (neutral, why) in _NOT_YET_SUPPORTED.items():
             if getattr(self, name) != neutral:
                 raise ValueError(
                     f"SamplingParams.{name}={getattr(self, name)!r} is not supported yet ({why}); "
                     f"leave {name} at {neutral!r}"
                 )
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences generated for the request: best_of when given, else n."""
+        return self.best_of or self.n
 
     @property
     def greedy(self) -> bool:
@@ -117,3 +126,11 @@ def _check_number(params: SamplingParams, name: str, allowed: str, ok) -> None:
     value = getattr(params, name)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):  # NaN fails ok
         raise ValueError(f"SamplingParams.{name} must be a number {allowed}, got {value!r}")
+
+
+def child_seed(seed: int, index: int) -> int:
+    """The seed of sequence `index` of an n / best_of request whose seed is `seed` (index 0 keeps it)."""
+    if index == 0:
+        return seed
+    mixed = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) & ((1 << 63) - 1)
+    return mixed ^ (mixed >> 31)

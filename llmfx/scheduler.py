@@ -24,6 +24,9 @@ class Request:
     params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()  # ignored when params.ignore_eos
     arrival_time: float = 0.0
+    # A sibling of an n / best_of request waits until this request's prompt is computed and its
+    # full pages are in the prefix cache, then shares them instead of computing the prompt again.
+    prefill_after: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -281,6 +284,17 @@ def resolve_policy(cfg: SchedulerConfig) -> Callable[[SchedulerState, SchedulerL
 # --- the step functions ---
 
 
+def _without_gated(state: SchedulerState) -> SchedulerState:
+    """The state minus waiting siblings whose first sibling has not finished its prompt yet."""
+    if all(s.request.prefill_after is None for s in state.waiting):
+        return state
+    # A sibling's prompt is in the cache once it has a known output token (registered at postprocess).
+    prefilling = {s.request_id for s in state.waiting}
+    prefilling.update(s.request_id for s in state.running if not s.output_token_ids)
+    waiting = tuple(s for s in state.waiting if s.request.prefill_after not in prefilling)
+    return dataclasses.replace(state, waiting=waiting)
+
+
 def _preempt(state: SchedulerState, request_ids: Iterable[int]) -> tuple[SchedulerState, tuple[int, ...]]:
     """Recompute-preemption: free pages, requeue at the front of waiting, keep generated tokens."""
     ids = set(request_ids)
@@ -346,7 +360,8 @@ def schedule(
     """One step: admit, preempt and allocate pages under max_num_tokens and max_batch_size."""
     state = add_requests(state, inbox, limits, cfg)
     policy = resolve_policy(cfg)
-    plan = policy(state, limits)
+    # Policies see only the waiting requests that may start now.
+    plan = policy(_without_gated(state), limits)
     state, preempted = _preempt(state, plan.preempt)
     chunks, new_pages, stalled = _plan_running(state, limits)
     while stalled and not chunks and len(state.running) > 1:
