@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -92,8 +92,10 @@ class RequestHandle:
     highest cumulative logprob (all of them when best_of is unset), in generation order.
     """
 
-    def __init__(self, llm: LLM, requests: list[Request], prompt: str | None, keep: int, streaming: bool) -> None:
+    def __init__(self, llm: LLM, requests: list[Request], prompt: str | None, keep: int, streaming: bool,
+                 prompt_logprobs: tuple[Mapping[int, Logprob] | None, ...] | None = None) -> None:
         self._llm = llm
+        self._prompt_logprobs = prompt_logprobs
         first = requests[0]
         self.request_id = first.request_id
         self._keep = keep
@@ -158,7 +160,7 @@ class RequestHandle:
             outputs = tuple(sorted(best, key=lambda o: o.index))
         snapshot = RequestOutput(request_id=self.request_id, prompt=self._prompt,
                                  prompt_token_ids=self._prompt_token_ids, outputs=outputs, finished=finished,
-                                 metrics=metrics)
+                                 metrics=metrics, prompt_logprobs=self._prompt_logprobs)
         if finished:
             self._final = snapshot
             self._updates.put(snapshot)
@@ -215,6 +217,7 @@ class LLM:
         self._handles: dict[int, RequestHandle] = {}
         self._lock = threading.Lock()
         started = time.perf_counter()
+        self._engine = parts.engine
         self._executor = PyExecutor(parts.state, parts.engine, parts.cfg, self._dispatch)  # warms up on its thread
         self.startup_seconds = {**parts.timings, "compile_and_capture": time.perf_counter() - started}
         log.info("llmfx startup: %s; KV pool %d pages of %d tokens",
@@ -308,7 +311,14 @@ class LLM:
         return requests
 
     def _submit(self, requests: list[Request], prompt: Prompt, keep: int, streaming: bool) -> RequestHandle:
-        handle = RequestHandle(self, requests, prompt if isinstance(prompt, str) else None, keep, streaming)
+        k = requests[0].params.prompt_logprobs
+        prompt_logprobs = None
+        if k is not None:
+            scored = self._engine.score_prompt(requests[0].prompt_token_ids)
+            prompt_logprobs = (None, *({**{t: Logprob(lp, r) for r, (t, lp) in enumerate(
+                zip(s.top_ids[:k], s.top_logprobs[:k]), start=1)}, s.token: Logprob(s.logprob, s.rank)} for s in scored))
+        handle = RequestHandle(self, requests, prompt if isinstance(prompt, str) else None, keep, streaming,
+                               prompt_logprobs)
         with self._lock:
             for request in requests:
                 self._handles[request.request_id] = handle

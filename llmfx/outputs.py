@@ -55,6 +55,8 @@ class RequestOutput:
     outputs: tuple[CompletionOutput, ...]
     finished: bool
     metrics: RequestMetrics
+    # With SamplingParams.prompt_logprobs: per prompt token (None for the first, which has no context).
+    prompt_logprobs: tuple[Mapping[int, Logprob] | None, ...] | None = None
 
     @property
     def text(self) -> str:

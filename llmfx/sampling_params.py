@@ -10,7 +10,6 @@ MAX_LOGPROBS = 20  # the sampler always computes this many top logprobs (a stati
 # so a request never silently runs with a setting the engine would ignore.
 _NOT_YET_SUPPORTED = {
     "use_beam_search": (False, "beam search has not landed"),
-    "prompt_logprobs": (None, "the engine computes logits for the last token of each sequence only"),
 }
 
 
@@ -24,7 +23,8 @@ class SamplingParams:
     min-p, then top-p over the renormalized survivors; tokens tied with the last kept one are kept.
     top_k 0 or -1 disables it. logprobs=k returns the sampled token's logprob and rank plus the
     k most likely tokens, all from log_softmax(penalized logits / temperature), temperature taken
-    as 1 when greedy: after penalties, BEFORE top-k/top-p/min-p. prompt_logprobs is not supported yet.
+    as 1 when greedy: after penalties, BEFORE top-k/top-p/min-p. prompt_logprobs=k gives, for each prompt
+    token after the first, its logprob, rank and the k most likely tokens under the raw model logits.
     """
 
     max_tokens: int = 32

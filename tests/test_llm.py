@@ -207,3 +207,21 @@ def test_logprobs_equal_log_softmax_of_transformers_logits(hf_checkpoint):
             assert abs(table[t].logprob - lp) < 1e-4
         cumulative += expected[i, token].item()
     assert abs(out.cumulative_logprob - cumulative) < 1e-3
+
+
+def test_prompt_logprobs_equal_log_softmax_of_transformers_logits(hf_checkpoint):
+    model, path = hf_checkpoint("qwen2")
+    prompt = _prompts(96, [13], seed=6)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, detokenize=False, prompt_logprobs=2)
+    with LLM(path, skip_tokenizer_init=True, kv_cache_config=KvCacheConfig(page_size=4, max_tokens=256)) as llm:
+        out = llm.generate(prompt, params)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0].double(), dim=-1)  # [T, V]
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for i in range(1, len(prompt)):
+        table = out.prompt_logprobs[i]
+        assert abs(table[prompt[i]].logprob - expected[i - 1, prompt[i]].item()) < 1e-4
+        assert table[prompt[i]].rank == 1 + int((expected[i - 1] > expected[i - 1, prompt[i]]).sum())
+        top = expected[i - 1].topk(2)
+        for rank, (t, lp) in enumerate(zip(top.indices.tolist(), top.values.tolist()), start=1):
+            assert table[t].rank == rank and abs(table[t].logprob - lp) < 1e-4
