@@ -66,9 +66,11 @@ def pack(
         end = chunk.start_pos + len(chunk.token_ids)
         assert len(chunk.pages) * page_size >= end, "a chunk's pages must cover its tokens"
         tokens.extend(chunk.token_ids)
-        for pos in range(chunk.start_pos, end):
-            positions.append(pos)
-            slots.append(chunk.pages[pos // page_size] * page_size + pos % page_size)
+        positions.extend(range(chunk.start_pos, end))
+        # One run of consecutive slots per page touched: O(pages) Python steps, not O(tokens).
+        for index in range(chunk.start_pos // page_size, -(-end // page_size)):
+            base = chunk.pages[index] * page_size - index * page_size  # slot of position p is base + p
+            slots.extend(range(base + max(chunk.start_pos, index * page_size), base + min(end, (index + 1) * page_size)))
         starts.append(len(tokens))
         lens.append(end)
     real_tokens, real_seqs = len(tokens), len(chunks)

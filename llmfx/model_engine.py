@@ -241,11 +241,10 @@ class ModelEngine:
         sampling = SamplingTensors.build(params, seeds, positions, self.device, pad_to=rows)
         gather = [-1] * inputs.num_tokens
         row = 0
-        for s in batch.seqs:
-            for token in s.token_ids:
-                if token == PLACEHOLDER:
-                    gather[row] = self._prev_rows[s.request_id]
-                row += 1
+        for s in batch.seqs:  # a placeholder is only ever a decode's single token
+            if len(s.token_ids) == 1 and s.token_ids[0] == PLACEHOLDER:
+                gather[row] = self._prev_rows[s.request_id]
+            row += len(s.token_ids)
         gather_rows = _to_device(torch.tensor(gather, dtype=torch.int64), self.device)
         return inputs, sampling, self._penalties(batch, sequences, params, rows), self._token_pool, gather_rows
 

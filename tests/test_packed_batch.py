@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from llmfx.batch import SequenceChunk, pack
 from llmfx.kv_pool import KVPool
@@ -51,3 +55,19 @@ def test_padding_rows_write_only_the_null_page(hf_checkpoint):
     for k, v in kv.layers:
         assert k[2, :3].abs().sum() > 0 and v[2, :3].abs().sum() > 0
         assert k[1].abs().sum() == 0 and k[3].abs().sum() == 0 and k[2, 3:].abs().sum() == 0
+
+
+@given(st.sampled_from([1, 2, 4, 16]),
+       st.lists(st.tuples(st.integers(0, 60), st.integers(1, 40)), min_size=1, max_size=5), st.integers(0, 2**16))
+def test_pack_maps_every_token_to_its_page_slot(page_size, spans, seed):
+    rng = random.Random(seed)
+    free = rng.sample(range(1, 2000), sum(-(-(s + n) // page_size) for s, n in spans))
+    chunks = []
+    for start, n in spans:
+        pages = tuple(free.pop() for _ in range(-(-(start + n) // page_size)))
+        chunks.append(SequenceChunk(tuple(range(n)), start, pages))
+    batch = pack(chunks, page_size, num_tokens=sum(n for _, n in spans) + 3)
+    expected = [c.pages[p // page_size] * page_size + p % page_size
+                for c in chunks for p in range(c.start_pos, c.start_pos + len(c.token_ids))]
+    assert batch.slot_mapping.tolist() == expected + [-1] * 3
+    assert batch.positions.tolist() == [p for c in chunks for p in range(c.start_pos, c.start_pos + len(c.token_ids))] + [0] * 3
