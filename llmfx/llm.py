@@ -36,7 +36,11 @@ log = logging.getLogger(__name__)
 
 
 class _Sequence:
-    """One generated sequence of a request: its tokens, text, logprobs and how it ended."""
+    """One generated sequence of a request: its tokens, text, logprobs and how it ended.
+
+    Accumulates in lists and builds an immutable CompletionOutput only when one is published, so a
+    non-streaming request costs O(1) per token instead of copying its whole output every step.
+    """
 
     def __init__(self, index: int, request: Request, tokenizer) -> None:
         self.index = index
@@ -45,16 +49,26 @@ class _Sequence:
         params = request.params
         self._detok: DetokenizerState | None = (
             new_detokenizer(request.prompt_token_ids, params) if params.detokenize else None)
-        self.output = CompletionOutput(index=index, text="", token_ids=(), cumulative_logprob=0.0,
-                                       logprobs=None if params.logprobs is None else ())
+        self._token_ids: list[int] = []
+        self._text: list[str] = []
+        self._logprobs: list[dict[int, Logprob]] | None = None if params.logprobs is None else []
+        self.cumulative_logprob = 0.0
+        self._last_ids: tuple[int, ...] = ()  # what the latest update added
+        self._last_text = ""
+        self.finish_reason: str | None = None
+        self._stop_reason: int | str | None = None
+        self._error: str | None = None
 
     @property
     def finished(self) -> bool:
-        return self.output.finish_reason is not None
+        return self.finish_reason is not None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._token_ids)
 
     def update(self, event: TokenEvent, error: str | None, sampled: SampledToken | None) -> bool:
         """Apply one event; returns True when a stop string ended the sequence while the engine still runs it."""
-        out = self.output
         new_ids, text_diff = event.new_token_ids, ""
         finish_reason, stop_reason = event.finish_reason, event.stop_reason
         stopped_by_text = False
@@ -62,27 +76,36 @@ class _Sequence:
             self._detok, delta = detokenize(self._detok, new_ids, self._tokenizer)
             text_diff = delta.text_diff
             if delta.finished_by_stop:
-                new_ids = new_ids[: delta.num_tokens_kept - len(out.token_ids)]
+                new_ids = new_ids[: delta.num_tokens_kept - len(self._token_ids)]
                 stopped_by_text = finish_reason is None
                 finish_reason, stop_reason = "stop", delta.stop_string
         if self._detok is not None and finish_reason is not None and not self._detok.finished:
             self._detok, delta = flush(self._detok, self._tokenizer)
             text_diff += delta.text_diff
             if delta.finished_by_stop:
-                new_ids = new_ids[: max(0, delta.num_tokens_kept - len(out.token_ids))]
+                new_ids = new_ids[: max(0, delta.num_tokens_kept - len(self._token_ids))]
                 finish_reason, stop_reason = "stop", delta.stop_string
-        cumulative, logprobs = out.cumulative_logprob, out.logprobs
         if new_ids and sampled is not None:
-            cumulative += sampled.logprob
+            self.cumulative_logprob += sampled.logprob
             k = self.request.params.logprobs
             if k is not None:
                 top = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(
                     zip(sampled.top_ids[:k], sampled.top_logprobs[:k]), start=1)}
-                logprobs += ({**top, sampled.token: Logprob(sampled.logprob, sampled.rank)},)
-        self.output = replace(out, text=out.text + text_diff, token_ids=out.token_ids + new_ids, text_diff=text_diff,
-                              token_ids_diff=new_ids, cumulative_logprob=cumulative, logprobs=logprobs,
-                              finish_reason=finish_reason, stop_reason=stop_reason, error=error)
+                self._logprobs.append({**top, sampled.token: Logprob(sampled.logprob, sampled.rank)})
+        self._token_ids.extend(new_ids)
+        self._text.append(text_diff)
+        self._last_ids, self._last_text = new_ids, text_diff
+        self.finish_reason, self._stop_reason, self._error = finish_reason, stop_reason, error
         return stopped_by_text
+
+    def output(self, with_diff: bool) -> CompletionOutput:
+        """The sequence so far; the *_diff fields hold the latest update's addition when with_diff."""
+        return CompletionOutput(
+            index=self.index, text="".join(self._text), token_ids=tuple(self._token_ids),
+            text_diff=self._last_text if with_diff else "", token_ids_diff=self._last_ids if with_diff else (),
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=None if self._logprobs is None else tuple(self._logprobs),
+            finish_reason=self.finish_reason, stop_reason=self._stop_reason, error=self._error)
 
 
 class RequestHandle:
@@ -147,27 +170,27 @@ class RequestHandle:
             self._llm._executor.abort((event.request_id,))
         now = time.monotonic()
         metrics = self._metrics
-        if seq.output.token_ids_diff and metrics.first_token_time is None:
+        if seq.num_tokens and metrics.first_token_time is None:
             metrics = replace(metrics, first_token_time=now)
         finished = all(s.finished for s in self._sequences.values())
         self._metrics = metrics = replace(
-            metrics, num_generated_tokens=sum(len(s.output.token_ids) for s in self._sequences.values()),
+            metrics, num_generated_tokens=sum(s.num_tokens for s in self._sequences.values()),
             finished_time=now if finished else None)
-        outputs = tuple(s.output if s is seq else replace(s.output, text_diff="", token_ids_diff=())
-                        for s in self._sequences.values())
-        if finished and self._keep < len(outputs):
-            best = sorted(outputs, key=lambda o: -o.cumulative_logprob)[: self._keep]
-            outputs = tuple(sorted(best, key=lambda o: o.index))
+        if not (finished or self._streaming):
+            return  # nothing is published until the end: build no snapshot
+        sequences = list(self._sequences.values())
+        if finished and self._keep < len(sequences):
+            best = sorted(sequences, key=lambda s: -s.cumulative_logprob)[: self._keep]
+            sequences = sorted(best, key=lambda s: s.index)
+        outputs = tuple(s.output(with_diff=s is seq) for s in sequences)
         snapshot = RequestOutput(request_id=self.request_id, prompt=self._prompt,
                                  prompt_token_ids=self._prompt_token_ids, outputs=outputs, finished=finished,
                                  metrics=metrics, prompt_logprobs=self._prompt_logprobs)
         if finished:
             self._final = snapshot
-            self._updates.put(snapshot)
             self._done.set()
             self._llm._forget(tuple(self._sequences))
-        elif self._streaming:
-            self._updates.put(snapshot)
+        self._updates.put(snapshot)
 
 
 class LLM:
