@@ -330,7 +330,7 @@ def _tuning(dtype: torch.dtype, head_dim: int) -> tuple[dict, dict]:
         return dict(block_m=32, block_n=32, num_warps=8, num_stages=1), dict(block_n=32, num_warps=4, num_stages=1)
     if head_dim > 128:
         return dict(block_m=64, block_n=32, num_warps=8), dict(block_n=32, num_warps=4)
-    decode = dict(block_n=64, num_warps=4, num_stages=3)
+    decode = dict(block_n=64, num_warps=4, num_stages=3, min_split=DECODE_MIN_SPLIT)
     if head_dim > 64:
         return dict(block_m=64, block_n=32, num_warps=4), decode
     return dict(block_m=128, block_n=64, num_warps=8), decode

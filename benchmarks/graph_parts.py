@@ -1,0 +1,102 @@
+"""Device time of the step's parts, each replayed as a CUDA graph (GPU only).
+
+For the TinyLlama shape (dummy bf16 weights) and a few decode batch sizes, compiles (inductor, no
+cudagraphs) and captures by hand: the model forward alone, the sampler alone, and forward +
+sampler; replays each and reports microseconds per replay from CUDA events. With --trace, prints
+the CUDA kernels of one forward + sampler replay at the smallest batch, grouped by name.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from llmfx.batch import SequenceChunk, pack
+from llmfx.kv_pool import KVPool
+from llmfx.models import forward
+from llmfx.sampler import PenaltyState, SamplingTensors, sample
+from llmfx.sampling_params import SamplingParams
+from llmfx.weights import load_params, resolve_model
+
+
+def replay_us(fn, iters: int = 200) -> tuple[float, torch.cuda.CUDAGraph]:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters, graph
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="tinyllama-1.1b")
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--sampling", default="greedy", choices=["greedy", "top_p"])
+    parser.add_argument("--save", default=None)
+    parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--min-split", type=int, default=None, help="override the decode kernel's DECODE_MIN_SPLIT")
+    parser.add_argument("--forward-only", action="store_true")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    if args.min_split is not None:
+        from llmfx.ops import triton_attention
+
+        triton_attention.DECODE_MIN_SPLIT = args.min_split
+    source = resolve_model(args.model)
+    cfg = source.config
+    params = load_params(source, dtype="bfloat16", device=device, load_format="dummy", seed=0, max_positions=4096)
+    page = 16
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        per_seq = -(-(args.context + 1) // page)
+        kv = KVPool.allocate(cfg, batch * per_seq + 1, page, torch.bfloat16, device).take()
+        chunks = [SequenceChunk((5,), args.context, tuple(range(1 + b * per_seq, 1 + (b + 1) * per_seq)))
+                  for b in range(batch)]
+        inputs = pack(chunks, page, device, max_pages=per_seq)
+        p = SamplingParams(temperature=0.0) if args.sampling == "greedy" else SamplingParams(temperature=0.8, top_p=0.9)
+        tensors = SamplingTensors.build([p] * batch, [1] * batch, [args.context + 1] * batch, device)
+        penalties = PenaltyState(prompt_mask=torch.zeros(batch, cfg.vocab_size, dtype=torch.bool, device=device),
+                                 output_counts=torch.zeros(batch, cfg.vocab_size, dtype=torch.int32, device=device))
+        logits = torch.randn(batch, cfg.vocab_size, device=device)
+        fwd = torch.compile(lambda: forward(params, cfg, inputs, kv), fullgraph=True, dynamic=False)
+        smp = torch.compile(lambda: sample(logits, tensors, penalties), fullgraph=True, dynamic=False)
+        both = torch.compile(lambda: sample(forward(params, cfg, inputs, kv), tensors, penalties), fullgraph=True,
+                             dynamic=False)
+        with torch.inference_mode():
+            row = {"batch": batch, "sampling": args.sampling}
+            row["min_split"] = args.min_split
+            parts = (("forward_us", fwd),) if args.forward_only else (
+                ("forward_us", fwd), ("sampler_us", smp), ("forward_sampler_us", both))
+            for name, fn in parts:
+                row[name], graph = replay_us(fn)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            if args.trace and batch == int(args.batches.split(",")[0]):
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(10):
+                        graph.replay()
+                    torch.cuda.synchronize()
+                table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
+                print(table)
+                if args.save:
+                    Path(args.save, f"graph_parts_trace_b{batch}.txt").write_text(table)
+    if args.save:
+        Path(args.save, f"graph_parts-{args.sampling}-split{args.min_split}.json").write_text(json.dumps(
+            {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
+             "context": args.context, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

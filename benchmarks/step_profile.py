@@ -1,0 +1,134 @@
+"""Where one steady decode step's time goes: host phases against device time (run on the GPU).
+
+Builds the TinyLlama-shape engine as serving does (dummy weights), fills decode batches of a few
+sizes and drives `llmfx.executor.step` by hand with the overlap scheduler on. For each batch size it
+reports the wall time per step, the device time of the step's work (CUDA events around the
+launch, read after the fact) and the host time of each phase: schedule, input building, the
+compiled call, the result copy, collect and postprocess. A step is host-bound when the phases sum
+to more than its device time. `--save DIR` writes the table as JSON; `--trace` adds a torch
+profiler table of the busiest host ops at the smallest batch.
+"""
+
+import argparse
+import collections
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import llmfx.executor as executor
+import llmfx.model_engine as model_engine
+from llmfx.sim.profile import build_engine
+from llmfx.executor import AbortRequest, AddRequest
+from llmfx.sampling_params import SamplingParams
+from llmfx.scheduler import Request
+
+
+class PhaseTimer:
+    """Accumulates host seconds per named phase by wrapping callables."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = collections.defaultdict(list)
+
+    def wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name].append(time.perf_counter() - t0)
+        return timed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="tinyllama-1.1b")
+    parser.add_argument("--batches", default="1,8,64")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--save", default=None)
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--trace", action="store_true")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    cuda = torch.cuda.is_available()
+    e = build_engine(args.model, dtype="bfloat16" if cuda else "float32", load_format="dummy",
+                     max_batch_size=max(batches), max_num_tokens=1024, max_seq_len=args.context + args.steps + 64,
+                     kv_tokens=max(batches) * (args.context + args.steps + 64))
+    e.cfg = executor.ExecutorConfig(limits=e.cfg.limits, scheduler=e.cfg.scheduler, overlap=True)
+    timer = PhaseTimer()
+    for name in ("schedule", "postprocess"):
+        setattr(executor, name, timer.wrap(name, getattr(executor, name)))
+    engine = e.engine
+    engine._inputs = timer.wrap("inputs", engine._inputs)
+    model_engine._to_host = timer.wrap("result copy", model_engine._to_host)
+    engine.collect = timer.wrap("collect", engine.collect)
+    device_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def on_device(fn):
+        """fn, with CUDA events around what it queues (read after the fact)."""
+        def timed(*a):
+            if not cuda:
+                return fn(*a)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*a)
+            end.record()
+            device_events.append((start, end))
+            return out
+        return timed
+
+    engine._step = timer.wrap("compiled call", on_device(engine._step))
+    ids = iter(range(10**9))
+    params = SamplingParams(max_tokens=args.steps + 16, temperature=0.0, ignore_eos=True, detokenize=False)
+    rows = []
+    for batch in batches:
+        inbox = [AddRequest(Request(request_id=next(ids), prompt_token_ids=tuple(
+            (7 * i + j) % 32000 for j in range(args.context)), params=params)) for i in range(batch)]
+        while True:
+            out = e.step(inbox)
+            inbox = []
+            if len(out.batch.seqs) == batch and all(len(s.token_ids) == 1 for s in out.batch.seqs):
+                break
+        for _ in range(5):
+            e.step()
+        timer.seconds.clear()
+        device_events.clear()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            e.step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / args.steps
+        device = statistics.median(s.elapsed_time(t) for s, t in device_events) if cuda else float("nan")
+        row = {"batch": batch, "wall_ms_per_step": round(wall * 1e3, 3), "device_ms_per_step": round(device, 3)}
+        row.update({f"host_{k.replace(' ', '_')}_ms": round(statistics.median(v) * 1e3, 3)
+                    for k, v in timer.seconds.items()})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.trace and batch == batches[0]:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(20):
+                    e.step()
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+            print(table)
+            if args.save:
+                Path(args.save, f"step_profile_trace{args.tag}.txt").write_text(table)
+        sched = e.state.sched
+        e.step([AbortRequest(tuple(s.request_id for s in sched.running + sched.waiting))])
+        e.step()
+    if args.save:
+        result = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                  "gpu": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model,
+                  "context": args.context, "steps": args.steps, "rows": rows}
+        Path(args.save).mkdir(parents=True, exist_ok=True)
+        Path(args.save, f"step_profile{args.tag}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
