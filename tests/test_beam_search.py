@@ -1,4 +1,4 @@
-"""Beam search: the pure selection step."""
+"""Beam search: the pure selection step, beam groups in the scheduler (forks, page copies, waits), and the rules."""
 
 from __future__ import annotations
 
@@ -7,8 +7,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llmfx.beam_search import BeamConfig, BeamRow, Hypothesis, beam_step
-
-EOS = 0
+from llmfx.kv_cache import new_page_pool, num_available
+from llmfx.sampling_params import SamplingParams
+from llmfx.scheduler import (
+    Request,
+    SchedulerConfig,
+    SchedulerLimits,
+    abort,
+    has_work,
+    new_scheduler_state,
+    postprocess,
+    schedule,
+    validate_request,
+)
+from llmfx.testing.strategies import EOS, fake_candidates, fake_token, reference_beam_search
 
 
 def row(output, cumulative, *candidates):
@@ -113,3 +125,163 @@ def test_a_step_keeps_the_best_unfinished_continuations_and_the_best_hypotheses(
         assert done == (running[0].cumulative_logprob / hypothetical ** penalty <= hypotheses[-1].score)
     else:
         assert done == (not running or len(hypotheses) == width)
+
+
+# --- beam groups in the scheduler ---
+
+
+def beam_request(rid, prompt, width=2, **params):
+    """A beam-search request with beam ids rid, rid + 1, ..."""
+    return Request(request_id=rid, prompt_token_ids=tuple(prompt), eos_token_ids=frozenset({EOS}),
+                   beam_ids=tuple(range(rid, rid + width)),
+                   params=SamplingParams(use_beam_search=True, beam_width=width, temperature=0.0, detokenize=False,
+                                         **params))
+
+
+def plain_request(rid, prompt, **params):
+    return Request(request_id=rid, prompt_token_ids=tuple(prompt), eos_token_ids=frozenset({EOS}),
+                   params=SamplingParams(detokenize=False, **params))
+
+
+def limits(**kw):
+    return SchedulerLimits(**({"max_batch_size": 8, "max_num_tokens": 64, "max_seq_len": 64, "page_size": 4} | kw))
+
+
+def drive(requests, lim, policy="guaranteed_no_evict", num_pages=64):
+    """Run requests to the end with the fake model: every request's events, and the batches."""
+    state = new_scheduler_state(new_page_pool(num_pages, lim.page_size))
+    cfg = SchedulerConfig(capacity_scheduler_policy=policy)
+    events, batches, inbox = {}, [], tuple(requests)
+    while inbox or has_work(state):
+        state, batch = schedule(state, inbox, lim, cfg)
+        inbox = ()
+        batches.append(batch)
+        beams = {s.request_id: s for s in state.running if s.beam is not None}
+        sampled = {s.request_id: fake_token(s.request_id, s.start_pos + len(s.token_ids))
+                   for s in batch.seqs if s.sample}
+        candidates = {rid: fake_candidates(b.request.prompt_token_ids + b.output_token_ids)
+                      for rid, b in beams.items() if rid in sampled}
+        state, produced = postprocess(state, batch, sampled, lim, candidates)
+        for e in produced:
+            events.setdefault(e.request_id, []).append(e)
+    assert not state.pool.refcounts
+    return events, batches
+
+
+def test_forked_beams_share_full_pages_and_copy_a_shared_partial_page_once():
+    lim = limits()
+    state = new_scheduler_state(new_page_pool(32, 4))
+    state, batch = schedule(state, (beam_request(0, range(1, 7), max_tokens=8),), lim, SchedulerConfig())
+    assert batch.seqs[0].pages == (1, 2)  # 6 prompt tokens: a full page and a partial one
+    state, _ = postprocess(state, batch, {0: 7}, lim, {0: ((7, 8, 3), (-0.1, -0.2, -3.0))})
+    assert [(s.request_id, s.output_token_ids, s.pages) for s in state.running] == [(0, (7,), (1, 2)),
+                                                                                  (1, (8,), (1, 2))]
+    assert dict(state.pool.refcounts) == {1: 2, 2: 2}
+    state, batch = schedule(state, (), lim, SchedulerConfig())
+    # Both write position 6 into page 2: the first copies it before the step runs, the last holder keeps it.
+    assert batch.page_copies == ((2, 3),)
+    assert [(s.request_id, s.token_ids, s.pages) for s in batch.seqs] == [(0, (7,), (1, 3)), (1, (8,), (1, 2))]
+    assert dict(state.pool.refcounts) == {1: 2, 2: 1, 3: 1}
+    # Both next beams extend beam 1: beam 0 is dropped and its own page, the copy, is free at once.
+    state, _ = postprocess(state, batch, {0: 5, 1: 4}, lim, {0: ((5, 6), (-5.0, -6.0)), 1: ((4, 6), (-0.1, -0.2))})
+    assert [(s.request_id, s.output_token_ids, s.pages) for s in state.running] == [(1, (8, 4), (1, 2)),
+                                                                                  (0, (8, 6), (1, 2))]
+    assert dict(state.pool.refcounts) == {1: 2, 2: 2} and 3 in state.pool.free
+
+
+def test_a_beam_group_is_not_scheduled_while_its_tokens_are_in_flight_beside_other_requests():
+    lim = limits()
+    state = new_scheduler_state(new_page_pool(32, 4))
+    state, _ = schedule(state, (beam_request(0, [1, 2, 3]), plain_request(5, [4, 5], max_tokens=8)), lim,
+                        SchedulerConfig())
+    state, overlapped = schedule(state, (), lim, SchedulerConfig())  # before the first step's postprocess
+    assert [s.request_id for s in overlapped.seqs] == [5]  # the plain request decodes its in-flight token
+
+
+def test_a_beam_group_takes_beam_width_batch_rows_from_its_admission():
+    lim = limits(max_batch_size=3)
+    state = new_scheduler_state(new_page_pool(32, 4))
+    requests = (beam_request(0, [1, 2]), plain_request(2, [3]), plain_request(3, [4]))
+    state, batch = schedule(state, requests, lim, SchedulerConfig())
+    assert [s.request_id for s in batch.seqs] == [0, 2] and [s.request_id for s in state.waiting] == [3]
+
+
+def test_beams_find_their_search_alone_when_split_across_steps_by_the_token_budget():
+    lim = limits(max_num_tokens=3, max_seq_len=32)
+    r = beam_request(0, [1, 2, 3, 4, 5], width=4, max_tokens=6, length_penalty=0.5)
+    events, batches = drive([r], lim)
+    assert max(len(b.seqs) for b in batches) == 3  # four beams, three tokens a step
+    assert events[0][-1].hypotheses == reference_beam_search(r, lim) and len(events[0][-1].hypotheses) == 4
+
+
+def test_a_preempted_beam_group_restarts_and_finds_the_same_hypotheses():
+    lim = limits(page_size=2, max_seq_len=40)
+    old = plain_request(9, [3] * 6, max_tokens=14, ignore_eos=True)
+    r = beam_request(0, [1, 2, 3, 4, 5, 6], width=3, max_tokens=10, ignore_eos=True, early_stopping="never")
+    events, batches = drive([old, r], lim, policy="max_utilization", num_pages=20)
+    assert any(0 in b.preempted for b in batches)
+    assert events[0][-1].hypotheses == reference_beam_search(r, lim)
+    assert events[9][-1].finish_reason == "length"
+
+
+def test_abort_ends_a_beam_group_whole_and_frees_its_pages():
+    lim = limits()
+    state = new_scheduler_state(new_page_pool(32, 4))
+    state, batch = schedule(state, (beam_request(0, [1, 2, 3], width=3),), lim, SchedulerConfig())
+    state, _ = postprocess(state, batch, {}, lim, {0: fake_candidates([1, 2, 3])})
+    assert len(state.running) == 3
+    state, events = abort(state, [0])
+    assert [(e.request_id, e.finish_reason) for e in events] == [(0, "abort")]
+    assert not has_work(state) and num_available(state.pool) == 31
+
+
+def test_a_beam_groups_worst_case_counts_the_prompts_full_pages_once():
+    r = beam_request(0, range(6), width=3, max_tokens=10)  # 16 tokens: 4 pages, the first shared by every beam
+    with pytest.raises(ValueError, match="needs 10 KV pages"):
+        validate_request(r, limits(), SchedulerConfig(), num_pages=10)
+    validate_request(r, limits(), SchedulerConfig(), num_pages=11)
+
+
+BEAM3 = SamplingParams(use_beam_search=True, beam_width=3, temperature=0.0)
+
+
+@pytest.mark.parametrize(("request_", "message"), [
+    (Request(request_id=0, prompt_token_ids=(1,), params=BEAM3, beam_ids=(0, 1)), "Request.beam_ids must hold"),
+    (Request(request_id=0, prompt_token_ids=(1,), params=BEAM3, beam_ids=(1, 0, 2)), "Request.beam_ids must hold"),
+    (Request(request_id=0, prompt_token_ids=(1,), params=SamplingParams(), beam_ids=(0, 1)), "Request.beam_ids needs"),
+    (beam_request(0, [1], width=4), "beam_width=4 exceeds max_batch_size=3"),
+    (beam_request(0, [1], width=2, stop_token_ids=tuple(range(10, 29))), "at most 18 EOS and stop token ids"),
+])
+def test_invalid_beam_requests_are_refused_naming_the_field(request_, message):
+    with pytest.raises(ValueError, match=message):
+        validate_request(request_, limits(max_batch_size=3), SchedulerConfig(), num_pages=64)
+
+
+# --- SamplingParams ---
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(beam_width=2), "SamplingParams.temperature must be 0 with use_beam_search=True"),
+    (dict(beam_width=2, temperature=0.0, n=3), "SamplingParams.n must be <= beam_width=2"),
+    (dict(beam_width=1, temperature=0.0), r"SamplingParams.beam_width must be an integer in \[2, 10\]"),
+    (dict(beam_width=11, temperature=0.0), r"SamplingParams.beam_width must be an integer in \[2, 10\]"),
+    (dict(beam_width=2, temperature=0.0, best_of=2), "SamplingParams.best_of must be None"),
+    (dict(beam_width=2, temperature=0.0, logprobs=1), "SamplingParams.logprobs must be None"),
+    (dict(beam_width=2, temperature=0.0, stop=["x"]), "SamplingParams.stop must be empty"),
+    (dict(beam_width=2, temperature=0.0, early_stopping=1), "SamplingParams.early_stopping must be True, False"),
+])
+def test_bad_beam_search_params_are_refused_naming_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(use_beam_search=True, **kwargs)
+
+
+@pytest.mark.parametrize("field", [dict(beam_width=3), dict(length_penalty=0.5), dict(early_stopping=True)])
+def test_beam_settings_without_beam_search_are_refused(field):
+    with pytest.raises(ValueError, match=f"SamplingParams.{next(iter(field))}=.* needs use_beam_search=True"):
+        SamplingParams(**field)
+
+
+def test_beam_search_accepts_n_up_to_the_width_at_temperature_0():
+    params = SamplingParams(use_beam_search=True, beam_width=4, n=4, temperature=0.0, length_penalty=-1.0,
+                            early_stopping="never")
+    assert params.num_sequences == 1  # one engine request; its beams are its sequences
