@@ -24,6 +24,11 @@ class SamplingParams:
     k most likely tokens, all from log_softmax(penalized logits / temperature), temperature taken
     as 1 when greedy: after penalties, BEFORE top-k/top-p/min-p. prompt_logprobs=k gives, for each prompt
     token after the first, its logprob, rank and the k most likely tokens under the raw model logits.
+
+    use_beam_search keeps beam_width beams (2..10) and returns the n <= beam_width best finished
+    hypotheses, ranked by cumulative_logprob / len(token_ids) ** length_penalty as transformers'
+    num_beams search ranks them; early_stopping is True, False or "never" with transformers'
+    meaning. Beam search needs temperature 0; the filters have no effect on it, as on greedy.
     """
 
     max_tokens: int = 32

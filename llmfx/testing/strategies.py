@@ -358,8 +358,8 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def arrive_beam_search(self, data) -> None:
         r = data.draw(beam_requests(request_id=self.next_id))
-        if r.params.beam_width > self.limits.max_batch_size or \
-                worst_case_pages(r, self.limits) > self.state.pool.num_pages - 1:
+        if (r.params.beam_width > self.limits.max_batch_size
+                or worst_case_pages(r, self.limits) > self.state.pool.num_pages - 1):
             return  # the engine would refuse it (validate_request)
         self.next_id += r.params.beam_width
         self.step_once((r,))
