@@ -104,12 +104,13 @@ def step(state: ExecutorState, inbox: Iterable[Message], engine: ModelEngine,
     sched, batch = schedule(sched, (), cfg.limits, cfg.scheduler)
     launched = None
     if batch.seqs:
+        sequences = {s.request_id: s for s in sched.running}
         try:
-            kv, launched = engine.launch(kv, batch, {s.request_id: s for s in sched.running})
+            kv, launched = engine.launch(kv, batch, sequences)
         except StepFailed as failure:
             kv = failure.kv
             log.exception("step %d failed; failing its %d requests", sched.step, len(batch.seqs))
-            failed = tuple(s.request_id for s in batch.seqs)
+            failed = tuple(dict.fromkeys(sequences[s.request_id].request.request_id for s in batch.seqs))
             sched, ended = abort(sched, failed, "error")
             events.extend(ended)
             errors.update({rid: str(failure) for rid in failed})
@@ -117,7 +118,9 @@ def step(state: ExecutorState, inbox: Iterable[Message], engine: ModelEngine,
     sampled: Mapping[int, SampledToken] = MappingProxyType({})
     if done is not None:
         sampled = engine.collect(done)
-        sched, produced = postprocess(sched, done.batch, {rid: s.token for rid, s in sampled.items()}, cfg.limits)
+        # Beams pick their next tokens from the top-20 (read back for beam rows and logprobs rows only).
+        sched, produced = postprocess(sched, done.batch, {rid: s.token for rid, s in sampled.items()}, cfg.limits,
+                                      {rid: (s.top_ids, s.top_logprobs) for rid, s in sampled.items() if s.top_ids})
         events.extend(produced)
     out = StepOutput(events=tuple(events), errors=MappingProxyType(errors), batch=batch,
                      sampled=MappingProxyType(dict(sampled)))
@@ -211,7 +214,7 @@ class PyExecutor:
 
     def _abort_everything(self, inbox: list[Message]) -> None:
         sched = self._state.sched
-        ids = [s.request_id for s in sched.running + sched.waiting]
+        ids = list(dict.fromkeys(s.request.request_id for s in sched.running + sched.waiting))
         ids += [m.request.request_id for m in inbox if isinstance(m, AddRequest)]
         sched, ended = abort(sched, ids, "abort")
         pending = {e.request_id for e in ended}

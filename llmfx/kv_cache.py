@@ -139,6 +139,15 @@ def release(pool: PagePool, pages: Iterable[int]) -> PagePool:
     )
 
 
+def share(pool: PagePool, pages: Iterable[int]) -> PagePool:
+    """Take one more reference to each held page (a forked sequence shares its parent's pages)."""
+    refcounts = pool.refcounts.copy()
+    for page in pages:
+        assert refcounts.get(page, 0) > 0, f"page {page} shared while not held"
+        refcounts[page] += 1
+    return dataclasses.replace(pool, refcounts=MappingProxyType(refcounts))
+
+
 def _page_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
     # Chained, so equal pages at different prefixes get different keys. Tokens are verified on a hit.
     return hash((parent, tokens))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -56,6 +58,23 @@ class KVPool:
     @property
     def page_size(self) -> int:
         return self.layers[0][0].shape[1]
+
+
+def copy_pages(layers: tuple[LayerKV, ...], copies: Sequence[tuple[int, int]]) -> None:
+    """Copy page src to page dst, for each (src, dst) in copies, in every layer's K and V; layers are DONATED.
+
+    The reference page copy: index ops only (no host sync), queued on the current stream ahead of the
+    step that writes into the dst pages. Sources and destinations must be disjoint.
+    """
+    device = layers[0][0].device
+    index = torch.tensor(copies, dtype=torch.int64).reshape(-1, 2)  # [N, 2]
+    if device.type == "cuda":
+        index = index.pin_memory()
+    index = index.to(device, non_blocking=True)
+    src, dst = index[:, 0], index[:, 1]  # [N] each
+    for k, v in layers:
+        k[dst] = k[src]  # [N, S, K, D]
+        v[dst] = v[src]
 
 
 # Without a GPU to measure there is no free-memory figure to take a fraction of: CPU pools hold

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from llmfx.beam_search import Hypothesis
 from llmfx.detokenizer import DetokenizerState, detokenize, flush, new_detokenizer
 from llmfx.executor import PyExecutor, StepOutput
 from llmfx.kv_cache import KvCacheConfig
@@ -53,11 +54,21 @@ class _Sequence:
         self._text: list[str] = []
         self._logprobs: list[dict[int, Logprob]] | None = None if params.logprobs is None else []
         self.cumulative_logprob = 0.0
+        self.score: float | None = None
         self._last_ids: tuple[int, ...] = ()  # what the latest update added
         self._last_text = ""
         self.finish_reason: str | None = None
         self._stop_reason: int | str | None = None
         self._error: str | None = None
+
+    @staticmethod
+    def of_hypothesis(index: int, request: Request, tokenizer, hypothesis: Hypothesis) -> _Sequence:
+        """A finished sequence holding a beam-search hypothesis, detokenized whole."""
+        seq = _Sequence(index, request, tokenizer)
+        seq.update(TokenEvent(request_id=request.request_id, new_token_ids=hypothesis.token_ids,
+                              finish_reason=hypothesis.finish_reason, stop_reason=hypothesis.stop_reason), None, None)
+        seq.cumulative_logprob, seq.score = hypothesis.cumulative_logprob, hypothesis.score
+        return seq
 
     @property
     def finished(self) -> bool:
@@ -103,7 +114,7 @@ class _Sequence:
         return CompletionOutput(
             index=self.index, text="".join(self._text), token_ids=tuple(self._token_ids),
             text_diff=self._last_text if with_diff else "", token_ids_diff=self._last_ids if with_diff else (),
-            cumulative_logprob=self.cumulative_logprob,
+            cumulative_logprob=self.cumulative_logprob, score=self.score,
             logprobs=None if self._logprobs is None else tuple(self._logprobs),
             finish_reason=self.finish_reason, stop_reason=self._stop_reason, error=self._error)
 
@@ -112,7 +123,9 @@ class RequestHandle:
     """A submitted request: `result()`, iteration over snapshots (sync or async), `abort()`.
 
     With n / best_of the request runs as sibling sequences; the final output keeps the n with the
-    highest cumulative logprob (all of them when best_of is unset), in generation order.
+    highest cumulative logprob (all of them when best_of is unset), in generation order. A beam
+    search's outputs are its n best hypotheses, best score first, delivered when it finishes (also
+    when streaming: beams are reordered and dropped until the end).
     """
 
     def __init__(self, llm: LLM, requests: list[Request], prompt: str | None, keep: int, streaming: bool,
@@ -168,21 +181,23 @@ class RequestHandle:
             return  # tokens of a step that was already running when a stop string ended the sequence
         if seq.update(event, error, sampled):
             self._llm._executor.abort((event.request_id,))
+        sequences = list(self._sequences.values())
+        if event.hypotheses:  # a beam search ends: its outputs are its best hypotheses
+            sequences = [_Sequence.of_hypothesis(i, seq.request, self._llm.tokenizer, h)
+                         for i, h in enumerate(event.hypotheses[: self._keep])]
         now = time.monotonic()
         metrics = self._metrics
-        if seq.num_tokens and metrics.first_token_time is None:
+        if any(s.num_tokens for s in sequences) and metrics.first_token_time is None:
             metrics = replace(metrics, first_token_time=now)
         finished = all(s.finished for s in self._sequences.values())
         self._metrics = metrics = replace(
-            metrics, num_generated_tokens=sum(s.num_tokens for s in self._sequences.values()),
-            finished_time=now if finished else None)
+            metrics, num_generated_tokens=sum(s.num_tokens for s in sequences), finished_time=now if finished else None)
         if not (finished or self._streaming):
             return  # nothing is published until the end: build no snapshot
-        sequences = list(self._sequences.values())
         if finished and self._keep < len(sequences):
             best = sorted(sequences, key=lambda s: -s.cumulative_logprob)[: self._keep]
             sequences = sorted(best, key=lambda s: s.index)
-        outputs = tuple(s.output(with_diff=s is seq) for s in sequences)
+        outputs = tuple(s.output(with_diff=s is seq or bool(event.hypotheses)) for s in sequences)
         snapshot = RequestOutput(request_id=self.request_id, prompt=self._prompt,
                                  prompt_token_ids=self._prompt_token_ids, outputs=outputs, finished=finished,
                                  metrics=metrics, prompt_logprobs=self._prompt_logprobs)
@@ -305,7 +320,8 @@ class LLM:
     # -- internals --
 
     def _make_requests(self, prompt: Prompt, params: SamplingParams) -> list[Request]:
-        """One engine request per generated sequence (n / best_of), validated; siblings share the prompt pages."""
+        """Engine requests, validated: one per sequence of n / best_of (siblings share the prompt pages), or one
+        beam search holding beam_width sequence ids."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         if self.tokenizer is None and (isinstance(prompt, str) or params.detokenize):
@@ -322,6 +338,12 @@ class LLM:
             if bad is not None:
                 raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {self.config.vocab_size})")
         now, first_id = time.monotonic(), None
+        if params.use_beam_search:  # one request whose beams are sequences with ids of their own
+            beam_ids = tuple(next(self._ids) for _ in range(params.beam_width))
+            request = Request(request_id=beam_ids[0], prompt_token_ids=ids, params=params,
+                              eos_token_ids=self._eos_token_ids, arrival_time=now, beam_ids=beam_ids)
+            validate_request(request, self.limits, self._executor_cfg.scheduler, self._num_pages)
+            return [request]
         requests = []
         for index in range(params.num_sequences):
             own = params if params.num_sequences == 1 else replace(

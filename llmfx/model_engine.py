@@ -23,7 +23,7 @@ from torch import Tensor
 from llmfx.batch import ForwardBatch, SequenceChunk, pack
 from llmfx.buckets import BucketKey, Buckets
 from llmfx.config import ModelConfig
-from llmfx.kv_pool import KVPool, LayerKV
+from llmfx.kv_pool import KVPool, LayerKV, copy_pages
 from llmfx.models import Params, forward
 from llmfx.sampler import PenaltyState, SamplingTensors, count_tokens, request_seed, sample, score_tokens
 from llmfx.scheduler import PLACEHOLDER, ScheduledBatch, SequenceState
@@ -165,6 +165,8 @@ class ModelEngine:
         layers = kv.take()
         try:
             with torch.inference_mode():
+                if batch.page_copies:  # forked beams' partial pages, copied before the step writes into them
+                    copy_pages(layers, batch.page_copies)
                 args = self._inputs(batch, sequences)
                 if self.engine_cfg.compile:
                     with torch.compiler.set_stance("fail_on_recompile"):
@@ -181,8 +183,9 @@ class ModelEngine:
             # The pool is intact apart from this batch's rows, whose requests the caller fails.
             raise StepFailed(KVPool(layers), err) from err
         self._prev_rows = {s.request_id: row for row, s in enumerate(batch.seqs)}
+        # Rows whose top-20 is read back: for their logprobs, or as their beam's candidates.
         top_rows = frozenset(row for row, s in enumerate(batch.seqs)
-                             if sequences[s.request_id].request.params.logprobs is not None)
+                             if (p := sequences[s.request_id].request.params).logprobs is not None or p.use_beam_search)
         return KVPool(layers), InFlight(batch=batch, host=host, ready=ready, top_rows=top_rows)
 
     def collect(self, inflight: InFlight) -> dict[int, SampledToken]:

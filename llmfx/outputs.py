@@ -24,6 +24,7 @@ class CompletionOutput:
     text_diff: str = ""
     token_ids_diff: tuple[int, ...] = ()
     cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs
+    score: float | None = None  # beam search: cumulative_logprob / len(token_ids) ** length_penalty, the ranking key
     logprobs: tuple[Mapping[int, Logprob], ...] | None = None  # per token: sampled + top-k, when asked
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it

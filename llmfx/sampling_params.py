@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # the sampler always computes this many top logprobs (a static shape)
-
-# Fields whose support has not landed yet: they are accepted only at their neutral value,
-# so a request never silently runs with a setting the engine would ignore.
-_NOT_YET_SUPPORTED = {
-    "use_beam_search": (False, "beam search has not landed"),
-}
+# A beam's next tokens come from its row's 20 candidates, which must hold its beam_width best
+# continuations that do not finish: beam_width <= 10 leaves as many places for EOS and stop tokens.
+MAX_BEAM_WIDTH = MAX_LOGPROBS // 2
+# Beam-search settings, accepted only at these values without use_beam_search.
+_BEAM_ONLY = (("beam_width", 1), ("length_penalty", 1.0), ("early_stopping", False))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -25,6 +24,11 @@ class SamplingParams:
     k most likely tokens, all from log_softmax(penalized logits / temperature), temperature taken
     as 1 when greedy: after penalties, BEFORE top-k/top-p/min-p. prompt_logprobs=k gives, for each prompt
     token after the first, its logprob, rank and the k most likely tokens under the raw model logits.
+
+    use_beam_search keeps beam_width beams (2..10) and returns the n <= beam_width best finished
+    hypotheses, ranked by cumulative_logprob / len(token_ids) ** length_penalty as transformers'
+    num_beams search ranks them; early_stopping is True, False or "never" with transformers'
+    meaning. Beam search needs temperature 0; the filters have no effect on it, as on greedy.
     """
 
     max_tokens: int = 32
@@ -48,6 +52,9 @@ class SamplingParams:
     n: int = 1
     best_of: int | None = None
     use_beam_search: bool = False
+    beam_width: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples.
@@ -92,20 +99,44 @@ class SamplingParams:
         _check_int(self, "n", minimum=1)
         if self.best_of is not None:
             _check_int(self, "best_of", minimum=self.n)
+        if not isinstance(self.use_beam_search, bool):
+            raise ValueError(f"SamplingParams.use_beam_search must be a bool, got {self.use_beam_search!r}")
+        _check_int(self, "beam_width", minimum=2 if self.use_beam_search else 1, maximum=MAX_BEAM_WIDTH)
+        _check_number(self, "length_penalty", "that is finite", lambda x: abs(x) < float("inf"))
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(f"SamplingParams.early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.use_beam_search:
+            self._check_beam_search()
+            return
+        for name, neutral in _BEAM_ONLY:
+            if getattr(self, name) != neutral:
+                raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} needs use_beam_search=True; "
+                                 f"leave it at {neutral!r} otherwise")
         if self.num_sequences > 1 and self.temperature == 0.0:
             raise ValueError(f"SamplingParams.n={self.n} / best_of={self.best_of} needs temperature > 0: greedy "
                              f"sequences of one prompt would all be identical")
-        for name, (neutral, why) in _NOT_YET_SUPPORTED.items():
-            if getattr(self, name) != neutral:
-                raise ValueError(
-                    f"SamplingParams.{name}={getattr(self, name)!r} is not supported yet ({why}); "
-                    f"leave {name} at {neutral!r}"
-                )
+
+    def _check_beam_search(self) -> None:
+        if self.temperature != 0.0:
+            raise ValueError(f"SamplingParams.temperature must be 0 with use_beam_search=True (beam search ranks "
+                             f"every continuation; it does not sample), got {self.temperature!r}")
+        if self.n > self.beam_width:
+            raise ValueError(f"SamplingParams.n must be <= beam_width={self.beam_width} with use_beam_search=True "
+                             f"(n of the beam_width best hypotheses are returned), got {self.n}")
+        if self.best_of is not None:
+            raise ValueError(f"SamplingParams.best_of must be None with use_beam_search=True (beam_width sets how many "
+                             f"beams run), got {self.best_of!r}")
+        if self.logprobs is not None:
+            raise ValueError(f"SamplingParams.logprobs must be None with use_beam_search=True (hypotheses report "
+                             f"cumulative_logprob and score), got {self.logprobs!r}")
+        if self.stop:
+            raise ValueError(f"SamplingParams.stop must be empty with use_beam_search=True (stop strings are matched on "
+                             f"streamed text, which beams do not have); use stop_token_ids, got {self.stop!r}")
 
     @property
     def num_sequences(self) -> int:
-        """Sequences generated for the request: best_of when given, else n."""
-        return self.best_of or self.n
+        """Independent sequences generated for the request: best_of when given, else n (1 for beam search)."""
+        return 1 if self.use_beam_search else self.best_of or self.n
 
     @property
     def greedy(self) -> bool:

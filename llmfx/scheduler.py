@@ -1,13 +1,24 @@
-"""The pure scheduler: continuous batching, chunked prefill, prefix-cache admission, capacity policies."""
+"""The pure scheduler: continuous batching, chunked prefill, prefix-cache admission, capacity policies, beam groups."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
-from llmfx.kv_cache import PagePool, allocate, match_prefix, num_available, pages_for_tokens, register_pages, release
-from llmfx.sampling_params import SamplingParams
+from llmfx.beam_search import BeamConfig, BeamRow, Candidates, Hypothesis, beam_step
+from llmfx.kv_cache import (
+    PagePool,
+    allocate,
+    match_prefix,
+    num_available,
+    pages_for_tokens,
+    register_pages,
+    release,
+    share,
+)
+from llmfx.sampling_params import MAX_LOGPROBS, SamplingParams
 
 POLICY_NAMES = ("guaranteed_no_evict", "max_utilization")
 # A decode input whose value only the device knows yet: the token a launched step is sampling.
@@ -27,6 +38,18 @@ class Request:
     # A sibling of an n / best_of request waits until this request's prompt is computed and its
     # full pages are in the prefix cache, then shares them instead of computing the prompt again.
     prefill_after: int | None = None
+    # Beam search: the ids of its beam_width sequences, request_id first (each beam is a batch row).
+    beam_ids: tuple[int, ...] = ()
+
+    @property
+    def sequence_ids(self) -> tuple[int, ...]:
+        """The ids this request's sequences may take."""
+        return self.beam_ids or (self.request_id,)
+
+    @property
+    def batch_rows(self) -> int:
+        """Rows of a step's batch the request may occupy at once: beam_width for beam search, else 1."""
+        return self.params.beam_width if self.params.use_beam_search else 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,19 +87,30 @@ class SchedulerLimits:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Beam:
+    """A beam-search sequence's part in its group's search."""
+
+    seq_id: int  # one of Request.beam_ids
+    cumulative_logprob: float = 0.0
+    candidates: Candidates | None = None  # its next token's top continuations, held until every beam has its own
+    hypotheses: tuple[Hypothesis, ...] = ()  # the group's finished hypotheses, best first (every beam holds them)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SequenceState:
-    """One request inside the scheduler."""
+    """One sequence inside the scheduler: a request, or one beam of a beam-search request."""
 
     request: Request
     output_token_ids: tuple[int, ...] = ()
     num_computed_tokens: int = 0  # tokens whose KV is written or scheduled to be written
     pages: tuple[int, ...] = ()  # covers num_computed_tokens
     num_inflight: int = 0  # tokens sampled by a launched step that postprocess has not seen yet
+    beam: Beam | None = None  # set on every sequence of a beam-search request
 
     @property
     def request_id(self) -> int:
-        """The request's id."""
-        return self.request.request_id
+        """The sequence's id: its request's, or a beam's own id from Request.beam_ids."""
+        return self.request.request_id if self.beam is None else self.beam.seq_id
 
     @property
     def num_known_tokens(self) -> int:
@@ -118,7 +152,7 @@ class Plan:
 class ScheduledSeq:
     """One sequence's share of a step."""
 
-    request_id: int
+    request_id: int  # the sequence's id (SequenceState.request_id)
     token_ids: tuple[int, ...]  # a prefill chunk, or the last token for decode
     start_pos: int  # position of token_ids[0] == tokens already in the KV cache
     pages: tuple[int, ...]  # the whole page list, covering start_pos + len(token_ids)
@@ -130,7 +164,9 @@ class ScheduledBatch:
     """What one step computes."""
 
     seqs: tuple[ScheduledSeq, ...] = ()
-    preempted: tuple[int, ...] = ()  # request ids preempted this step (their KV pages are gone)
+    preempted: tuple[int, ...] = ()  # sequence ids preempted this step (their KV pages are gone)
+    # (src, dst): copy KV page src to the fresh page dst before the step runs (a forked beam's partial page).
+    page_copies: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -146,6 +182,7 @@ class TokenEvent:
     new_token_ids: tuple[int, ...]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id; None for EOS, length and aborts
+    hypotheses: tuple[Hypothesis, ...] = ()  # beam search, on its final event: the best hypotheses, best first
 
 
 def new_scheduler_state(pool: PagePool) -> SchedulerState:
@@ -159,9 +196,40 @@ def has_work(state: SchedulerState) -> bool:
 
 
 def worst_case_pages(request: Request, limits: SchedulerLimits) -> int:
-    """Pages a request holds at most: prompt + max_tokens capped by max_seq_len (one spare slot for overlap)."""
+    """Pages a request holds at most: prompt + max_tokens capped by max_seq_len (one spare slot for overlap).
+
+    A beam group's beams share the prompt's full pages and may each hold all the rest.
+    """
     total = min(len(request.prompt_token_ids) + request.params.max_tokens, limits.max_seq_len)
-    return pages_for_tokens(total, limits.page_size)
+    pages = pages_for_tokens(total, limits.page_size)
+    if not request.params.use_beam_search:
+        return pages
+    shared = len(request.prompt_token_ids) // limits.page_size
+    return shared + request.params.beam_width * (pages - shared)
+
+
+def rows_in_use(running: Iterable[SequenceState]) -> int:
+    """Batch rows the running requests may occupy: one a sequence, beam_width a beam group from its admission."""
+    rows, groups = 0, set()
+    for s in running:
+        if s.beam is None:
+            rows += 1
+        elif s.request.request_id not in groups:
+            groups.add(s.request.request_id)
+            rows += s.request.batch_rows
+    return rows
+
+
+def reserved_pages(running: Iterable[SequenceState], limits: SchedulerLimits) -> int:
+    """Pages the running requests may still allocate: worst case less the distinct pages each holds."""
+    total = 0
+    groups: dict[int, tuple[Request, set[int]]] = {}
+    for s in running:
+        if s.beam is None:
+            total += max(0, worst_case_pages(s.request, limits) - len(s.pages))
+        else:
+            groups.setdefault(s.request.request_id, (s.request, set()))[1].update(s.pages)
+    return total + sum(max(0, worst_case_pages(r, limits) - len(held)) for r, held in groups.values())
 
 
 def validate_request(request: Request, limits: SchedulerLimits, cfg: SchedulerConfig, num_pages: int) -> None:
@@ -178,6 +246,22 @@ def validate_request(request: Request, limits: SchedulerLimits, cfg: SchedulerCo
             f"request {request.request_id}: prompt of {n} tokens exceeds max_num_tokens={limits.max_num_tokens}; "
             f"set enable_chunked_prefill=True or raise max_num_tokens"
         )
+    params = request.params
+    if params.use_beam_search:
+        ids = request.beam_ids
+        if len(ids) != params.beam_width or len(set(ids)) != len(ids) or ids[0] != request.request_id:
+            raise ValueError(f"request {request.request_id}: Request.beam_ids must hold beam_width={params.beam_width} "
+                             f"distinct ids, request_id first, got {ids}")
+        if params.beam_width > limits.max_batch_size:
+            raise ValueError(f"request {request.request_id}: beam_width={params.beam_width} exceeds "
+                             f"max_batch_size={limits.max_batch_size} (every beam is a batch row)")
+        # A row's candidates must hold its beam_width best continuations that do not finish.
+        finishing = set(params.stop_token_ids) | (set() if params.ignore_eos else set(request.eos_token_ids))
+        if len(finishing) > MAX_LOGPROBS - params.beam_width:
+            raise ValueError(f"request {request.request_id}: beam search with beam_width={params.beam_width} allows "
+                             f"at most {MAX_LOGPROBS - params.beam_width} EOS and stop token ids, got {len(finishing)}")
+    elif request.beam_ids:
+        raise ValueError(f"request {request.request_id}: Request.beam_ids needs SamplingParams.use_beam_search=True")
     need = worst_case_pages(request, limits)
     if need > num_pages - 1:
         raise ValueError(
@@ -194,14 +278,21 @@ def add_requests(
     if not requests:
         return state
     assert limits.page_size == state.pool.page_size, "limits.page_size must match the pool's page size"
-    known = {s.request_id for s in state.waiting} | {s.request_id for s in state.running}
+    known = {i for s in state.waiting + state.running for i in s.request.sequence_ids}
     for r in requests:
         validate_request(r, limits, cfg, state.pool.num_pages)
-        if r.request_id in known:
-            raise ValueError(f"request_id {r.request_id} is already in the scheduler")
-        known.add(r.request_id)
-    new = tuple(SequenceState(request=r) for r in requests)
+        for i in r.sequence_ids:
+            if i in known:
+                raise ValueError(f"request_id {i} is already in the scheduler")
+            known.add(i)
+    new = tuple(_new_sequence(r) for r in requests)
     return dataclasses.replace(state, waiting=state.waiting + new)
+
+
+def _new_sequence(request: Request) -> SequenceState:
+    """A request's first sequence; a beam search starts as one beam, its prompt."""
+    beam = Beam(seq_id=request.request_id) if request.params.use_beam_search else None
+    return SequenceState(request=request, beam=beam)
 
 
 def token_slice(seq: SequenceState, start: int, stop: int) -> tuple[int, ...]:
@@ -224,11 +315,14 @@ def guaranteed_no_evict(state: SchedulerState, limits: SchedulerLimits) -> Plan:
     """Strict FCFS; admit only if the whole worst case fits beside what running requests reserved; never preempt."""
     if not state.waiting or len(state.running) >= limits.max_batch_size:
         return Plan()  # nothing could be admitted: skip summing the running requests' reservations
+    rows = rows_in_use(state.running)
     pool = state.pool
-    reserved = sum(max(0, worst_case_pages(s.request, limits) - len(s.pages)) for s in state.running)
-    seats = limits.max_batch_size - len(state.running)
+    reserved = reserved_pages(state.running, limits)
     admit: list[int] = []
-    for seq in state.waiting[: max(seats, 0)]:
+    for seq in state.waiting:
+        rows += seq.request.batch_rows
+        if rows > limits.max_batch_size:
+            break
         # A hit on a held page costs nothing; a hit on an evictable one costs one available page, like a fresh one.
         hit_pool, hit, _ = match_prefix(pool, token_slice(seq, 0, seq.num_tokens))
         need = worst_case_pages(seq.request, limits) - len(hit)
@@ -242,8 +336,14 @@ def guaranteed_no_evict(state: SchedulerState, limits: SchedulerLimits) -> Plan:
 def max_utilization(state: SchedulerState, limits: SchedulerLimits) -> Plan:
     """Admit while the next step's pages fit; when running requests lack pages, preempt the newest."""
     pool, ps = state.pool, limits.page_size
-    # Every running sequence can progress by one token; that may need one new page.
-    needs = [pages_for_tokens(s.num_computed_tokens + 1, ps) - len(s.pages) for s in state.running]
+    # Every running sequence can progress by one token; that may need one new page, or a copy of a shared one.
+    needs: list[int] = []
+    copied: dict[int, int] = {}
+    for s in state.running:
+        source = _copy_source(pool, s, ps, copied)
+        if source is not None:
+            copied[source] = copied.get(source, 0) + 1
+        needs.append(pages_for_tokens(s.num_computed_tokens + 1, ps) - len(s.pages) + (source is not None))
     available, total = num_available(pool), sum(needs)
     preempt: list[int] = []
     victims = list(state.running)
@@ -255,9 +355,12 @@ def max_utilization(state: SchedulerState, limits: SchedulerLimits) -> Plan:
     if preempt:
         return Plan(preempt=tuple(preempt))  # admitting now would only thrash
     available -= total
-    seats = limits.max_batch_size - len(state.running)
+    rows = rows_in_use(state.running)
     admit: list[int] = []
-    for seq in state.waiting[: max(seats, 0)]:
+    for seq in state.waiting:
+        rows += seq.request.batch_rows
+        if rows > limits.max_batch_size:
+            break
         hit_pool, hit, cached = match_prefix(pool, token_slice(seq, 0, seq.num_tokens))
         chunk = min(seq.num_tokens - cached, limits.max_num_tokens)
         need = pages_for_tokens(cached + chunk, ps) - len(hit)
@@ -295,49 +398,81 @@ def _without_gated(state: SchedulerState) -> SchedulerState:
     return dataclasses.replace(state, waiting=waiting)
 
 
-def _preempt(state: SchedulerState, request_ids: Iterable[int]) -> tuple[SchedulerState, tuple[int, ...]]:
-    """Recompute-preemption: free pages, requeue at the front of waiting, keep generated tokens."""
-    ids = set(request_ids)
+def _preempt(state: SchedulerState, seq_ids: Iterable[int]) -> tuple[SchedulerState, tuple[int, ...]]:
+    """Recompute-preemption: free pages, requeue at the front of waiting, keep generated tokens.
+
+    A beam is preempted with its whole group, which restarts its search from the prompt: the search
+    is deterministic, so it finds the same hypotheses again.
+    """
+    ids = set(seq_ids)
     if not ids:
         return state, ()
-    gone = tuple(s for s in state.running if s.request_id in ids)
-    if len(gone) != len(ids):
-        raise ValueError(f"capacity policy asked to preempt request ids that are not running: {sorted(ids)}")
+    unknown = ids - {s.request_id for s in state.running}
+    if unknown:
+        raise ValueError(f"capacity policy asked to preempt request ids that are not running: {sorted(unknown)}")
+    groups = {s.request.request_id for s in state.running if s.beam is not None and s.request_id in ids}
+    gone = tuple(s for s in state.running if s.request_id in ids or (s.beam is not None
+                                                                        and s.request.request_id in groups))
     # Tail pages first, so that shared prefixes stay cached longest.
     pool = release(state.pool, (p for s in gone for p in reversed(s.pages)))
-    # An in-flight token is dropped: the recompute samples it again at the same position.
-    requeued = tuple(dataclasses.replace(s, num_computed_tokens=0, pages=(), num_inflight=0) for s in gone)
+    requeued: list[SequenceState] = []
+    for s in gone:
+        if s.beam is None:
+            # An in-flight token is dropped: the recompute samples it again at the same position.
+            requeued.append(dataclasses.replace(s, num_computed_tokens=0, pages=(), num_inflight=0))
+        elif s.request.request_id in groups:
+            groups.discard(s.request.request_id)
+            requeued.append(_new_sequence(s.request))
+    gone_ids = {s.request_id for s in gone}
     state = dataclasses.replace(
         state,
         pool=pool,
-        running=tuple(s for s in state.running if s.request_id not in ids),
-        waiting=requeued + state.waiting,
+        running=tuple(s for s in state.running if s.request_id not in gone_ids),
+        waiting=tuple(requeued) + state.waiting,
         num_preemptions=state.num_preemptions + len(gone),
     )
     return state, tuple(s.request_id for s in gone)
 
 
-def _plan_running(state: SchedulerState, limits: SchedulerLimits) -> tuple[list[tuple[int, int, int]], int, bool]:
-    """(running index, tokens, new pages) per scheduled sequence, total new pages, and whether any starved for pages."""
+def _copy_source(pool: PagePool, seq: SequenceState, ps: int, copied: Mapping[int, int]) -> int | None:
+    """The partial last page seq writes next if another sequence still holds it (seq must write a copy), else None.
+
+    Only forked beams share a partial page. `copied` counts the holders already planned to copy a
+    page this step: the last holder writes in place.
+    """
+    if seq.num_computed_tokens % ps == 0:
+        return None
+    page = seq.pages[-1]
+    return page if pool.refcounts[page] - copied.get(page, 0) > 1 else None
+
+
+def _plan_running(state: SchedulerState,
+                  limits: SchedulerLimits) -> tuple[list[tuple[int, int, int, bool]], int, bool]:
+    """(running index, tokens, new pages, copies its last page) per scheduled sequence, total new pages, and
+    whether any starved for pages."""
     ps, budget, available = limits.page_size, limits.max_num_tokens, num_available(state.pool)
     decodes: list[tuple[int, int, int]] = []
     prefills: list[tuple[int, int, int]] = []
     for i, s in enumerate(state.running):
-        if s.finishing(limits):
-            continue  # its last token is in flight; postprocess will finish it
+        if s.finishing(limits) or (s.beam is not None and s.num_inflight):
+            continue  # its last token is in flight; a beam's next token is chosen once its candidates are back
         computed = s.num_computed_tokens
         left = s.num_tokens - computed
         if left == 1:
             decodes.append((i, computed, len(s.pages)))
         elif left > 1:
             prefills.append((i, computed, left))
-    plan: list[tuple[int, int, int]] = []
+    plan: list[tuple[int, int, int, bool]] = []
     new_pages = 0
+    copied: dict[int, int] = {}
     for i, computed, num_pages in decodes:
-        need = 1 if computed == num_pages * ps else 0
+        source = _copy_source(state.pool, state.running[i], ps, copied)
+        need = 1 if computed == num_pages * ps or source is not None else 0
         if need > available or budget == 0:
             continue
-        plan.append((i, 1, need))
+        if source is not None:
+            copied[source] = copied.get(source, 0) + 1
+        plan.append((i, 1, need, source is not None))
         budget, available, new_pages = budget - 1, available - need, new_pages + need
     stalled = len(plan) < len(decodes) and budget > 0
     for i, computed, left in prefills:
@@ -348,7 +483,7 @@ def _plan_running(state: SchedulerState, limits: SchedulerLimits) -> tuple[list[
             stalled |= budget > 0
             continue
         need = pages_for_tokens(computed + n, ps) - num_pages
-        plan.append((i, n, need))
+        plan.append((i, n, need, False))
         budget, available, new_pages = budget - n, available - need, new_pages + need
     plan.sort()
     return plan, new_pages, stalled
@@ -372,10 +507,16 @@ def schedule(
     pool, fresh = allocate(state.pool, new_pages)
     running = list(state.running)
     scheduled: list[ScheduledSeq] = []
+    copies: list[tuple[int, int]] = []
     budget, used = limits.max_num_tokens, 0
-    for i, n, need in chunks:
+    for i, n, need, copy in chunks:
         s = running[i]
-        pages = s.pages + fresh[used : used + need] if need else s.pages
+        pages = s.pages
+        if copy:  # the step writes into a private copy of the shared partial page, made before it runs
+            copies.append((pages[-1], fresh[used]))
+            pages = pages[:-1]
+        if need:
+            pages = pages + fresh[used : used + need]
         used += need
         chunk = _scheduled(s, n, pages)
         running[i] = SequenceState(
@@ -384,21 +525,25 @@ def schedule(
             num_computed_tokens=s.num_computed_tokens + n,
             pages=pages,
             num_inflight=s.num_inflight + chunk.sample,
+            beam=s.beam,
         )
         scheduled.append(chunk)
         budget -= n
     assert used == len(fresh)
+    if copies:  # each copier gives up its reference; a holder stays, so nothing is freed here
+        pool = release(pool, (src for src, _ in copies))
 
     waiting = state.waiting
     admitted: list[SequenceState] = []
     if not preempted:  # admitting right after preempting would only thrash
         by_id = {s.request_id: s for s in waiting} if plan.admit else {}
+        rows = rows_in_use(running) if plan.admit else 0
         for rid in plan.admit:
-            if len(running) >= limits.max_batch_size or budget <= 0:
-                break
             s = by_id.get(rid)
             if s is None:
                 raise ValueError(f"capacity policy asked to admit request id {rid}, which is not waiting")
+            if rows + s.request.batch_rows > limits.max_batch_size or budget <= 0:
+                break
             hit_pool, hit, cached = match_prefix(pool, token_slice(s, 0, s.num_tokens))
             n = s.num_tokens - cached
             chunkable = cfg.enable_chunked_prefill or bool(s.output_token_ids)  # a recompute may always be chunked
@@ -415,6 +560,7 @@ def schedule(
             running.append(s)
             admitted.append(s)
             budget -= n
+            rows += s.request.batch_rows
         if admitted:
             ids = {s.request_id for s in admitted}
             k = len(admitted)
@@ -423,13 +569,13 @@ def schedule(
             else:
                 waiting = tuple(s for s in waiting if s.request_id not in ids)
     state = dataclasses.replace(state, pool=pool, running=tuple(running), waiting=waiting, step=state.step + 1)
-    return state, ScheduledBatch(seqs=tuple(scheduled), preempted=preempted)
+    return state, ScheduledBatch(seqs=tuple(scheduled), preempted=preempted, page_copies=tuple(copies))
 
 
 def _scheduled(seq: SequenceState, n: int, pages: tuple[int, ...]) -> ScheduledSeq:
     start = seq.num_computed_tokens
     return ScheduledSeq(
-        request_id=seq.request.request_id,
+        request_id=seq.request_id,
         token_ids=token_slice(seq, start, start + n),
         start_pos=start,
         pages=pages,
@@ -437,31 +583,44 @@ def _scheduled(seq: SequenceState, n: int, pages: tuple[int, ...]) -> ScheduledS
     )
 
 
-def _stop(seq: SequenceState, token: int, limits: SchedulerLimits) -> tuple[str, int | None] | None:
-    """(finish_reason, stop_reason) once seq (which already ends with token) must finish, else None."""
-    request = seq.request
+def _stop_token(request: Request, token: int, num_out: int) -> tuple[str, int | None] | None:
+    """("stop", stop_reason) when token, the request's output token number num_out, stops it by its value."""
     params = request.params
-    num_out = len(seq.output_token_ids)  # locals, not properties: this runs for every sequence every step
     if num_out >= params.min_tokens:
         if not params.ignore_eos and token in request.eos_token_ids:
             return "stop", None
         if token in params.stop_token_ids:
             return "stop", token
-    if num_out >= params.max_tokens or len(request.prompt_token_ids) + num_out >= limits.max_seq_len:
-        return "length", None
     return None
 
 
+def _stop(seq: SequenceState, token: int, limits: SchedulerLimits) -> tuple[str, int | None] | None:
+    """(finish_reason, stop_reason) once seq (which already ends with token) must finish, else None."""
+    request = seq.request
+    num_out = len(seq.output_token_ids)  # locals, not properties: this runs for every sequence every step
+    stop = _stop_token(request, token, num_out)
+    if stop is None and (num_out >= request.params.max_tokens
+                         or len(request.prompt_token_ids) + num_out >= limits.max_seq_len):
+        return "length", None
+    return stop
+
+
 def postprocess(
-    state: SchedulerState, batch: ScheduledBatch, sampled: Mapping[int, int], limits: SchedulerLimits
+    state: SchedulerState, batch: ScheduledBatch, sampled: Mapping[int, int], limits: SchedulerLimits,
+    candidates: Mapping[int, Candidates] = MappingProxyType({}),
 ) -> tuple[SchedulerState, tuple[TokenEvent, ...]]:
-    """Append sampled tokens, register computed full pages, finish stopped requests and free their pages."""
+    """Append sampled tokens, register computed full pages, finish stopped requests and free their pages.
+
+    Beams take their step's candidates (sequence id -> top tokens) instead of a token; once every
+    beam of a group has them, the group chooses its next beams (`_step_beams`).
+    """
     index = {s.request_id: i for i, s in enumerate(state.running)}
     running = list(state.running)
     ps = limits.page_size
     to_register: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     events: list[TokenEvent] = []
     finished: set[int] = set()
+    beam_groups: set[int] = set()
     for ss in batch.seqs:
         i = index.get(ss.request_id)
         if i is None:
@@ -472,8 +631,14 @@ def postprocess(
             to_register.append((token_slice(s, 0, end), s.pages))
         if not ss.sample:
             continue
-        token = sampled[ss.request_id]
         assert s.num_inflight > 0, "postprocess got a token the scheduler did not expect"
+        if s.beam is not None:
+            assert ss.request_id in candidates, f"beam {ss.request_id} got no candidates"
+            running[i] = dataclasses.replace(s, num_inflight=s.num_inflight - 1,
+                                             beam=dataclasses.replace(s.beam, candidates=candidates[ss.request_id]))
+            beam_groups.add(s.request.request_id)
+            continue
+        token = sampled[ss.request_id]
         s = SequenceState(
             request=s.request,
             output_token_ids=s.output_token_ids + (token,),
@@ -496,19 +661,83 @@ def postprocess(
     pool = register_pages(state.pool, to_register)
     if finished:
         pool = release(pool, (p for i in sorted(finished) for p in reversed(running[i].pages)))
-        running = [s for i, s in enumerate(running) if i not in finished]
+    replaced: dict[int, list[SequenceState]] = {}  # running index -> what takes its place
+    if beam_groups:
+        members: dict[int, list[int]] = {}
+        for i, s in enumerate(running):
+            if s.beam is not None and s.request.request_id in beam_groups:
+                members.setdefault(s.request.request_id, []).append(i)
+        for group in members.values():
+            beams = [running[i] for i in group]
+            if any(b.beam.candidates is None for b in beams):
+                continue  # a beam of the group has not run this token yet
+            pool, forks, event = _step_beams(pool, beams, limits)
+            replaced.update({i: [] for i in group})
+            replaced[group[0]] = forks  # the group keeps its place in the admission order
+            if event is not None:
+                events.append(event)
+    if finished or replaced:
+        kept: list[SequenceState] = []
+        for i, s in enumerate(running):
+            if i in replaced:
+                kept.extend(replaced[i])
+            elif i not in finished:
+                kept.append(s)
+        running = kept
     return dataclasses.replace(state, pool=pool, running=tuple(running)), tuple(events)
+
+
+def _step_beams(pool: PagePool, beams: Sequence[SequenceState],
+                limits: SchedulerLimits) -> tuple[PagePool, list[SequenceState], TokenEvent | None]:
+    """A beam group's next beams, forked onto their parents' pages, or its final event; the old beams let go."""
+    request = beams[0].request
+    params = request.params
+    prompt_len, num_out = len(request.prompt_token_ids), len(beams[0].output_token_ids) + 1
+    at_length = num_out >= params.max_tokens or prompt_len + num_out >= limits.max_seq_len
+
+    def finish(token: int) -> tuple[str, int | None] | None:
+        return _stop_token(request, token, num_out) or (("length", None) if at_length else None)
+
+    cfg = BeamConfig(width=params.beam_width, length_penalty=params.length_penalty,
+                     early_stopping=params.early_stopping,
+                     max_new_tokens=min(params.max_tokens, limits.max_seq_len - prompt_len))
+    rows = [BeamRow(output_token_ids=b.output_token_ids, cumulative_logprob=b.beam.cumulative_logprob,
+                    candidates=b.beam.candidates) for b in beams]
+    children, hypotheses, done = beam_step(rows, beams[0].beam.hypotheses, finish, cfg)
+    if not done:  # children take their references first, so pages that live on are never freed
+        pool = share(pool, (p for c in children for p in beams[c.parent].pages))
+    # Tail pages first, so that shared prefixes stay cached longest; a dropped beam's own pages are freed now.
+    pool = release(pool, (p for b in beams for p in reversed(b.pages)))
+    if done:
+        best = hypotheses[0]
+        return pool, [], TokenEvent(request_id=request.request_id, new_token_ids=(), finish_reason=best.finish_reason,
+                                    stop_reason=best.stop_reason, hypotheses=hypotheses)
+    # A parent's first child keeps the parent's id; further children take ids no beam holds.
+    keeper: dict[int, int] = {}
+    for k, c in enumerate(children):
+        keeper.setdefault(c.parent, k)
+    held = {beams[p].beam.seq_id for p in keeper}
+    spare = iter(i for i in request.beam_ids if i not in held)
+    forks = []
+    for k, c in enumerate(children):
+        parent = beams[c.parent]
+        seq_id = parent.beam.seq_id if keeper[c.parent] == k else next(spare)
+        forks.append(SequenceState(
+            request=request, output_token_ids=parent.output_token_ids + (c.token,),
+            num_computed_tokens=parent.num_computed_tokens, pages=parent.pages,
+            beam=Beam(seq_id=seq_id, cumulative_logprob=c.cumulative_logprob, hypotheses=hypotheses)))
+    return pool, forks, None
 
 
 def abort(
     state: SchedulerState, request_ids: Iterable[int], reason: str = "abort"
 ) -> tuple[SchedulerState, tuple[TokenEvent, ...]]:
-    """End waiting or running requests and free their pages; unknown ids are ignored."""
+    """End waiting or running requests (a beam group whole) and free their pages; unknown ids are ignored."""
     if reason not in ("abort", "error"):
         raise ValueError(f"abort reason must be 'abort' or 'error', got {reason!r}")
     ids = set(request_ids)
-    gone_running = [s for s in state.running if s.request_id in ids]
-    gone_waiting = [s for s in state.waiting if s.request_id in ids]
+    gone_running = [s for s in state.running if s.request.request_id in ids]
+    gone_waiting = [s for s in state.waiting if s.request.request_id in ids]
     if not gone_running and not gone_waiting:
         return state, ()
     # Not registered: after a failed step the KV of these pages may be garbage.
@@ -516,11 +745,8 @@ def abort(
     state = dataclasses.replace(
         state,
         pool=pool,
-        running=tuple(s for s in state.running if s.request_id not in ids),
-        waiting=tuple(s for s in state.waiting if s.request_id not in ids),
+        running=tuple(s for s in state.running if s.request.request_id not in ids),
+        waiting=tuple(s for s in state.waiting if s.request.request_id not in ids),
     )
-    events = tuple(
-        TokenEvent(request_id=s.request_id, new_token_ids=(), finish_reason=reason)
-        for s in gone_running + gone_waiting
-    )
-    return state, events
+    ended = dict.fromkeys(s.request.request_id for s in gone_running + gone_waiting)
+    return state, tuple(TokenEvent(request_id=rid, new_token_ids=(), finish_reason=reason) for rid in ended)

@@ -43,6 +43,24 @@ def test_overlap_on_and_off_give_identical_outputs_on_gpu(hf_checkpoint):
     assert _serve(path) == _serve(path, disable_overlap_scheduler=True)
 
 
+def test_beam_search_through_cuda_graphs_equals_the_eager_path(hf_checkpoint):
+    _, path = hf_checkpoint("llama")
+    beams = [SamplingParams(use_beam_search=True, beam_width=w, n=w, temperature=0.0, max_tokens=30, ignore_eos=True,
+                            length_penalty=lp, detokenize=False) for w, lp in ((2, 1.0), (4, 0.0), (3, 2.0))]
+    params = [beams[i % 3] if i % 2 else GREEDY for i in range(len(MIXED))]
+
+    def serve(**kwargs):
+        with LLM(path, skip_tokenizer_init=True, dtype="float32", device="cuda", max_batch_size=16, max_num_tokens=64,
+                 kv_cache_config=KvCacheConfig(page_size=4, max_tokens=4096), **kwargs) as llm:
+            outs = llm.generate(MIXED, params, use_tqdm=False)
+        assert all(o.finish_reason == "length" for out in outs for o in out.outputs), [o.outputs[0].error for o in outs]
+        return [[o.token_ids for o in out.outputs] for out in outs]
+
+    skips_before = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    assert serve() == serve(enforce_eager=True)  # page copies run beside the graphs, before each replay
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == skips_before == 0
+
+
 def _recorded_graphs() -> int:
     from torch._inductor.cudagraph_trees import get_container
 

@@ -357,7 +357,8 @@ def test_compiled_sample_with_filters_and_penalties_equals_eager():
     [("logprobs", 21), ("logprobs", -1), ("prompt_logprobs", 21), ("logprobs", 1.5), ("top_p", 0.0), ("top_p", 1.01),
      ("top_p", float("nan")), ("top_k", -2), ("top_k", 2.0), ("min_p", -0.1), ("min_p", 1.1), ("repetition_penalty", 0.0),
      ("repetition_penalty", float("inf")), ("presence_penalty", 2.1), ("presence_penalty", -2.1),
-     ("frequency_penalty", 3.0), ("frequency_penalty", True), ("n", 0), ("n", 1.5), ("best_of", 0), ("use_beam_search", True)],
+     ("frequency_penalty", 3.0), ("frequency_penalty", True), ("n", 0), ("n", 1.5), ("best_of", 0), ("use_beam_search", 1),
+     ("beam_width", 11), ("length_penalty", float("inf")), ("early_stopping", "sometimes")],
 )
 def test_sampling_params_reject_out_of_range_fields(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):

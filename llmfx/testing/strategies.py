@@ -9,21 +9,27 @@ Test your own policy in a few lines::
 
     TestMyPolicy = MyPolicyMachine.TestCase
 
-The machine adds random requests, steps the real schedule/postprocess with a fake model whose
-token depends only on (request id, position), aborts requests, and checks after every step: pages
-are conserved and never shared while written, token budget and batch cap hold, scheduled tokens are
-the sequence's own, outputs are a prefix of the request's reference output (so preemption changes
-nothing), and at teardown every request finishes and every page is free.
+The machine adds random requests (beam searches among them), steps the real schedule/postprocess
+with a fake model whose token depends only on (request id, position) and whose beam candidates
+depend only on the beam's tokens, aborts requests, and checks after every step: pages are conserved,
+each page's refcount is the number of running sequences that hold it, no page is written while
+shared, every position a step attends to holds the sequence's own token (page copies included),
+token budget and batch rows hold, scheduled tokens are the sequence's own, outputs are a prefix of
+the request's reference output and beam searches find the hypotheses of their search run alone (so
+preemption changes nothing), and at teardown every request finishes and every page is free.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from llmfx.beam_search import BeamConfig, BeamRow, Candidates, Hypothesis, beam_step
 from llmfx.kv_cache import KvCacheConfig, PagePool, new_page_pool
 from llmfx.sampling_params import SamplingParams
 from llmfx.scheduler import (
@@ -37,6 +43,7 @@ from llmfx.scheduler import (
     has_work,
     new_scheduler_state,
     postprocess,
+    rows_in_use,
     schedule,
     worst_case_pages,
 )
@@ -80,6 +87,22 @@ def requests(draw, *, request_id: int | None = None, vocab: int = VOCAB, max_pro
     return Request(request_id=rid, prompt_token_ids=prompt, params=draw(sampling_params(max_tokens=max_tokens,
                                                                                          vocab=vocab)),
                    eos_token_ids=frozenset({EOS}))
+
+
+@st.composite
+def beam_requests(draw, *, request_id: int, vocab: int = VOCAB, max_prompt_len: int = 12, max_tokens: int = 8,
+                  max_width: int = 3) -> Request:
+    """A beam-search Request with beam ids request_id, request_id + 1, ...; prompts share prefixes as in requests."""
+    plain = draw(requests(request_id=request_id, vocab=vocab, max_prompt_len=max_prompt_len, max_tokens=max_tokens))
+    width = draw(st.integers(2, max_width))
+    params = SamplingParams(
+        max_tokens=plain.params.max_tokens, min_tokens=plain.params.min_tokens, temperature=0.0,
+        stop_token_ids=plain.params.stop_token_ids, ignore_eos=plain.params.ignore_eos, detokenize=False,
+        use_beam_search=True, beam_width=width, n=draw(st.integers(1, width)),
+        length_penalty=draw(st.sampled_from([0.0, 1.0, 2.0, -0.5])),
+        early_stopping=draw(st.sampled_from([True, False, "never"])))
+    return Request(request_id=request_id, prompt_token_ids=plain.prompt_token_ids, params=params,
+                   eos_token_ids=plain.eos_token_ids, beam_ids=tuple(range(request_id, request_id + width)))
 
 
 def request_lists(*, min_size: int = 1, max_size: int = 8, **kw) -> st.SearchStrategy[list[Request]]:
@@ -164,20 +187,50 @@ def check_pool(pool: PagePool) -> None:
     assert all(c >= 1 for c in pool.refcounts.values())
 
 
+def check_page_references(state: SchedulerState) -> None:
+    """Each held page's refcount is the number of running sequences (beams included) whose page list holds it."""
+    held = Counter(p for s in state.running for p in s.pages)
+    assert held == Counter(dict(state.pool.refcounts)), "page refcounts disagree with the sequences holding them"
+
+
+def sequence_tokens(state: SchedulerState, tokens: dict[int, list[int]], seq_id: int) -> Sequence[int]:
+    """A scheduled sequence's tokens: a request's from `tokens` (prompt + outputs), a beam's from the state."""
+    beam = next((s for s in state.running if s.beam is not None and s.request_id == seq_id), None)
+    return tokens[seq_id] if beam is None else beam.request.prompt_token_ids + beam.output_token_ids
+
+
 def check_batch(state: SchedulerState, batch: ScheduledBatch, limits: SchedulerLimits,
                 tokens: dict[int, list[int]]) -> None:
     """Budgets hold and each scheduled chunk is the sequence's own next tokens over pages it alone writes."""
     ps = limits.page_size
     assert batch.num_tokens <= limits.max_num_tokens, "token budget exceeded"
-    assert len(batch.seqs) <= limits.max_batch_size and len(state.running) <= limits.max_batch_size
+    assert len(batch.seqs) <= limits.max_batch_size and rows_in_use(state.running) <= limits.max_batch_size
     assert len({s.request_id for s in batch.seqs}) == len(batch.seqs), "a request scheduled twice in one step"
     for s in batch.seqs:
-        toks, end = tokens[s.request_id], s.start_pos + len(s.token_ids)
+        toks, end = sequence_tokens(state, tokens, s.request_id), s.start_pos + len(s.token_ids)
         assert s.token_ids and tuple(toks[s.start_pos:end]) == s.token_ids, "scheduled tokens are not the sequence's"
         assert s.sample == (end == len(toks))
         assert len(s.pages) == -(-end // ps) and 0 not in s.pages and len(set(s.pages)) == len(s.pages)
         for pos in range(s.start_pos, end):
             assert state.pool.refcounts[s.pages[pos // ps]] == 1, "writing into a shared page"
+
+
+def check_kv(kv: dict[tuple[int, int], int], state: SchedulerState, batch: ScheduledBatch, limits: SchedulerLimits,
+             tokens: dict[int, list[int]]) -> None:
+    """Run a batch on a model of the KV pool, (page, offset) -> token: page copies first, then every chunk
+    checks that the positions it attends to hold its own tokens and writes its new ones."""
+    ps = limits.page_size
+    for src, dst in batch.page_copies:
+        for offset in range(ps):
+            kv.pop((dst, offset), None)
+            if (src, offset) in kv:
+                kv[(dst, offset)] = kv[(src, offset)]
+    for s in batch.seqs:
+        toks = sequence_tokens(state, tokens, s.request_id)
+        for pos in range(s.start_pos):
+            assert kv.get((s.pages[pos // ps], pos % ps)) == toks[pos], "the KV cache lost a sequence's token"
+        for pos in range(s.start_pos, s.start_pos + len(s.token_ids)):
+            kv[(s.pages[pos // ps], pos % ps)] = toks[pos]
 
 
 def fake_token(request_id: int, position: int, vocab: int = VOCAB) -> int:
@@ -195,6 +248,41 @@ def reference_output(r: Request, limits: SchedulerLimits, vocab: int = VOCAB) ->
             return tuple(out), "stop"
         if len(out) >= p.max_tokens or n + len(out) >= limits.max_seq_len:
             return tuple(out), "length"
+
+
+def fake_candidates(token_ids: Sequence[int], vocab: int = VOCAB) -> Candidates:
+    """The fake model's beam candidates after token_ids: every token, best first, logprobs that depend only on them."""
+    key = sum((i + 1) * t for i, t in enumerate(token_ids))
+    logprobs = [-(((key * 7 + v * 13) % 23) + v / 100) / 4 for v in range(vocab)]
+    ids = sorted(range(vocab), key=lambda v: -logprobs[v])
+    return tuple(ids), tuple(logprobs[v] for v in ids)
+
+
+def reference_beam_search(r: Request, limits: SchedulerLimits, vocab: int = VOCAB) -> tuple[Hypothesis, ...]:
+    """The hypotheses of beam-search request r searched alone with the fake model."""
+    p, prompt = r.params, r.prompt_token_ids
+    max_new = min(p.max_tokens, limits.max_seq_len - len(prompt))
+    cfg = BeamConfig(width=p.beam_width, length_penalty=p.length_penalty, early_stopping=p.early_stopping,
+                     max_new_tokens=max_new)
+    beams = [BeamRow(output_token_ids=(), cumulative_logprob=0.0, candidates=fake_candidates(prompt, vocab))]
+    hypotheses: tuple[Hypothesis, ...] = ()
+    while True:
+        n = len(beams[0].output_token_ids) + 1
+
+        def finish(t: int) -> tuple[str, int | None] | None:
+            if n >= p.min_tokens and not p.ignore_eos and t in r.eos_token_ids:
+                return "stop", None
+            if n >= p.min_tokens and t in p.stop_token_ids:
+                return "stop", t
+            return ("length", None) if n >= max_new else None
+
+        children, hypotheses, done = beam_step(beams, hypotheses, finish, cfg)
+        if done:
+            return hypotheses
+        beams = [BeamRow(output_token_ids=beams[c.parent].output_token_ids + (c.token,),
+                         cumulative_logprob=c.cumulative_logprob,
+                         candidates=fake_candidates(prompt + beams[c.parent].output_token_ids + (c.token,), vocab))
+                 for c in children]
 
 
 # --- the state machine ---
@@ -221,12 +309,19 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.requests[r.request_id] = r
         self.state, batch = schedule(self.state, inbox, self.limits, self.cfg)
         check_pool(self.state.pool)
+        check_page_references(self.state)
         check_batch(self.state, batch, self.limits, self.tokens)
+        check_kv(self.kv, self.state, batch, self.limits, self.tokens)
         self.check_step(batch)
         sampled = {s.request_id: fake_token(s.request_id, s.start_pos + len(s.token_ids))
                    for s in batch.seqs if s.sample}
-        self.state, events = postprocess(self.state, batch, sampled, self.limits)
+        beams = {s.request_id: s for s in self.state.running if s.beam is not None}
+        candidates = {s.request_id: fake_candidates(beams[s.request_id].request.prompt_token_ids
+                                                    + beams[s.request_id].output_token_ids)
+                      for s in batch.seqs if s.sample and s.request_id in beams}
+        self.state, events = postprocess(self.state, batch, sampled, self.limits, candidates)
         check_pool(self.state.pool)
+        check_page_references(self.state)
         self._record(events)
         return batch
 
@@ -234,6 +329,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         for e in events:
             assert e.request_id not in self.finished, f"request {e.request_id} produced after finishing"
             self.tokens[e.request_id] += e.new_token_ids
+            if e.hypotheses:
+                self.hypotheses[e.request_id] = e.hypotheses
             if e.finish_reason is not None:
                 self.finished[e.request_id] = e.finish_reason
 
@@ -247,12 +344,24 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.tokens: dict[int, list[int]] = {}
         self.requests: dict[int, Request] = {}
         self.finished: dict[int, str] = {}
+        self.hypotheses: dict[int, tuple[Hypothesis, ...]] = {}
+        self.kv: dict[tuple[int, int], int] = {}
 
     @precondition(lambda self: self.limits is not None)
     @rule(data=st.data())
     def arrive(self, data) -> None:
         r = data.draw(requests(request_id=self.next_id, max_prompt_len=12, max_tokens=10))
         self.next_id += 1
+        self.step_once((r,))
+
+    @precondition(lambda self: self.limits is not None)
+    @rule(data=st.data())
+    def arrive_beam_search(self, data) -> None:
+        r = data.draw(beam_requests(request_id=self.next_id))
+        if (r.params.beam_width > self.limits.max_batch_size
+                or worst_case_pages(r, self.limits) > self.state.pool.num_pages - 1):
+            return  # the engine would refuse it (validate_request)
+        self.next_id += r.params.beam_width
         self.step_once((r,))
 
     @precondition(lambda self: self.limits is not None)
@@ -264,7 +373,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.limits is not None and has_work(self.state))
     @rule(data=st.data())
     def abort_one(self, data) -> None:
-        live = [s.request_id for s in self.state.waiting + self.state.running]
+        live = list(dict.fromkeys(s.request.request_id for s in self.state.waiting + self.state.running))
         rid = data.draw(st.sampled_from(live))
         self.state, events = abort(self.state, [rid])
         assert [(e.request_id, e.finish_reason) for e in events] == [(rid, "abort")]
@@ -276,6 +385,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         if self.limits is None:
             return
         for rid, r in self.requests.items():
+            if r.params.use_beam_search:
+                if self.finished.get(rid, "abort") != "abort":
+                    assert self.hypotheses[rid] == reference_beam_search(r, self.limits), f"beam search {rid} diverged"
+                continue
             out = tuple(self.tokens[rid][len(r.prompt_token_ids):])
             ref, reason = reference_output(r, self.limits)
             assert out == ref[:len(out)], f"request {rid}: output diverged from its reference (preemption bug?)"
