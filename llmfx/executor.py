@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -78,6 +79,20 @@ class StepOutput:
     errors: Mapping[int, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     batch: ScheduledBatch = dataclasses.field(default_factory=ScheduledBatch)
     sampled: Mapping[int, SampledToken] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    collected: ScheduledBatch | None = None  # the batch postprocessed this step: the previous one with overlap
+    collect_s: float = 0.0  # seconds in engine.collect: waiting for the device, then reading the tokens
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepTiming:
+    """One iteration of the executor loop, as a trace records it (time.perf_counter seconds)."""
+
+    start: float  # the inbox was drained (after any wait for work)
+    end: float  # the step returned; its outputs were delivered after this
+    waited_for_work: bool  # the loop had nothing to do and blocked on the inbox before this iteration
+    launched: ScheduledBatch
+    collected: ScheduledBatch | None
+    collect_s: float
 
 
 def step(state: ExecutorState, inbox: Iterable[Message], engine: ModelEngine,
@@ -115,12 +130,16 @@ def step(state: ExecutorState, inbox: Iterable[Message], engine: ModelEngine,
             errors.update({rid: str(failure) for rid in failed})
     done, pending = (state.inflight, launched) if cfg.overlap else (launched, None)
     sampled: Mapping[int, SampledToken] = MappingProxyType({})
+    collect_s = 0.0
     if done is not None:
+        started = time.perf_counter()
         sampled = engine.collect(done)
+        collect_s = time.perf_counter() - started
         sched, produced = postprocess(sched, done.batch, {rid: s.token for rid, s in sampled.items()}, cfg.limits)
         events.extend(produced)
     out = StepOutput(events=tuple(events), errors=MappingProxyType(errors), batch=batch,
-                     sampled=MappingProxyType(dict(sampled)))
+                     sampled=MappingProxyType(dict(sampled)), collected=None if done is None else done.batch,
+                     collect_s=collect_s)
     return ExecutorState(sched=sched, kv=kv, inflight=pending), out
 
 
@@ -142,6 +161,7 @@ class PyExecutor:
         self._stopping = threading.Event()
         self._failure: Exception | None = None
         self._ready = threading.Event()
+        self._trace: list[StepTiming] | None = None  # appended to by the loop's thread while tracing
         self._thread = threading.Thread(target=self._loop, name="llmfx-executor", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -162,6 +182,18 @@ class PyExecutor:
     def abort(self, request_ids: Iterable[int], reason: str = "abort") -> None:
         """Queue the end of requests; their pages are freed at the next step."""
         self._queue.put(AbortRequest(tuple(request_ids), reason))
+
+    def start_trace(self) -> list[StepTiming]:
+        """Record every loop iteration from now on into the returned list, which the loop's thread fills."""
+        if self._trace is not None:
+            raise RuntimeError("a step trace is already recording; stop it before starting another")
+        trace: list[StepTiming] = []
+        self._trace = trace
+        return trace
+
+    def stop_trace(self) -> None:
+        """Stop recording; the list start_trace returned keeps what was recorded."""
+        self._trace = None
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop; requests still waiting or running end with finish_reason "abort"."""
@@ -196,12 +228,18 @@ class PyExecutor:
         inbox: list[Message] = []
         try:
             while True:
-                inbox = self._drain(block=not has_pending_work(state))
+                idle = not has_pending_work(state)
+                inbox = self._drain(block=idle)
                 if self._stopping.is_set():
                     break
+                start = time.perf_counter()
                 state, out = step(state, inbox, self._engine, self._cfg)
                 self._state = state  # published for inspection; the loop owns it
                 inbox = []
+                trace = self._trace
+                if trace is not None:  # appended before delivery, so a caller woken by the outputs sees it
+                    trace.append(StepTiming(start=start, end=time.perf_counter(), waited_for_work=idle,
+                                            launched=out.batch, collected=out.collected, collect_s=out.collect_s))
                 self._deliver(out)
         except Exception as err:  # a bug outside the model step: end every request rather than hang them
             log.exception("the executor loop failed; ending all requests")
