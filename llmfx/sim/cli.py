@@ -71,6 +71,8 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     engine.add_argument("--max-seq-len", type=int, default=None, help="default: the model's")
     engine.add_argument("--disable-overlap-scheduler", action="store_true")
     engine.add_argument("--enforce-eager", action="store_true", help="no torch.compile, no CUDA graphs")
+    engine.add_argument("--prefix-cache", action="store_true",
+                        help="keep KV block reuse on (off by default: cached pages slow later steps down)")
     p.set_defaults(run=run_profile)
     return p
 
@@ -163,7 +165,8 @@ def run_profile(args: argparse.Namespace) -> int:
                     device=args.device, dtype=args.dtype, load_format=args.load_format, page_size=args.page_size,
                     kv_tokens=args.kv_tokens, max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
                     max_seq_len=args.max_seq_len, disable_overlap_scheduler=args.disable_overlap_scheduler,
-                    enforce_eager=args.enforce_eager, log=lambda msg: print(msg, file=sys.stderr))
+                    enforce_eager=args.enforce_eager, enable_block_reuse=args.prefix_cache,
+                    log=lambda msg: print(msg, file=sys.stderr))
     save_cost_model(model, args.out)
     print(f"{describe(model)} (max relative error {model.meta.get('max_relative_error')}) -> {args.out}")
     return 0

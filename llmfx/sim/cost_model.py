@@ -82,17 +82,26 @@ class StepSample:
     shape: BatchShape  # the real (unpadded) batch
     seconds: float  # wall time of the loop charged to this step (what the simulator charges it)
     collect_s: float = 0.0  # of which blocked in engine.collect, waiting for the device
+    host_s: float | None = None  # the loop's own work for this batch, wherever it ran; None: seconds - collect_s
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.seconds) and self.seconds > 0):
             raise ValueError(f"StepSample.seconds must be a finite number > 0, got {self.seconds!r}")
         if not (math.isfinite(self.collect_s) and 0 <= self.collect_s <= self.seconds):
             raise ValueError(f"StepSample.collect_s must be in [0, seconds={self.seconds}], got {self.collect_s!r}")
+        if self.host_s is not None and not (math.isfinite(self.host_s) and self.host_s >= 0):
+            raise ValueError(f"StepSample.host_s must be None or a finite number >= 0, got {self.host_s!r}")
+
+    @property
+    def host(self) -> float:
+        """Seconds of host work for this batch."""
+        return self.seconds - self.collect_s if self.host_s is None else self.host_s
 
     def row(self) -> dict[str, float]:
         """A flat dict for JSON."""
         return {"prefill_tokens": self.shape.prefill_tokens, "decode_seqs": self.shape.decode_seqs,
-                "context_tokens": self.shape.context_tokens, "seconds": self.seconds, "collect_s": self.collect_s}
+                "context_tokens": self.shape.context_tokens, "seconds": self.seconds, "collect_s": self.collect_s,
+                "host_s": self.host}
 
 
 def _first_at_least(sizes: Sequence[int], n: int) -> int:
@@ -241,19 +250,19 @@ def fit_overlap_cost_model(samples: Iterable[StepSample], meta: Mapping[str, Any
                            device_bound: float = 0.1) -> CostModel:
     """Fit step_time = max(device, host) to steps timed in a serving loop that overlaps host and device.
 
-    The host terms fit every sample's time outside engine.collect. The device terms fit the whole
+    The host terms fit every sample's host work (StepSample.host). The device terms fit the whole
     time of device-bound samples (those that waited in collect for at least `device_bound` of
     their time): there the device never idled, so the step lasted as long as the device ran it.
     Without device-bound samples (a CPU, an eager GPU path) the device terms are 0. Errors are
-    relative to each sample's time.
+    relative to each sample's time (the longer of its charged time and its host work).
     """
     samples = list(samples)
     if not samples:
         raise ValueError("fit_overlap_cost_model needs at least one StepSample")
     if not (isinstance(device_bound, (int, float)) and 0 < device_bound < 1):
         raise ValueError(f"device_bound must be a fraction in (0, 1), got {device_bound!r}")
-    weights = [1.0 / s.seconds for s in samples]
-    host = _fit_nonneg([s.shape.features() for s in samples], [s.seconds - s.collect_s for s in samples], weights)
+    weights = [1.0 / max(s.seconds, s.host) for s in samples]
+    host = _fit_nonneg([s.shape.features() for s in samples], [s.host for s in samples], weights)
     bound = [s for s in samples if s.collect_s >= device_bound * s.seconds]
     device = [0.0] * len(COEFFICIENTS)
     if bound:
@@ -264,7 +273,8 @@ def fit_overlap_cost_model(samples: Iterable[StepSample], meta: Mapping[str, Any
     info.setdefault("device_bound_points", len(bound))
     model = CostModel(**dict(zip(COEFFICIENTS, device)), **dict(zip(HOST_COEFFICIENTS, host)),
                       decode_buckets=tuple(decode_buckets), token_buckets=tuple(token_buckets), meta=info)
-    return _with_error(model, [(s.shape, s.seconds) for s in samples], info)
+    # A step costs at least its host work, even where (synchronous launch) it was charged to the step before.
+    return _with_error(model, [(s.shape, max(s.seconds, s.host)) for s in samples], info)
 
 
 def _with_error(model: CostModel, points: Sequence[tuple[BatchShape, float]], info: dict[str, Any]) -> CostModel:

@@ -20,7 +20,15 @@ from typing import Any
 import torch
 
 from llmfx import startup
-from llmfx.executor import ExecutorConfig, ExecutorState, StepOutput, StepTiming, has_pending_work, step
+from llmfx.executor import (
+    ExecutorConfig,
+    ExecutorState,
+    StepOutput,
+    StepTiming,
+    TracedBatch,
+    has_pending_work,
+    step,
+)
 from llmfx.kv_cache import KvCacheConfig
 from llmfx.model_engine import ModelEngine
 from llmfx.sampling_params import SamplingParams
@@ -64,6 +72,12 @@ def build_engine(model: str = "tiny", *, device: str | None = None, dtype: str =
     return Engine(state=state, engine=parts.engine, cfg=parts.cfg, vocab_size=parts.engine.cfg.vocab_size)
 
 
+def shape_of(batch: TracedBatch) -> BatchShape:
+    """The cost model's features of a traced batch."""
+    return BatchShape(prefill_tokens=batch.num_tokens - batch.num_decode, decode_seqs=batch.num_decode,
+                      context_tokens=batch.context_tokens)
+
+
 def charge_steps(trace: Sequence[StepTiming]) -> list[StepSample]:
     """The batches a traced serving loop ran, each with the wall time the simulator charges it.
 
@@ -71,21 +85,28 @@ def charge_steps(trace: Sequence[StepTiming]) -> list[StepSample]:
     to its own end, or from its own start when it followed a wait for work. Its time is charged to
     the batch it collected; an iteration that collected nothing (a launch after idling, a policy
     wait) passes its time on to the next batch collected, as the simulator's zero-time launch does.
+    A batch's host work is the time its own launch took (the whole computation where launching is
+    synchronous, as on a CPU) plus the rest of its collecting iteration outside launch and collect.
     """
     samples: list[StepSample] = []
-    carry, prev_end = 0.0, None
+    carry, carry_host, prev_end = 0.0, 0.0, None
     for it in trace:
         if it.waited_for_work or prev_end is None:
-            began, carry = it.start, 0.0
+            began, carry, carry_host = it.start, 0.0, 0.0
         else:
             began = prev_end
         prev_end = it.end
-        seconds = carry + (it.end - began)
-        if it.collected is None or not it.collected.seqs:
-            carry = seconds
+        seconds = it.end - began
+        launch_s = it.launched.launch_s if it.launched is not None else 0.0
+        other = seconds - launch_s - it.collect_s  # schedule, postprocess, delivery, the inbox
+        done = it.collected
+        if done is None:
+            carry += seconds
+            carry_host += other
             continue
-        samples.append(StepSample(shape=BatchShape.of(it.collected), seconds=seconds, collect_s=it.collect_s))
-        carry = 0.0
+        host = None if done.launch_s is None else max(done.launch_s + other + carry_host, 0.0)
+        samples.append(StepSample(shape=shape_of(done), seconds=carry + seconds, collect_s=it.collect_s, host_s=host))
+        carry, carry_host = 0.0, 0.0
     return samples
 
 
@@ -192,18 +213,24 @@ def profile(model: str = "tinyllama-1.1b", *, batch_sizes: Sequence[int] = (1, 8
             decode_steps: int = 8, warmup_steps: int = 2, device: str | None = None, dtype: str = "auto",
             load_format: str = "dummy", page_size: int = 16, kv_tokens: int | None = None,
             max_batch_size: int = 256, max_num_tokens: int = 8192, max_seq_len: int | None = None,
-            disable_overlap_scheduler: bool = False, enforce_eager: bool = False, seed: int = 0,
-            log: Callable[[str], None] | None = None) -> CostModel:
-    """Build the LLM that would serve (these are LLM's arguments) and profile it with profile_llm."""
+            disable_overlap_scheduler: bool = False, enforce_eager: bool = False, enable_block_reuse: bool = False,
+            seed: int = 0, log: Callable[[str], None] | None = None) -> CostModel:
+    """Build the LLM that would serve (these are LLM's arguments) and profile it with profile_llm.
+
+    The prefix cache is off unless asked for: the grid's prompts share nothing, and every page they
+    leave cached makes later steps slower (kv_cache copies its maps each step), which would skew
+    the points measured last.
+    """
     from llmfx.llm import LLM
 
     if kv_tokens is not None and (isinstance(kv_tokens, bool) or not isinstance(kv_tokens, int) or kv_tokens < 1):
         raise ValueError(f"kv_tokens must be None or an integer >= 1, got {kv_tokens!r}")
     with LLM(model, dtype=dtype, device=device, load_format=load_format, skip_tokenizer_init=True,
              max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
-             kv_cache_config=KvCacheConfig(page_size=page_size, max_tokens=kv_tokens),
+             kv_cache_config=KvCacheConfig(page_size=page_size, max_tokens=kv_tokens,
+                                           enable_block_reuse=enable_block_reuse),
              disable_overlap_scheduler=disable_overlap_scheduler, enforce_eager=enforce_eager, seed=seed) as llm:
         return profile_llm(llm, batch_sizes=batch_sizes, context_lens=context_lens, prefill_lens=prefill_lens,
                            decode_steps=decode_steps, warmup_steps=warmup_steps, seed=seed, log=log,
-                           meta={"model": model, "dtype": dtype})
+                           meta={"model": model, "dtype": dtype, "prefix_cache": enable_block_reuse})
 
