@@ -24,7 +24,8 @@ for stage in "$@"; do
                --tag=-offline-no-overlap 2>&1 | tee -a "$OUT/offline.log" | tail -6 ;;
     startup) llmfx bench startup --workdir $work --save "$OUT" --tag=-startup 2>&1 | tee "$OUT/startup.log" | tail -20 ;;
     profile) llmfx profile --model tinyllama-1.1b --out "$OUT/profile_h200.json" 2>&1 | tee "$OUT/profile.log" | tail -8 ;;
-    simval) python3 benchmarks/sim_validation.py --model tinyllama-1.1b --out "$OUT" 2>&1 | tee "$OUT/simval.log" | tail -12 ;;
+    simval) python3 benchmarks/sim_validation.py --model tinyllama-1.1b --out "$OUT" 2>&1 | tee "$OUT/simval.log" \
+              | tail -12 ;;
     *) echo "unknown stage $stage" ;;
   esac
   echo "== $stage took $(( $(date +%s) - start )) s"

@@ -5,7 +5,7 @@
     result.summary(); result.to_pandas("requests"); result.to_pandas("steps")
 
 Nothing here needs a GPU or pandas; `llmfx.sim.profile` (which imports torch and the engine) measures
-a cost model on real hardware.
+a cost model on real hardware, and `llmfx.sim.validate` compares the simulator with the engine.
 """
 
 from llmfx.sim.arrivals import SimRequest, all_at_once, bursty, load_trace, poisson, save_trace

@@ -175,9 +175,10 @@ def profile_llm(llm, *, batch_sizes: Sequence[int] = (1, 8, 64, 256), context_le
             if context + max_tokens > lim.max_seq_len:
                 raise ValueError(f"profile context_lens: {context} + {max_tokens} new tokens exceeds the engine's "
                                  f"max_seq_len={lim.max_seq_len}")
-            if batch * (context + max_tokens + lim.page_size) > kv_tokens:
-                raise ValueError(f"profile: batch {batch} x context {context} needs about "
-                                 f"{batch * (context + max_tokens + lim.page_size)} KV tokens; the pool holds {kv_tokens}")
+            need = batch * (context + max_tokens + lim.page_size)
+            if need > kv_tokens:
+                raise ValueError(f"profile: batch {batch} x context {context} needs about {need} KV tokens; "
+                                 f"the pool holds {kv_tokens}")
             got = run([context] * batch, max_tokens)
             samples += got
             full = sorted(s.seconds for s in got if s.shape.decode_seqs == batch and not s.shape.prefill_tokens)

@@ -9,23 +9,19 @@
 4. Simulate both with the fitted cost model and the engine's own limits, policy, KV pool and
    overlap setting, each request arriving when the engine received it, and compare.
 
-`benchmarks/sim_validation.py` is the command line; `main` writes sim_validation.json (the report),
-profile.json (the fitted cost model, a drop-in for llmfx/sim/profile_default.json) and
-served_steps.json (every step the engine served, timed, to refit cost models offline).
+`benchmarks/sim_validation.py` is the command line: it builds the LLM, calls `validate`, and writes
+the report, the fitted cost model and the served steps.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
-import json
 import math
 import os
 import platform
 import random
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,11 +31,10 @@ from typing import Any
 import torch
 
 from llmfx.bench import offline_workload
-from llmfx.kv_cache import KvCacheConfig
 from llmfx.sampling_params import SamplingParams
 from llmfx.sim.arrivals import SimRequest, poisson
-from llmfx.sim.cli import describe, parse_length
-from llmfx.sim.cost_model import CostModel, StepSample, save_cost_model
+from llmfx.sim.cli import describe
+from llmfx.sim.cost_model import CostModel, StepSample
 from llmfx.sim.profile import charge_steps, profile_llm
 from llmfx.sim.simulator import SimConfig, simulate
 
@@ -304,86 +299,3 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines.append(f"{verdict}: every figure within {report['tolerance']:.0%}" if report["passed"]
                  else f"{verdict}: some figure is off by more than {report['tolerance']:.0%}")
     return lines
-
-
-# Defaults: PERF.md's workload and a grid that spans it on a GPU; a quick, smaller check on a CPU.
-GPU_DEFAULTS = {"num_requests": 256, "lengths": "100:1024",
-                "batch_sizes": "1,8,32,64,128,256", "context_lens": "128,1024,1900",
-                "prefill_lens": "128,512,1024,2048,4096,8192"}
-CPU_DEFAULTS = {"num_requests": 48, "lengths": "16:160",
-                "batch_sizes": "1,4,16,48", "context_lens": "32,256",
-                "prefill_lens": "32,256,1024"}
-
-
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag} must be comma-separated integers >= 1, got {text!r}")
-    return values
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sim_validation", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tinyllama-1.1b", help="preset (dummy weights) or checkpoint dir")
-    p.add_argument("--out", required=True, help="folder for sim_validation.json, profile.json, served_steps.json")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--num-requests", type=int, default=None, help="offline requests (default 256 on GPU, 48 on CPU)")
-    p.add_argument("--lengths", default=None, help="LOW:HIGH prompt and output lengths (default 100:1024 on GPU)")
-    p.add_argument("--poisson-requests", type=int, default=None, help="default: --num-requests")
-    p.add_argument("--load", type=float, default=0.7, help="Poisson rate as a fraction of the offline request rate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tolerance", type=float, default=0.10, help="largest relative error that passes")
-    p.add_argument("--no-warmup", action="store_true", help="skip the untimed offline warm-up run")
-    p.add_argument("--batch-sizes", default=None, help="profile: decode batch sizes")
-    p.add_argument("--context-lens", default=None, help="profile: decode context lengths")
-    p.add_argument("--prefill-lens", default=None, help="profile: prompt tokens of one prefill step")
-    p.add_argument("--decode-steps", type=int, default=8, help="profile: timed decode steps per shape")
-    p.add_argument("--disable-overlap-scheduler", action="store_true", help="validate the engine without overlap")
-    p.add_argument("--prefix-cache", action="store_true",
-                   help="keep KV block reuse on; off by default: the workloads share no prefixes, and the pages "
-                        "earlier phases leave cached make the engine's later steps slower")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the validation; exit code 0 when every figure is within the tolerance, 1 when not."""
-    from llmfx.llm import LLM
-
-    args = parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
-    pick = (lambda name: getattr(args, name) if getattr(args, name) is not None else defaults[name])
-    lengths = parse_length(pick("lengths"), "--lengths")
-    if isinstance(lengths, int):
-        lengths = (lengths, lengths)
-    num_requests = pick("num_requests")
-    grid = {"batch_sizes": _ints(pick("batch_sizes"), "--batch-sizes"),
-            "context_lens": _ints(pick("context_lens"), "--context-lens"),
-            "prefill_lens": _ints(pick("prefill_lens"), "--prefill-lens"), "decode_steps": args.decode_steps}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True))
-    started = time.perf_counter()
-    # bench.offline's engine: the longest prompt plus the longest output, with room to spare.
-    with LLM(args.model, dtype=args.dtype, device=device, load_format="dummy", skip_tokenizer_init=True,
-             max_seq_len=2 * lengths[1] + 64, disable_overlap_scheduler=args.disable_overlap_scheduler,
-             kv_cache_config=KvCacheConfig(enable_block_reuse=args.prefix_cache)) as llm:
-        build_s = time.perf_counter() - started
-        log(f"engine built in {build_s:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in llm.startup_seconds.items())})")
-        report, cost, steps = validate(
-            llm, model=args.model, num_requests=num_requests, lengths=lengths,
-            poisson_requests=args.poisson_requests or num_requests, load=args.load, seed=args.seed,
-            warmup=not args.no_warmup, tolerance=args.tolerance, grid=grid, log=log)
-    report["timings_s"] = {"build_s": build_s, **report["timings_s"], "total_s": time.perf_counter() - started}
-    report["startup_s"] = dict(llm.startup_seconds)
-    save_cost_model(cost, out / "profile.json")
-    (out / "served_steps.json").write_text(json.dumps(steps) + "\n")
-    (out / "sim_validation.json").write_text(json.dumps(report, indent=1) + "\n")
-    for line in summary_lines(report):
-        print(line)
-    print(f"wrote {out / 'sim_validation.json'}, {out / 'profile.json'}, {out / 'served_steps.json'}")
-    return 0 if report["passed"] else 1
