@@ -410,6 +410,15 @@ def test_simulate_cli_prints_a_json_summary(capsys):
     assert summary["policy"] == "max_utilization" and summary["num_finished"] == 20
 
 
+def test_simulate_cli_models_the_overlap_scheduler_unless_disabled(capsys):
+    ttft = []
+    for flag in ((), ("--disable-overlap-scheduler",)):
+        assert _cli("simulate", "--arrivals", "poisson", "--rate", "300", "--num-requests", "40",
+                    "--prompt-len", "64:256", "--output-len", "32", "--json", *flag) == 0
+        ttft.append(json.loads(capsys.readouterr().out)["ttft_s_mean"])
+    assert ttft[0] > ttft[1]  # with overlap a new prompt runs after the batch already in flight
+
+
 def test_simulate_cli_replays_a_trace_with_a_cost_model(tmp_path, capsys):
     save_trace(all_at_once(6, prompt_len=8, output_len=4), tmp_path / "t.jsonl")
     save_cost_model(CostModel.constant(0.01), tmp_path / "c.json")
