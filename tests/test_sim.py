@@ -40,10 +40,11 @@ def seq(rid, n, start, sample=True):
 # --- the simulator and the engine agree ---
 
 
-def _engine_batches(policy, arrivals, *, kv_tokens, overlap, page_size=4):
+def _engine_batches(policy, arrivals, *, kv_tokens, overlap, page_size=4, stops=None):
     """Drive executor.step by hand with the tiny model; arrivals maps step index -> [(rid, prompt, max_tokens)].
 
-    Returns every step's batch (empty ones included), the limits and the pool size.
+    stops maps request id -> stop token ids. Returns every step's batch (empty ones included), the
+    limits, the pool size and each request's output tokens.
     """
     from llmfx.executor import AddRequest
     from llmfx.sampling_params import SamplingParams
@@ -53,18 +54,21 @@ def _engine_batches(policy, arrivals, *, kv_tokens, overlap, page_size=4):
     e = build_engine("tiny", device="cpu", kv_tokens=kv_tokens, page_size=page_size, max_batch_size=4,
                      max_num_tokens=16, max_seq_len=128, scheduler=SchedulerConfig(capacity_scheduler_policy=policy),
                      overlap=overlap)
-    batches, k, last = [], 0, max(arrivals)
+    batches, k, last, tokens = [], 0, max(arrivals), {}
     while True:
         inbox = [AddRequest(Request(request_id=rid, prompt_token_ids=prompt, eos_token_ids=frozenset({257}),
                                     params=SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
+                                                          stop_token_ids=(stops or {}).get(rid, ()),
                                                           detokenize=False)))
                  for rid, prompt, n in arrivals.get(k, ())]
         out = e.step(inbox)
         assert not out.errors
         batches.append(out.batch)
+        for event in out.events:
+            tokens.setdefault(event.request_id, []).extend(event.new_token_ids)
         k += 1
         if k > last and not e.has_pending_work:
-            return batches, e.cfg.limits, e.state.sched.pool.num_pages
+            return batches, e.cfg.limits, e.state.sched.pool.num_pages, tokens
 
 
 def _key(batch):
@@ -83,7 +87,7 @@ def test_simulator_schedules_exactly_like_the_engine(policy, kv_tokens, overlap)
     shared = tuple(range(40, 52))  # a shared prefix: prefix-cache hits must match too
     arrivals = {0: [(0, tuple(range(1, 22)), 9), (1, shared + (5, 6), 12), (2, (7,) * 5, 14)],
                 3: [(3, shared + (8,), 6)], 6: [(4, tuple(range(60, 90)), 5), (5, (9, 9, 9), 10)]}
-    engine, limits, num_pages = _engine_batches(policy, arrivals, kv_tokens=kv_tokens, overlap=overlap)
+    engine, limits, num_pages, _ = _engine_batches(policy, arrivals, kv_tokens=kv_tokens, overlap=overlap)
     times = {k: _sim_time_of_step(engine, k, overlap) for k in arrivals}
     # Each arrival must enter at its own step, not one that starts at the same simulated time.
     assert all(k == 0 or _sim_time_of_step(engine, k - 1, overlap) < times[k] for k in arrivals)
@@ -98,6 +102,29 @@ def test_simulator_schedules_exactly_like_the_engine(policy, kv_tokens, overlap)
     assert any(s.start_pos > 0 and len(s.token_ids) > 1 for b in engine for s in b.seqs)  # a prefix hit happened
     if policy == "max_utilization":
         assert any(b.preempted for b in engine)  # the pool is small enough to force preemption
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_request_ended_by_a_stop_token_is_simulated_with_the_engines_extra_step(overlap):
+    prompts = {0: tuple(range(1, 22)), 1: tuple(range(30, 39))}
+    free = _engine_batches("guaranteed_no_evict", {0: [(0, prompts[0], 12), (1, prompts[1], 12)]}, kv_tokens=256,
+                           overlap=overlap)[3][0]
+    k = next(i for i in range(3, 12) if free[i] not in free[:i])  # stop on a token seen first at output k
+    arrivals = {0: [(0, prompts[0], 12), (1, prompts[1], 12)]}
+    engine, limits, num_pages, tokens = _engine_batches("guaranteed_no_evict", arrivals, kv_tokens=256,
+                                                        overlap=overlap, stops={0: (free[k],)})
+    assert tokens[0] == free[: k + 1]
+    cfg = SimConfig(limits=limits, num_pages=num_pages, overlap=overlap)
+    sim_requests = [SimRequest(request_id=0, arrival_time=0.0, prompt_len=21, output_len=k + 1, max_tokens=12,
+                               prompt_token_ids=prompts[0]),
+                    SimRequest(request_id=1, arrival_time=0.0, prompt_len=9, output_len=12,
+                               prompt_token_ids=prompts[1])]
+    result = simulate(sim_requests, cfg, UNIT, keep_batches=True)
+    assert [_key(b) for b in result.batches if b.seqs] == [_key(b) for b in engine if b.seqs]
+    steps_with_0 = sum(1 for b in engine if any(s.request_id == 0 for s in b.seqs))
+    # Two prefill chunks (16 + 5 tokens), k decodes and, with overlap, one more whose token is dropped.
+    assert steps_with_0 == 2 + k + overlap
+    assert [(r.finish_reason, r.num_output_tokens) for r in result.requests] == [("stop", k + 1), ("length", 12)]
 
 
 # --- timeline and metrics ---
@@ -369,6 +396,7 @@ def test_non_positive_rate_is_rejected(rate):
 
 def test_trace_round_trips_and_reads_csv(tmp_path):
     reqs = bursty(5, 2.0, prompt_len=(1, 9), output_len=3)
+    reqs[2] = SimRequest(request_id=2, arrival_time=reqs[2].arrival_time, prompt_len=4, output_len=3, max_tokens=9)
     save_trace(reqs, tmp_path / "t.jsonl")
     assert load_trace(tmp_path / "t.jsonl") == reqs
     (tmp_path / "t.csv").write_text("arrival_time,prompt_len,output_len\n0.5,10,4\n0.0,3,2\n")
@@ -383,6 +411,8 @@ def test_trace_round_trips_and_reads_csv(tmp_path):
     ("c.jsonl", '{"arrival_time": -3, "prompt_len": 4, "output_len": 2}\n', "line 1: field 'arrival_time'"),
     ("d.csv", "arrival_time,prompt_len,output_len\n0,4,2\n1,four,2\n", "line 3: field 'prompt_len'.*'four'"),
     ("e.csv", "arrival_time,prompt_len\n0,4\n", "line 1: CSV header lacks field.*output_len"),
+    ("g.jsonl", '{"arrival_time": 0, "prompt_len": 4, "output_len": 5, "max_tokens": 3}\n',
+     "line 1: SimRequest 0: max_tokens must be.*>= output_len=5"),
     ("f.jsonl", "\n", "no requests"),
 ])
 def test_malformed_trace_names_the_line_and_field(tmp_path, name, text, match):

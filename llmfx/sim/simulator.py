@@ -2,9 +2,10 @@
 
 Each step is what `llmfx.executor.step` does without the model: requests that arrived by the
 step's start enter the scheduler, aborts due by then are applied, `schedule` picks the batch, the
-cost model says how long it runs, and `postprocess` takes fake sampled tokens. Every simulated
-request runs with `max_tokens=output_len, ignore_eos=True`, so token values never change when a
-request stops; fake tokens are unique per request, so they never create prefix-cache hits.
+cost model says how long it runs, and `postprocess` takes fake sampled tokens. A simulated request
+ends by length (`max_tokens=output_len`) or, given a larger max_tokens, by a stop token sampled at
+its output_len-th token, as EOS would; fake tokens are unique per request and position, so they
+never create prefix-cache hits and never stop a request early.
 
 With overlap (the engine's default) the order is the executor's: step k schedules batch k, then
 postprocesses batch k-1, so finished requests free their pages one step late and a new token is
@@ -81,8 +82,11 @@ def fake_token(request_id: int, position: int) -> int:
 
 
 def to_request(r: SimRequest) -> Request:
-    """The engine request a SimRequest stands for: greedy, max_tokens=output_len, EOS ignored."""
-    params = SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0, detokenize=False)
+    """The engine request a SimRequest stands for: greedy, EOS ignored, ending after output_len tokens by
+    length, or (max_tokens given) by the stop token fake_token puts at its last position."""
+    stop = () if r.max_tokens is None else (fake_token(r.request_id, r.prompt_len + r.output_len - 1),)
+    params = SamplingParams(max_tokens=r.max_tokens or r.output_len, stop_token_ids=stop, ignore_eos=True,
+                            temperature=0.0, detokenize=False)
     return Request(request_id=r.request_id, prompt_token_ids=r.tokens(), params=params, arrival_time=r.arrival_time)
 
 
