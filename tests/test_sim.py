@@ -306,6 +306,17 @@ def test_overlap_fit_without_device_waits_is_a_host_model():
                         rel_tol=1e-6)
 
 
+def test_a_short_wait_after_a_synchronous_launch_is_not_a_device_bound_step():
+    # CPU: the step's work ran in its launch (host_s), charged to the iteration before; its own
+    # iteration only collected, so its charged time is short and its collect a large share of it.
+    samples = [StepSample(shape=BatchShape(decode_seqs=b, context_tokens=64 * b), seconds=1e-3 + 2e-5 * b,
+                          host_s=1e-3 + 2e-5 * b) for b in (1, 2, 4, 8)]
+    samples.append(StepSample(shape=BatchShape(decode_seqs=8, context_tokens=512), seconds=2e-4, collect_s=1e-4,
+                              host_s=1.16e-3))
+    fitted = fit_overlap_cost_model(samples)
+    assert fitted.meta["device_bound_points"] == 0 and fitted.c0 == 0.0
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(seconds=0.0), "StepSample.seconds"),
     (dict(seconds=1.0, collect_s=2.0), "StepSample.collect_s"),
@@ -486,3 +497,4 @@ def test_profile_cli_measures_the_tiny_model_on_cpu_and_writes_a_loadable_cost_m
     assert {(p["prefill_tokens"], p["decode_seqs"]) for p in points} >= {(8, 0), (24, 0), (0, 1), (0, 2)}
     assert all(p["seconds"] > 0 and 0 <= p["collect_s"] <= p["seconds"] for p in points)
     assert model.step_time(BatchShape(decode_seqs=1, context_tokens=8)) > 0
+

@@ -252,7 +252,8 @@ def fit_overlap_cost_model(samples: Iterable[StepSample], meta: Mapping[str, Any
 
     The host terms fit every sample's host work (StepSample.host). The device terms fit the whole
     time of device-bound samples (those that waited in collect for at least `device_bound` of
-    their time): there the device never idled, so the step lasted as long as the device ran it.
+    their time or host work): there the device never idled, so the step lasted as long as the device
+    ran it.
     Without device-bound samples (a CPU, an eager GPU path) the device terms are 0. Errors are
     relative to each sample's time (the longer of its charged time and its host work).
     """
@@ -263,7 +264,9 @@ def fit_overlap_cost_model(samples: Iterable[StepSample], meta: Mapping[str, Any
         raise ValueError(f"device_bound must be a fraction in (0, 1), got {device_bound!r}")
     weights = [1.0 / max(s.seconds, s.host) for s in samples]
     host = _fit_nonneg([s.shape.features() for s in samples], [s.host for s in samples], weights)
-    bound = [s for s in samples if s.collect_s >= device_bound * s.seconds]
+    # Against the longer of the two: a synchronous launch (CPU) makes a step's host work exceed the time
+    # charged to it, and its short wait in collect says nothing about a device.
+    bound = [s for s in samples if s.collect_s >= device_bound * max(s.seconds, s.host)]
     device = [0.0] * len(COEFFICIENTS)
     if bound:
         device = _fit_nonneg([s.shape.padded(decode_buckets, token_buckets).features() for s in bound],
