@@ -5,6 +5,7 @@
 #   offline  PERF.md offline workload, llmfx overlap on and off, transformers continuous batching peer
 #   startup  cold and warm compile cache
 #   profile  the simulator's cost model for the TinyLlama shape
+#   simval   the simulator against the engine: one build, profiled, offline + Poisson at 70% load, simulated
 # Logs and results go to $OUT (the device tool brings them back).
 set -uo pipefail
 OUT=${OUT:-/tmp/llmfx-out}
@@ -23,6 +24,8 @@ for stage in "$@"; do
                --tag=-offline-no-overlap 2>&1 | tee -a "$OUT/offline.log" | tail -6 ;;
     startup) llmfx bench startup --workdir $work --save "$OUT" --tag=-startup 2>&1 | tee "$OUT/startup.log" | tail -20 ;;
     profile) llmfx profile --model tinyllama-1.1b --out "$OUT/profile_h200.json" 2>&1 | tee "$OUT/profile.log" | tail -8 ;;
+    simval) python3 benchmarks/sim_validation.py --model tinyllama-1.1b --out "$OUT" 2>&1 | tee "$OUT/simval.log" \
+              | tail -12 ;;
     *) echo "unknown stage $stage" ;;
   esac
   echo "== $stage took $(( $(date +%s) - start )) s"

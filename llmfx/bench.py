@@ -132,13 +132,15 @@ def _hf_latency(path: Path, prompt_len: int, new_tokens: int, model: str) -> lis
     return rows
 
 
-def offline_workload(vocab_size: int, num_requests: int = 256) -> list[tuple[list[int], int]]:
-    """nano-vllm's bench: random.seed(0), prompt and output lengths uniform in [100, 1024]."""
-    random.seed(0)
+def offline_workload(vocab_size: int, num_requests: int = 256, lengths: tuple[int, int] = (100, 1024),
+                     seed: int = 0) -> list[tuple[list[int], int]]:
+    """nano-vllm's bench: seed 0, prompt and output lengths uniform in [100, 1024] (the `lengths` range)."""
+    rng = random.Random(seed)  # the same draws as nano-vllm's random.seed(0), without touching the global state
+    lo, hi = lengths
     work = []
     for _ in range(num_requests):
-        prompt = [random.randint(0, vocab_size - 1) for _ in range(random.randint(100, 1024))]
-        work.append((prompt, random.randint(100, 1024)))
+        prompt = [rng.randint(0, vocab_size - 1) for _ in range(rng.randint(lo, hi))]
+        work.append((prompt, rng.randint(lo, hi)))
     return work
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -78,6 +79,44 @@ class StepOutput:
     errors: Mapping[int, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     batch: ScheduledBatch = dataclasses.field(default_factory=ScheduledBatch)
     sampled: Mapping[int, SampledToken] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    collected: ScheduledBatch | None = None  # the batch postprocessed this step: the previous one with overlap
+    launch_s: float = 0.0  # seconds in engine.launch (the whole computation where launching is synchronous: CPU)
+    collect_s: float = 0.0  # seconds in engine.collect: waiting for the device, then reading the tokens
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TracedBatch:
+    """A batch as a step trace keeps it: counts, not sequences (keeping every batch alive would slow the GC)."""
+
+    num_seqs: int
+    num_tokens: int
+    num_decode: int  # sequences fed exactly one token
+    context_tokens: int  # sum over sequences of start_pos + tokens fed
+    launch_s: float | None  # seconds engine.launch took; None when it was launched before the trace began
+
+    @staticmethod
+    def of(batch: ScheduledBatch, launch_s: float | None) -> TracedBatch:
+        """The counts of a scheduled batch."""
+        tokens = decode = context = 0
+        for s in batch.seqs:
+            n = len(s.token_ids)
+            tokens += n
+            decode += n == 1
+            context += s.start_pos + n
+        return TracedBatch(num_seqs=len(batch.seqs), num_tokens=tokens, num_decode=decode, context_tokens=context,
+                           launch_s=launch_s)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepTiming:
+    """One iteration of the executor loop, as a trace records it (time.perf_counter seconds)."""
+
+    start: float  # the inbox was drained (after any wait for work)
+    end: float  # the step returned; its outputs were delivered after this
+    waited_for_work: bool  # the loop had nothing to do and blocked on the inbox before this iteration
+    launched: TracedBatch | None  # None: nothing was launched
+    collected: TracedBatch | None  # None: nothing was postprocessed
+    collect_s: float
 
 
 def step(state: ExecutorState, inbox: Iterable[Message], engine: ModelEngine,
@@ -103,8 +142,10 @@ def step(state: ExecutorState, inbox: Iterable[Message], engine: ModelEngine,
             errors[message.request.request_id] = str(err)
     sched, batch = schedule(sched, (), cfg.limits, cfg.scheduler)
     launched = None
+    launch_s = 0.0
     if batch.seqs:
         sequences = {s.request_id: s for s in sched.running}
+        started = time.perf_counter()
         try:
             kv, launched = engine.launch(kv, batch, sequences)
         except StepFailed as failure:
@@ -114,16 +155,21 @@ def step(state: ExecutorState, inbox: Iterable[Message], engine: ModelEngine,
             sched, ended = abort(sched, failed, "error")
             events.extend(ended)
             errors.update({rid: str(failure) for rid in failed})
+        launch_s = time.perf_counter() - started
     done, pending = (state.inflight, launched) if cfg.overlap else (launched, None)
     sampled: Mapping[int, SampledToken] = MappingProxyType({})
+    collect_s = 0.0
     if done is not None:
+        started = time.perf_counter()
         sampled = engine.collect(done)
+        collect_s = time.perf_counter() - started
         # Beams pick their next tokens from the top-20 (read back for beam rows and logprobs rows only).
         sched, produced = postprocess(sched, done.batch, {rid: s.token for rid, s in sampled.items()}, cfg.limits,
                                       {rid: (s.top_ids, s.top_logprobs) for rid, s in sampled.items() if s.top_ids})
         events.extend(produced)
     out = StepOutput(events=tuple(events), errors=MappingProxyType(errors), batch=batch,
-                     sampled=MappingProxyType(dict(sampled)))
+                     sampled=MappingProxyType(dict(sampled)), collected=None if done is None else done.batch,
+                     launch_s=launch_s, collect_s=collect_s)
     return ExecutorState(sched=sched, kv=kv, inflight=pending), out
 
 
@@ -145,6 +191,7 @@ class PyExecutor:
         self._stopping = threading.Event()
         self._failure: Exception | None = None
         self._ready = threading.Event()
+        self._trace: list[StepTiming] | None = None  # appended to by the loop's thread while tracing
         self._thread = threading.Thread(target=self._loop, name="llmfx-executor", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -165,6 +212,18 @@ class PyExecutor:
     def abort(self, request_ids: Iterable[int], reason: str = "abort") -> None:
         """Queue the end of requests; their pages are freed at the next step."""
         self._queue.put(AbortRequest(tuple(request_ids), reason))
+
+    def start_trace(self) -> list[StepTiming]:
+        """Record every loop iteration from now on into the returned list, which the loop's thread fills."""
+        if self._trace is not None:
+            raise RuntimeError("a step trace is already recording; stop it before starting another")
+        trace: list[StepTiming] = []
+        self._trace = trace
+        return trace
+
+    def stop_trace(self) -> None:
+        """Stop recording; the list start_trace returned keeps what was recorded."""
+        self._trace = None
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop; requests still waiting or running end with finish_reason "abort"."""
@@ -197,20 +256,44 @@ class PyExecutor:
         self._ready.set()
         state = self._state
         inbox: list[Message] = []
+        traced: tuple[ScheduledBatch, TracedBatch | None] | None = None  # the batch last launched while tracing
         try:
             while True:
-                inbox = self._drain(block=not has_pending_work(state))
+                idle = not has_pending_work(state)
+                inbox = self._drain(block=idle)
                 if self._stopping.is_set():
                     break
+                start = time.perf_counter()
                 state, out = step(state, inbox, self._engine, self._cfg)
                 self._state = state  # published for inspection; the loop owns it
                 inbox = []
+                if self._trace is not None:
+                    traced = self._record(out, start, idle, traced)
                 self._deliver(out)
         except Exception as err:  # a bug outside the model step: end every request rather than hang them
             log.exception("the executor loop failed; ending all requests")
             self._failure = err
         self._state = state
         self._abort_everything(inbox + self._drain(block=False))
+
+    def _record(self, out: StepOutput, start: float, idle: bool,
+                last: tuple[ScheduledBatch, TracedBatch | None] | None) -> tuple[ScheduledBatch, TracedBatch | None]:
+        """Append this iteration to the trace (before delivery, so a caller woken by the outputs sees it)."""
+        end = time.perf_counter()
+        launched = TracedBatch.of(out.batch, out.launch_s) if out.batch.seqs else None
+        if out.collected is None:
+            collected = None
+        elif out.collected is out.batch:  # without overlap a step collects what it launched
+            collected = launched
+        elif last is not None and out.collected is last[0]:
+            collected = last[1]
+        else:  # launched before the trace began
+            collected = TracedBatch.of(out.collected, None)
+        trace = self._trace
+        if trace is not None:
+            trace.append(StepTiming(start=start, end=end, waited_for_work=idle, launched=launched,
+                                    collected=collected, collect_s=out.collect_s))
+        return out.batch, launched
 
     def _abort_everything(self, inbox: list[Message]) -> None:
         sched = self._state.sched

@@ -6,13 +6,14 @@ This is the only module that touches the tokenizer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from tqdm.auto import tqdm
 
 from llmfx.beam_search import Hypothesis
 from llmfx.detokenizer import DetokenizerState, detokenize, flush, new_detokenizer
-from llmfx.executor import PyExecutor, StepOutput
+from llmfx.buckets import Buckets
+from llmfx.executor import ExecutorConfig, PyExecutor, StepOutput, StepTiming
 from llmfx.kv_cache import KvCacheConfig
 from llmfx.model_engine import SampledToken
 from llmfx.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -316,6 +318,25 @@ class LLM:
     def scheduler_state(self):
         """The scheduler's latest immutable state (queues, page pool, preemption count), for inspection."""
         return self._executor.state.sched
+
+    @property
+    def executor_config(self) -> ExecutorConfig:
+        """The limits, scheduler settings and overlap flag the engine runs with."""
+        return self._executor_cfg
+
+    @property
+    def buckets(self) -> Buckets | None:
+        """The padded shapes steps run at (CUDA graphs), or None when every step runs at its exact size."""
+        return self._engine.engine_cfg.buckets
+
+    @contextlib.contextmanager
+    def trace_steps(self) -> Iterator[list[StepTiming]]:
+        """Record every executor-loop iteration (times, batches launched and collected) while the block runs."""
+        trace = self._executor.start_trace()
+        try:
+            yield trace
+        finally:
+            self._executor.stop_trace()
 
     # -- internals --
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -90,3 +91,46 @@ def test_llm_outputs_match_with_the_overlap_scheduler_disabled():
     on, off = results
     assert [o.token_ids for o in on] == [o.token_ids for o in off]
     assert [o.outputs[0].logprobs for o in on] == [o.outputs[0].logprobs for o in off]
+
+
+def test_each_step_reports_the_batch_it_postprocessed():
+    for overlap in (False, True):
+        parts = build_engine(SOURCE, device=torch.device("cpu"), max_batch_size=4, max_num_tokens=24,
+                             max_seq_len=64, kv_cache_config=KvCacheConfig(page_size=4, max_tokens=256),
+                             overlap=overlap)
+        state = ExecutorState(sched=parts.state.sched, kv=parts.engine.warmup(parts.state.kv))
+        inbox = [AddRequest(r) for r in _requests([5, 9], [SamplingParams(temperature=0.0, max_tokens=3,
+                                                                          ignore_eos=True)] * 2)]
+        launched, collected = [], []
+        while inbox or has_pending_work(state):
+            state, out = step(state, inbox, parts.engine, parts.cfg)
+            inbox = []
+            launched.append(out.batch)
+            collected.append(out.collected)
+            assert out.collect_s >= 0.0 and (out.collected is not None or out.collect_s == 0.0)
+        if overlap:  # step n postprocesses step n-1's batch; the first step has none yet
+            assert collected[0] is None and collected[1:] == [b if b.seqs else None for b in launched[:-1]]
+        else:
+            assert collected == [b if b.seqs else None for b in launched]
+
+
+def test_a_step_trace_records_every_iteration_while_it_is_open():
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    with LLM("tiny", kv_cache_config=KvCacheConfig(max_tokens=512)) as llm:
+        with llm.trace_steps() as trace:
+            with pytest.raises(RuntimeError, match="already recording"):
+                with llm.trace_steps():
+                    pass
+            outs = llm.generate(["one", "two three"], params, use_tqdm=False)
+        recorded = len(trace)
+        llm.generate(["after"], params, use_tqdm=False)
+    assert len(trace) == recorded  # closed: nothing more is appended
+    assert trace[0].waited_for_work and all(t.start <= t.end for t in trace)
+    assert all(a.end <= b.start for a, b in zip(trace, trace[1:]))
+    assert [t.collected for t in trace[1:]] == [t.launched for t in trace[:-1]]  # overlap: one step later
+    launched = [t.launched for t in trace if t.launched is not None]
+    assert all(b.launch_s > 0 for b in launched)
+    prompts = sum(len(o.prompt_token_ids) for o in outs)
+    # Every prompt token and every output token but the last is fed once; two prompts, 4 tokens each.
+    assert sum(b.num_tokens for b in launched) == prompts + 2 * 3
+    assert sum(b.num_decode for b in launched) == 2 * 3

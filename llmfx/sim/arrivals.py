@@ -25,6 +25,10 @@ class SimRequest:
     output_len: int  # the request runs with max_tokens=output_len, ignore_eos=True
     prompt_token_ids: tuple[int, ...] | None = None  # None: unique tokens (no prefix hits with other requests)
     abort_time: float | None = None  # the client aborts at this time unless it finished earlier
+    # None: the request ends by length after output_len tokens. Larger than output_len: it may run to
+    # max_tokens (what guaranteed_no_evict reserves) but a stop token ends it after output_len, as EOS
+    # does; with overlap the engine then runs it one extra step, whose token is dropped.
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("prompt_len", "output_len"):
@@ -37,6 +41,10 @@ class SimRequest:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"SimRequest {self.request_id}: {name} must be a finite number >= 0, got {v!r}")
+        m = self.max_tokens
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < self.output_len):
+            raise ValueError(f"SimRequest {self.request_id}: max_tokens must be None or an integer >= "
+                             f"output_len={self.output_len}, got {m!r}")
         if self.prompt_token_ids is not None:
             object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
             if len(self.prompt_token_ids) != self.prompt_len:
@@ -110,7 +118,8 @@ def bursty(num_requests: int, rate: float, *, cv: float = 3.0, prompt_len: Lengt
 def load_trace(path: str | Path) -> list[SimRequest]:
     """Read a trace: JSONL (one object a line) or CSV with a header, fields arrival_time, prompt_len, output_len.
 
-    Optional fields: request_id (default: the row index), abort_time. Rows are sorted by arrival time.
+    Optional fields: request_id (default: the row index), abort_time, max_tokens (the request then ends
+    by a stop token after output_len tokens). Rows are sorted by arrival time.
     ValueError names the file, the line and the field of the first bad row.
     """
     path = Path(path)
@@ -138,6 +147,8 @@ def save_trace(requests: Sequence[SimRequest], path: str | Path) -> None:
                "output_len": r.output_len}
         if r.abort_time is not None:
             row["abort_time"] = r.abort_time
+        if r.max_tokens is not None:
+            row["max_tokens"] = r.max_tokens
         lines.append(json.dumps(row))
     Path(path).write_text("\n".join(lines) + "\n")
 
@@ -170,7 +181,7 @@ def _csv_rows(path: Path, text: str) -> list[tuple[int, dict]]:
 def _trace_request(path: Path, line: int, index: int, row: dict) -> SimRequest:
     where = f"trace {path}, line {line}"
     values: dict = {}
-    for name in TRACE_FIELDS + ("request_id", "abort_time"):
+    for name in TRACE_FIELDS + ("request_id", "abort_time", "max_tokens"):
         raw = row.get(name)
         if raw is None or raw == "":
             if name in TRACE_FIELDS:
@@ -191,4 +202,7 @@ def _trace_request(path: Path, line: int, index: int, row: dict) -> SimRequest:
             raise ValueError(f"{where}: field {name!r} must be {kind}, got {raw!r}")
         values[name] = v
     values.setdefault("request_id", index)
-    return SimRequest(**values)
+    try:
+        return SimRequest(**values)
+    except ValueError as err:  # a check across fields (max_tokens >= output_len): name the line too
+        raise ValueError(f"{where}: {err}") from None

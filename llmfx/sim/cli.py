@@ -41,6 +41,8 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     engine.add_argument("--page-size", type=int, default=16)
     engine.add_argument("--no-prefix-cache", action="store_true")
     engine.add_argument("--no-chunked-prefill", action="store_true")
+    engine.add_argument("--disable-overlap-scheduler", action="store_true",
+                        help="simulate the executor without overlap (schedule and postprocess in turn)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(run=run_simulate)
     return p
@@ -49,7 +51,8 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
 def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     """Add `profile`: time real engine steps over batch shapes and write a cost-model JSON."""
     p = subparsers.add_parser("profile", help="measure step times on this device and write a cost-model JSON",
-                              description="Drive the engine by hand over a grid of batch shapes and fit a cost model.")
+                              description="Serve a grid of batch shapes through the LLM, time its loop's steps "
+                                          "and fit a cost model.")
     p.add_argument("--model", default="tinyllama-1.1b", help="preset or checkpoint dir")
     p.add_argument("--out", default="cost_model.json", help="where to write the cost model")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -57,9 +60,19 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--load-format", default="dummy", choices=["auto", "dummy"], help="dummy: random weights")
     p.add_argument("--batch-sizes", default="1,8,64,256", help="decode batch sizes, comma-separated")
     p.add_argument("--context-lens", default="128,1024", help="decode context lengths, comma-separated")
-    p.add_argument("--prefill-lens", default="128,512,2048", help="prefill prompt lengths, comma-separated")
+    p.add_argument("--prefill-lens", default="128,512,2048,8192",
+                   help="prompt tokens of one prefill step, comma-separated")
     p.add_argument("--decode-steps", type=int, default=8, help="timed decode steps per shape")
-    p.add_argument("--page-size", type=int, default=16)
+    engine = p.add_argument_group("engine (as LLM(...) would serve)")
+    engine.add_argument("--page-size", type=int, default=16)
+    engine.add_argument("--kv-tokens", type=int, default=None, help="KV cache capacity (default: from free memory)")
+    engine.add_argument("--max-batch-size", type=int, default=256)
+    engine.add_argument("--max-num-tokens", type=int, default=8192)
+    engine.add_argument("--max-seq-len", type=int, default=None, help="default: the model's")
+    engine.add_argument("--disable-overlap-scheduler", action="store_true")
+    engine.add_argument("--enforce-eager", action="store_true", help="no torch.compile, no CUDA graphs")
+    engine.add_argument("--prefix-cache", action="store_true",
+                        help="keep KV block reuse on (off by default: cached pages slow later steps down)")
     p.set_defaults(run=run_profile)
     return p
 
@@ -128,7 +141,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     cfg = SimConfig.build(policy=policy, max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
                           max_seq_len=args.max_seq_len, kv_tokens=kv_tokens, page_size=args.page_size,
                           enable_prefix_cache=not args.no_prefix_cache,
-                          enable_chunked_prefill=not args.no_chunked_prefill)
+                          enable_chunked_prefill=not args.no_chunked_prefill,
+                          disable_overlap_scheduler=args.disable_overlap_scheduler)
     summary = simulate(requests, cfg, cost).summary()
     summary.update(arrivals=args.arrivals, kv_tokens=kv_tokens, cost_model=cost.meta.get("source", "?"))
     if args.json:
@@ -149,8 +163,19 @@ def run_profile(args: argparse.Namespace) -> int:
                     context_lens=_int_list(args.context_lens, "--context-lens"),
                     prefill_lens=_int_list(args.prefill_lens, "--prefill-lens"), decode_steps=args.decode_steps,
                     device=args.device, dtype=args.dtype, load_format=args.load_format, page_size=args.page_size,
+                    kv_tokens=args.kv_tokens, max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
+                    max_seq_len=args.max_seq_len, disable_overlap_scheduler=args.disable_overlap_scheduler,
+                    enforce_eager=args.enforce_eager, enable_block_reuse=args.prefix_cache,
                     log=lambda msg: print(msg, file=sys.stderr))
     save_cost_model(model, args.out)
-    print(f"c0={model.c0:.4g} s  c_tok={model.c_tok:.4g} s  c_seq={model.c_seq:.4g} s  c_ctx={model.c_ctx:.4g} s "
-          f"(max relative error {model.meta.get('max_relative_error')}) -> {args.out}")
+    print(f"{describe(model)} (max relative error {model.meta.get('max_relative_error')}) -> {args.out}")
     return 0
+
+
+def describe(model) -> str:
+    """The coefficients on one line: the device/whole-step terms, then the host terms when there are any."""
+    text = f"c0={model.c0:.4g} s  c_tok={model.c_tok:.4g} s  c_seq={model.c_seq:.4g} s  c_ctx={model.c_ctx:.4g} s"
+    if model.h0 or model.h_tok or model.h_seq or model.h_ctx:
+        text += (f"  | host h0={model.h0:.4g} s  h_tok={model.h_tok:.4g} s  h_seq={model.h_seq:.4g} s  "
+                 f"h_ctx={model.h_ctx:.4g} s")
+    return text

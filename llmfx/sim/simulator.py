@@ -2,10 +2,16 @@
 
 Each step is what `llmfx.executor.step` does without the model: requests that arrived by the
 step's start enter the scheduler, aborts due by then are applied, `schedule` picks the batch, the
-cost model says how long it runs, and `postprocess` takes fake sampled tokens. Every simulated
-request runs with `max_tokens=output_len, ignore_eos=True`, so token values never change when a
-request stops; fake tokens are unique per request, so they never create prefix-cache hits.
-The overlap scheduler is not modelled: host work is assumed hidden or folded into c0.
+cost model says how long it runs, and `postprocess` takes fake sampled tokens. A simulated request
+ends by length (`max_tokens=output_len`) or, given a larger max_tokens, by a stop token sampled at
+its output_len-th token, as EOS would; fake tokens are unique per request and position, so they
+never create prefix-cache hits and never stop a request early.
+
+With overlap (the engine's default) the order is the executor's: step k schedules batch k, then
+postprocesses batch k-1, so finished requests free their pages one step late and a new token is
+known one step after its batch was scheduled. Step k lasts cost(batch k-1): it ends when the
+device finishes the batch it collects (the cost model's host terms cover the loop's own work).
+A batch launched after an idle loop, with nothing to collect yet, takes no time until collected.
 """
 
 from __future__ import annotations
@@ -45,23 +51,27 @@ class SimConfig:
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     num_pages: int  # including the null page, as the engine allocates it
     enable_prefix_cache: bool = True
+    overlap: bool = True  # the executor's overlap scheduler (LLM's disable_overlap_scheduler=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.num_pages, bool) or not isinstance(self.num_pages, int) or self.num_pages < 2:
             raise ValueError(f"SimConfig.num_pages must be an integer >= 2 (page 0 is the null page), "
                              f"got {self.num_pages!r}")
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"SimConfig.overlap must be a bool, got {self.overlap!r}")
 
     @staticmethod
     def build(*, policy: str | Callable = "guaranteed_no_evict", max_batch_size: int = 256,
               max_num_tokens: int = 8192, max_seq_len: int = 2048, kv_tokens: int = 65536, page_size: int = 16,
-              enable_prefix_cache: bool = True, enable_chunked_prefill: bool = True) -> SimConfig:
+              enable_prefix_cache: bool = True, enable_chunked_prefill: bool = True,
+              disable_overlap_scheduler: bool = False) -> SimConfig:
         """A config with LLM(...)'s argument names; kv_tokens is KvCacheConfig.max_tokens."""
         if isinstance(kv_tokens, bool) or not isinstance(kv_tokens, int) or kv_tokens < 1:
             raise ValueError(f"kv_tokens must be an integer >= 1, got {kv_tokens!r}")
         limits = SchedulerLimits(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
                                  max_seq_len=max_seq_len, page_size=page_size)
         return SimConfig(limits=limits, num_pages=max(2, pages_for_tokens(kv_tokens, page_size)),
-                         enable_prefix_cache=enable_prefix_cache,
+                         enable_prefix_cache=enable_prefix_cache, overlap=not disable_overlap_scheduler,
                          scheduler=SchedulerConfig(capacity_scheduler_policy=policy,
                                                    enable_chunked_prefill=enable_chunked_prefill))
 
@@ -72,8 +82,11 @@ def fake_token(request_id: int, position: int) -> int:
 
 
 def to_request(r: SimRequest) -> Request:
-    """The engine request a SimRequest stands for: greedy, max_tokens=output_len, EOS ignored."""
-    params = SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0, detokenize=False)
+    """The engine request a SimRequest stands for: greedy, EOS ignored, ending after output_len tokens by
+    length, or (max_tokens given) by the stop token fake_token puts at its last position."""
+    stop = () if r.max_tokens is None else (fake_token(r.request_id, r.prompt_len + r.output_len - 1),)
+    params = SamplingParams(max_tokens=r.max_tokens or r.output_len, stop_token_ids=stop, ignore_eos=True,
+                            temperature=0.0, detokenize=False)
     return Request(request_id=r.request_id, prompt_token_ids=r.tokens(), params=params, arrival_time=r.arrival_time)
 
 
@@ -99,6 +112,8 @@ def simulate(requests: Iterable[SimRequest], cfg: SimConfig, cost_model: CostMod
     steps: list[StepRecord] = []
     batches: list[ScheduledBatch] = []
     t, i, a, idle = 0.0, 0, 0, 0
+    pending: ScheduledBatch | None = None  # overlap: launched, not yet postprocessed
+    preempted = 0  # preemptions of a launch-only iteration, reported with the next step
     usable = cfg.num_pages - 1
     while True:
         start = i
@@ -113,26 +128,36 @@ def simulate(requests: Iterable[SimRequest], cfg: SimConfig, cost_model: CostMod
             state, ended = abort(state, due)
             for e in ended:
                 track[e.request_id].update(finish_time=t, finish_reason=e.finish_reason)
-        if not has_work(state):
+        if not has_work(state) and pending is None:
             if i == len(reqs):
                 break
             t = reqs[i].arrival_time
             continue
         state, batch = schedule(state, (), lim, cfg.scheduler)
-        shape = BatchShape.of(batch)
+        preempted += len(batch.preempted)
+        for rid in batch.preempted:
+            track[rid]["num_preemptions"] += 1
+        for s in batch.seqs:
+            if track[s.request_id]["first_scheduled_time"] is None:
+                track[s.request_id]["first_scheduled_time"] = t
+        if keep_batches:
+            batches.append(batch)
+        if cfg.overlap:
+            done, pending = pending, (batch if batch.seqs else None)
+            if done is None and pending is not None:
+                continue  # launched after an idle loop: its time is charged when the next step collects it
+        else:
+            done = batch
+        # `done` is the batch this step waits for and postprocesses; None or empty: the loop idles.
+        shape = BatchShape.of(done) if done is not None else BatchShape()
         duration = cost_model.step_time(shape)
         end = t + duration
         finished = 0
-        for rid in batch.preempted:
-            track[rid]["num_preemptions"] += 1
-        if batch.seqs:
+        if done is not None and done.seqs:
             idle = 0
-            for s in batch.seqs:
-                if track[s.request_id]["first_scheduled_time"] is None:
-                    track[s.request_id]["first_scheduled_time"] = t
             sampled = {s.request_id: fake_token(s.request_id, s.start_pos + len(s.token_ids))
-                       for s in batch.seqs if s.sample}
-            state, events = postprocess(state, batch, sampled, lim)
+                       for s in done.seqs if s.sample}
+            state, events = postprocess(state, done, sampled, lim)
             for e in events:
                 rec = track[e.request_id]
                 if e.new_token_ids:
@@ -152,13 +177,12 @@ def simulate(requests: Iterable[SimRequest], cfg: SimConfig, cost_model: CostMod
                     f"{len(state.waiting)} waiting and {len(state.running)} running requests and no more arrivals")
         pool = state.pool
         steps.append(StepRecord(
-            step=len(steps), start_time=t, duration=duration, num_seqs=len(batch.seqs),
+            step=len(steps), start_time=t, duration=duration, num_seqs=0 if done is None else len(done.seqs),
             prefill_tokens=shape.prefill_tokens, decode_seqs=shape.decode_seqs, context_tokens=shape.context_tokens,
             num_waiting=len(state.waiting), num_running=len(state.running), kv_pages_used=len(pool.refcounts),
             kv_pages_cached=len(pool.evictable), kv_usage=(usable - num_available(pool)) / usable,
-            preempted=len(batch.preempted), finished=finished))
-        if keep_batches:
-            batches.append(batch)
+            preempted=preempted, finished=finished))
+        preempted = 0
         t = end
 
     records = tuple(RequestRecord(request_id=r.request_id, arrival_time=r.arrival_time, prompt_len=r.prompt_len,
