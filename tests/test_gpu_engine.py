@@ -38,9 +38,11 @@ def test_cuda_graph_buckets_equal_the_eager_path_without_skips(hf_checkpoint):
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == skips_before == 0
 
 
-def test_overlap_on_and_off_give_identical_outputs_on_gpu(hf_checkpoint):
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_overlap_on_and_off_give_identical_outputs_on_gpu(hf_checkpoint, enforce_eager):
     _, path = hf_checkpoint("qwen2")
-    assert _serve(path) == _serve(path, disable_overlap_scheduler=True)
+    assert _serve(path, enforce_eager=enforce_eager) == _serve(path, enforce_eager=enforce_eager,
+                                                               disable_overlap_scheduler=True)
 
 
 def test_beam_search_through_cuda_graphs_equals_the_eager_path(hf_checkpoint):
