@@ -19,7 +19,7 @@ import torch
 
 from llmfx.kv_cache import KvCacheConfig
 from llmfx.llm import LLM
-from llmfx.sim.cli import parse_length
+from llmfx.sim.cli import parse_int_list, parse_length
 from llmfx.sim.cost_model import save_cost_model
 from llmfx.sim.validate import summary_lines, validate
 
@@ -28,16 +28,6 @@ GPU_DEFAULTS = {"num_requests": 256, "lengths": "100:1024", "batch_sizes": "1,8,
                 "context_lens": "128,1024,1900", "prefill_lens": "128,512,1024,2048,4096,8192"}
 CPU_DEFAULTS = {"num_requests": 48, "lengths": "16:160", "batch_sizes": "1,4,16,48", "context_lens": "32,256",
                 "prefill_lens": "32,256,1024"}
-
-
-def ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag} must be comma-separated integers >= 1, got {text!r}")
-    return values
 
 
 def parser() -> argparse.ArgumentParser:
@@ -73,9 +63,9 @@ def main(argv=None) -> int:
     lengths = parse_length(pick("lengths"), "--lengths")
     lengths = (lengths, lengths) if isinstance(lengths, int) else lengths
     num_requests = pick("num_requests")
-    grid = {"batch_sizes": ints(pick("batch_sizes"), "--batch-sizes"),
-            "context_lens": ints(pick("context_lens"), "--context-lens"),
-            "prefill_lens": ints(pick("prefill_lens"), "--prefill-lens"), "decode_steps": args.decode_steps}
+    grid = {"batch_sizes": parse_int_list(pick("batch_sizes"), "--batch-sizes"),
+            "context_lens": parse_int_list(pick("context_lens"), "--context-lens"),
+            "prefill_lens": parse_int_list(pick("prefill_lens"), "--prefill-lens"), "decode_steps": args.decode_steps}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))

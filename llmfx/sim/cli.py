@@ -106,7 +106,8 @@ def parse_length(text: str, flag: str) -> int | tuple[int, int]:
     raise ValueError(f"{flag} must be an integer >= 1 or LOW:HIGH with 1 <= LOW <= HIGH, got {text!r}")
 
 
-def _int_list(text: str, flag: str) -> tuple[int, ...]:
+def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
+    """'A,B,C': integers >= 1."""
     try:
         values = tuple(int(x) for x in text.split(","))
     except ValueError:
@@ -159,9 +160,9 @@ def run_profile(args: argparse.Namespace) -> int:
     from llmfx.sim.cost_model import save_cost_model
     from llmfx.sim.profile import profile
 
-    model = profile(args.model, batch_sizes=_int_list(args.batch_sizes, "--batch-sizes"),
-                    context_lens=_int_list(args.context_lens, "--context-lens"),
-                    prefill_lens=_int_list(args.prefill_lens, "--prefill-lens"), decode_steps=args.decode_steps,
+    model = profile(args.model, batch_sizes=parse_int_list(args.batch_sizes, "--batch-sizes"),
+                    context_lens=parse_int_list(args.context_lens, "--context-lens"),
+                    prefill_lens=parse_int_list(args.prefill_lens, "--prefill-lens"), decode_steps=args.decode_steps,
                     device=args.device, dtype=args.dtype, load_format=args.load_format, page_size=args.page_size,
                     kv_tokens=args.kv_tokens, max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
                     max_seq_len=args.max_seq_len, disable_overlap_scheduler=args.disable_overlap_scheduler,
