@@ -28,6 +28,7 @@ from llmfx.executor import ExecutorConfig, PyExecutor, StepOutput, StepTiming
 from llmfx.kv_cache import KvCacheConfig
 from llmfx.model_engine import SampledToken
 from llmfx.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from llmfx.prompt_logprobs import score_prompt
 from llmfx.sampling_params import SamplingParams, child_seed
 from llmfx.scheduler import Request, SchedulerConfig, TokenEvent, validate_request
 from llmfx.startup import build_engine
@@ -380,7 +381,8 @@ class LLM:
         k = requests[0].params.prompt_logprobs
         prompt_logprobs = None
         if k is not None:
-            scored = self._engine.score_prompt(requests[0].prompt_token_ids)
+            engine = self._engine
+            scored = score_prompt(engine.params, engine.cfg, engine.engine_cfg.page_size, requests[0].prompt_token_ids)
             prompt_logprobs = (None, *({**{t: Logprob(lp, r) for r, (t, lp) in enumerate(
                 zip(s.top_ids[:k], s.top_logprobs[:k]), start=1)}, s.token: Logprob(s.logprob, s.rank)} for s in scored))
         handle = RequestHandle(self, requests, prompt if isinstance(prompt, str) else None, keep, streaming,

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llmfx.batch import ForwardBatch, SequenceChunk, pack
+from llmfx.batch import ForwardBatch, pack
 from llmfx.buckets import BucketKey, Buckets
 from llmfx.config import ModelConfig
 from llmfx.kv_pool import KVPool, LayerKV, copy_pages
 from llmfx.models import Params, forward
-from llmfx.sampler import PenaltyState, SamplingTensors, count_tokens, request_seed, sample, score_tokens
+from llmfx.sampler import PenaltyState, SamplingTensors, count_tokens, request_seed, sample
 from llmfx.scheduler import PLACEHOLDER, ScheduledBatch, SequenceState
 
 log = logging.getLogger(__name__)
@@ -192,38 +192,14 @@ class ModelEngine:
         """Wait for a launched step (the step's one synchronization point) and read its sampled tokens."""
         if inflight.ready is not None:
             inflight.ready.synchronize()
-        # Host tensors from here on (the copy has landed): converting them to Python values syncs nothing.
-        tokens, logprobs, ranks = (t.tolist() for t in inflight.host[:3])
-        top_ids, top_logprobs = inflight.host[3:]
+        # Host buffers from here on (the copy has landed); .numpy() raises for a device tensor, so
+        # reading them can never synchronize.
+        tokens, logprobs, ranks, top_ids, top_logprobs = (t.numpy() for t in inflight.host)
         return {s.request_id: SampledToken(
-                    token=tokens[row], logprob=logprobs[row], rank=ranks[row],
-                    top_ids=tuple(top_ids[row].tolist()) if row in inflight.top_rows else (),
-                    top_logprobs=tuple(top_logprobs[row].tolist()) if row in inflight.top_rows else ())
+                    token=int(tokens[row]), logprob=float(logprobs[row]), rank=int(ranks[row]),
+                    top_ids=tuple(map(int, top_ids[row])) if row in inflight.top_rows else (),
+                    top_logprobs=tuple(map(float, top_logprobs[row])) if row in inflight.top_rows else ())
                 for row, s in enumerate(inflight.batch.seqs) if s.sample}
-
-    def score_prompt(self, token_ids: tuple[int, ...]) -> tuple[SampledToken, ...]:
-        """Logprob, rank and top-20 of prompt tokens 1..L-1, each given the tokens before it.
-
-        A separate eager forward over a scratch pool, with logits for every row: the served step
-        keeps static shapes by computing logits for each sequence's last row only, so prompt
-        scoring costs one extra prefill of the requests that ask for it.
-        """
-        size = self.engine_cfg.page_size
-        pages = tuple(range(1, -(-len(token_ids) // size) + 1))
-        scratch = KVPool.allocate(self.cfg, len(pages) + 1, size, self.params["embed"].dtype, self.device)
-        inputs = pack([SequenceChunk(token_ids, 0, pages)], size, self.device)
-        every_row = torch.arange(len(token_ids) - 1, device=self.device)  # row i predicts token i + 1
-        inputs = ForwardBatch(token_ids=inputs.token_ids, positions=inputs.positions, slot_mapping=inputs.slot_mapping,
-                              query_start_loc=inputs.query_start_loc, seq_lens=inputs.seq_lens,
-                              page_table=inputs.page_table, logits_indices=every_row)
-        with torch.inference_mode():
-            logits = forward(self.params, self.cfg, inputs, scratch.take())  # [L - 1, V]
-            scored = score_tokens(logits, inputs.token_ids[1:])
-            host = [t.cpu() for t in (scored.tokens, scored.logprobs, scored.ranks, scored.topk_ids,
-                                      scored.topk_logprobs)]
-        tokens, logprobs, ranks = (t.tolist() for t in host[:3])
-        return tuple(SampledToken(token=tokens[i], logprob=logprobs[i], rank=ranks[i], top_ids=tuple(host[3][i].tolist()),
-                                  top_logprobs=tuple(host[4][i].tolist())) for i in range(len(tokens)))
 
     def execute(self, kv: KVPool, batch: ScheduledBatch,
                 sequences: Mapping[int, SequenceState]) -> tuple[KVPool, dict[int, SampledToken]]:

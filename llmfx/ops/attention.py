@@ -1,7 +1,9 @@
 """Paged attention and the KV write, as custom ops so that torch.compile(fullgraph=True) traces them.
 
 The implementations here are the reference: they gather a sequence's pages and run masked attention
-in float32. They run on any device and are the oracle every fused GPU kernel is tested against.
+in float32, the oracle every fused GPU kernel is tested against. The attention reference reads
+sequence lengths on the host, so it runs on CPU only: on CUDA the Triton kernels serve the op, and
+without them a step fails loudly instead of synchronizing the device on every layer.
 """
 
 from __future__ import annotations
@@ -45,10 +47,13 @@ def paged_attention(
     being its last tokens. sliding_window > 0 limits each query to that many most recent keys.
     Rows past query_start_loc[B] are padding and come back as zeros.
     """
+    if q.device.type != "cpu":
+        raise RuntimeError(f"llmfx::paged_attention has no {q.device.type} kernel: the reference reads lengths on "
+                           "the host (a device sync per layer); on CUDA the Triton kernels serve it: install triton")
     out = torch.zeros_like(q)
     page_size = k_pages.shape[1]
     group = q.shape[1] // k_pages.shape[2]
-    starts = query_start_loc.tolist()  # host values are fine: this is the CPU-side reference
+    starts = query_start_loc.tolist()  # CPU tensors: reading them syncs nothing
     lens = seq_lens.tolist()
     for b, context_len in enumerate(lens):
         start, end = starts[b], starts[b + 1]
