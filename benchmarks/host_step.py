@@ -15,11 +15,26 @@ from llmfx.sampling_params import SamplingParams
 from llmfx.scheduler import Request, SchedulerConfig, SchedulerLimits, new_scheduler_state, postprocess, schedule
 
 
-def measure(batch: int, context: int, steps: int, policy: str) -> dict[str, float]:
+def fill_prefix_cache(state, limits, cfg, num_pages: int, context: int):
+    """Serve prefill-only requests of distinct prompts until about num_pages full pages sit in the prefix cache."""
+    params = SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False)
+    fillers = tuple(Request(request_id=10**7 + i, prompt_token_ids=tuple((101 * i + 13 * j + 1) % 32000
+                                                                         for j in range(context)), params=params)
+                    for i in range(-(-num_pages // (context // 16))))
+    state, b = schedule(state, fillers, limits, cfg)
+    while b.seqs:
+        state, _ = postprocess(state, b, {s.request_id: 1 for s in b.seqs if s.sample}, limits)
+        state, b = schedule(state, (), limits, cfg)
+    return state
+
+
+def measure(batch: int, context: int, steps: int, policy: str, cached_pages: int = 0) -> dict[str, float]:
     limits = SchedulerLimits(max_batch_size=batch, max_num_tokens=8192, max_seq_len=context + steps + 64, page_size=16)
     cfg = SchedulerConfig(capacity_scheduler_policy=policy)
-    pages = batch * (context + steps + 64) // 16 + 1
+    pages = batch * (context + steps + 64) // 16 + 1 + cached_pages
     state = new_scheduler_state(new_page_pool(pages, 16, True))
+    if cached_pages:
+        state = fill_prefix_cache(state, limits, cfg, cached_pages, context)
     params = SamplingParams(max_tokens=steps + 32, ignore_eos=True, detokenize=False)
     requests = tuple(Request(request_id=i, prompt_token_ids=tuple((i * 7 + j) % 32000 for j in range(context)),
                              params=params) for i in range(batch))
@@ -45,9 +60,10 @@ if __name__ == "__main__":
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--policy", default="guaranteed_no_evict")
+    parser.add_argument("--cached-pages", type=int, default=0, help="full pages left in the prefix cache first")
     parser.add_argument("--save", default=None)
     args = parser.parse_args()
-    result = measure(args.batch, args.context, args.steps, args.policy)
+    result = measure(args.batch, args.context, args.steps, args.policy, args.cached_pages)
     rows = [bench.Row(benchmark="host_step", system="llmfx scheduler", batch=args.batch, metric=k, value=v)
             for k, v in result.items()]
     rows.append(bench.Row(benchmark="host_step", system="llmfx scheduler", batch=args.batch, metric="step_ms",
@@ -55,4 +71,4 @@ if __name__ == "__main__":
     bench.print_table(rows)
     if args.save:
         from pathlib import Path
-        print(f"saved {bench.save(rows, Path(args.save), '-host-step')}")
+        print(f"saved {bench.save(rows, Path(args.save), f'-host-step-b{args.batch}-cached{args.cached_pages}')}")

@@ -322,9 +322,8 @@ def paged_attention_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_tab
 def _tuning(dtype: torch.dtype, head_dim: int) -> tuple[dict, dict]:
     """(varlen, decode) launch settings: no register spills (ptxas, sm_90), picked on an H200.
 
-    H200, bf16, H=32 K=4 D=64 S=16: decode 2.7 TB/s at B=256 x 1k and 2.5 TB/s at B=32 x 8k; three
-    stages halve B=1 x 8k. Prefill 180-230 TFLOP/s (SDPA's flash: 380-530). fp32 (parity tests
-    only) lowers dot to FMAs: small tiles.
+    fp32 (parity tests only) lowers dot to FMAs: small tiles. The decode split size was A/B-tested
+    in benchmarks/results/2026-11-29-nvidia-h200-graph-parts.json.
     """
     if dtype == torch.float32:
         return dict(block_m=32, block_n=32, num_warps=8, num_stages=1), dict(block_n=32, num_warps=4, num_stages=1)
