@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -346,12 +347,13 @@ def max_utilization(state: SchedulerState, limits: SchedulerLimits) -> Plan:
         needs.append(pages_for_tokens(s.num_computed_tokens + 1, ps) - len(s.pages) + (source is not None))
     available, total = num_available(pool), sum(needs)
     preempt: list[int] = []
-    victims = list(state.running)
-    while total > available and len(victims) > 1:
-        victim = victims.pop()
-        total -= needs.pop()
-        available += sum(1 for p in victim.pages if pool.refcounts[p] == 1)
-        preempt.append(victim.request_id)
+    groups = _request_groups(state.running)  # a beam group is preempted whole, so it is one victim
+    while total > available and len(groups) > 1:  # the oldest request always keeps running
+        members = groups.pop()
+        total -= sum(needs[i] for i in members)
+        held = collections.Counter(p for i in members for p in state.running[i].pages)
+        available += sum(1 for p, n in held.items() if pool.refcounts[p] == n)  # pages only this request holds
+        preempt.append(state.running[members[0]].request_id)
     if preempt:
         return Plan(preempt=tuple(preempt))  # admitting now would only thrash
     available -= total
@@ -396,6 +398,14 @@ def _without_gated(state: SchedulerState) -> SchedulerState:
     prefilling.update(s.request_id for s in state.running if not s.output_token_ids)
     waiting = tuple(s for s in state.waiting if s.request.prefill_after not in prefilling)
     return dataclasses.replace(state, waiting=waiting)
+
+
+def _request_groups(running: Sequence[SequenceState]) -> list[list[int]]:
+    """Indices into running per request, oldest first: a beam group's sequences form one entry."""
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(running):
+        groups.setdefault(s.request.request_id, []).append(i)
+    return list(groups.values())
 
 
 def _preempt(state: SchedulerState, seq_ids: Iterable[int]) -> tuple[SchedulerState, tuple[int, ...]]:
@@ -499,7 +509,7 @@ def schedule(
     plan = policy(_without_gated(state), limits)
     state, preempted = _preempt(state, plan.preempt)
     chunks, new_pages, stalled = _plan_running(state, limits)
-    while stalled and not chunks and len(state.running) > 1:
+    while stalled and not chunks and len(_request_groups(state.running)) > 1:
         # Liveness guard for policies that let every running sequence starve for pages.
         state, more = _preempt(state, (state.running[-1].request_id,))
         preempted += more

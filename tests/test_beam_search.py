@@ -147,12 +147,13 @@ def limits(**kw):
     return SchedulerLimits(**({"max_batch_size": 8, "max_num_tokens": 64, "max_seq_len": 64, "page_size": 4} | kw))
 
 
-def drive(requests, lim, policy="guaranteed_no_evict", num_pages=64):
+def drive(requests, lim, policy="guaranteed_no_evict", num_pages=64, max_steps=2000):
     """Run requests to the end with the fake model: every request's events, and the batches."""
     state = new_scheduler_state(new_page_pool(num_pages, lim.page_size))
     cfg = SchedulerConfig(capacity_scheduler_policy=policy)
     events, batches, inbox = {}, [], tuple(requests)
     while inbox or has_work(state):
+        assert len(batches) < max_steps, f"requests did not finish within {max_steps} steps"
         state, batch = schedule(state, inbox, lim, cfg)
         inbox = ()
         batches.append(batch)
@@ -222,6 +223,18 @@ def test_a_preempted_beam_group_restarts_and_finds_the_same_hypotheses():
     assert any(0 in b.preempted for b in batches)
     assert events[0][-1].hypotheses == reference_beam_search(r, lim)
     assert events[9][-1].finish_reason == "length"
+
+
+def test_max_utilization_never_preempts_the_oldest_beam_group_and_both_groups_finish():
+    # Two groups short of pages: preempting the newest frees its pages, including those its beams
+    # share with each other, and stops there (counting sequences, not groups, looped forever).
+    lim = limits(page_size=2, max_seq_len=24, max_batch_size=6)
+    old = beam_request(0, [1, 2, 3, 4, 5, 6], width=2, max_tokens=8, ignore_eos=True, early_stopping="never")
+    new = beam_request(10, [7, 8, 9, 10, 11, 12], width=2, max_tokens=8, ignore_eos=True, early_stopping="never")
+    events, batches = drive([old, new], lim, policy="max_utilization", num_pages=12, max_steps=500)
+    assert not any(0 in b.preempted for b in batches) and any(10 in b.preempted for b in batches)
+    assert events[0][-1].hypotheses == reference_beam_search(old, lim)
+    assert events[10][-1].hypotheses == reference_beam_search(new, lim)
 
 
 def test_abort_ends_a_beam_group_whole_and_frees_its_pages():
