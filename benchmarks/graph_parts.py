@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from llmfx.batch import SequenceChunk, pack
+from llmfx.batch import SequenceChunk
+from llmfx.step_inputs import pack
 from llmfx.kv_pool import KVPool
 from llmfx.models import forward
 from llmfx.sampler import PenaltyState, SamplingTensors, sample

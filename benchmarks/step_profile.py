@@ -16,11 +16,11 @@ import json
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 import llmfx.executor as executor
-import llmfx.model_engine as model_engine
 from llmfx.sim.profile import build_engine
 from llmfx.executor import AbortRequest, AddRequest
 from llmfx.sampling_params import SamplingParams
@@ -52,19 +52,20 @@ def main() -> None:
     parser.add_argument("--save", default=None)
     parser.add_argument("--tag", default="")
     parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--graph-capture", default="inductor", choices=["inductor", "manual"])
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     cuda = torch.cuda.is_available()
     e = build_engine(args.model, dtype="bfloat16" if cuda else "float32", load_format="dummy",
                      max_batch_size=max(batches), max_num_tokens=1024, max_seq_len=args.context + args.steps + 64,
-                     kv_tokens=max(batches) * (args.context + args.steps + 64))
+                     kv_tokens=max(batches) * (args.context + args.steps + 64), cuda_graph_capture=args.graph_capture)
     e.cfg = executor.ExecutorConfig(limits=e.cfg.limits, scheduler=e.cfg.scheduler, overlap=True)
     timer = PhaseTimer()
     for name in ("schedule", "postprocess"):
         setattr(executor, name, timer.wrap(name, getattr(executor, name)))
     engine = e.engine
-    engine._inputs = timer.wrap("inputs", engine._inputs)
-    model_engine._to_host = timer.wrap("result copy", model_engine._to_host)
+    engine._stage = timer.wrap("inputs", engine._stage)
+    engine._penalties = timer.wrap("penalties", engine._penalties)
     engine.collect = timer.wrap("collect", engine.collect)
     device_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
@@ -82,6 +83,8 @@ def main() -> None:
         return timed
 
     engine._step = timer.wrap("compiled call", on_device(engine._step))
+    for layout, (graph, out) in list(engine._graphs.items()):  # captured by hand: time the replays
+        engine._graphs[layout] = (SimpleNamespace(replay=timer.wrap("graph replay", on_device(graph.replay))), out)
     ids = iter(range(10**9))
     params = SamplingParams(max_tokens=args.steps + 16, temperature=0.0, ignore_eos=True, detokenize=False)
     rows = []
@@ -127,6 +130,7 @@ def main() -> None:
                   "gpu": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model,
                   "context": args.context, "steps": args.steps, "rows": rows}
         Path(args.save).mkdir(parents=True, exist_ok=True)
+        result["graph_capture"] = args.graph_capture
         Path(args.save, f"step_profile{args.tag}.json").write_text(json.dumps(result, indent=1))
 
 

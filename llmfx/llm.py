@@ -234,6 +234,7 @@ class LLM:
         cuda_graph_batch_sizes: Sequence[int] | None = None,
         compile_dynamic: bool | None = None,
         inductor_options: dict[str, object] | None = None,
+        cuda_graph_capture: str = "inductor",
     ) -> None:
         source = resolve_model(model)
         if not isinstance(disable_overlap_scheduler, bool):
@@ -249,7 +250,8 @@ class LLM:
                              kv_cache_config=kv_cache_config, scheduler_config=scheduler_config, seed=seed,
                              load_format=load_format, enforce_eager=enforce_eager,
                              overlap=not disable_overlap_scheduler, cuda_graph_batch_sizes=cuda_graph_batch_sizes,
-                             compile_dynamic=compile_dynamic, inductor_options=inductor_options)
+                             compile_dynamic=compile_dynamic, inductor_options=inductor_options,
+                             cuda_graph_capture=cuda_graph_capture)
         self.limits = parts.cfg.limits
         self.max_seq_len = self.limits.max_seq_len
         self._executor_cfg = parts.cfg

@@ -3,34 +3,40 @@
 `launch` queues a step and returns at once with an InFlight handle; `collect` is the step's one
 synchronization point. A decode token the host has not seen yet (the overlap scheduler's
 placeholder) is gathered on the device from the token pool, which every step writes its sampled
-tokens into. On CUDA the step is compiled with torch.compile(mode="reduce-overhead") and replayed
-as a CUDA graph per bucket; weights, rope table, KV pool and token pool are marked static first so
-no replay copies them. Warm-up compiles and records every bucket; afterwards a recompile raises.
+tokens into. Inputs arrive through one buffer and one copy (llmfx.step_inputs), results leave
+through one tensor and one copy. On CUDA the step is compiled and replayed as a CUDA graph per
+bucket, recorded by inductor (mode="reduce-overhead") or captured by hand around the compiled
+step; every input (weights, rope table, KV pool, token pool, input and penalty buffers) has a
+fixed address, so no replay copies anything. Warm-up compiles and records every bucket;
+afterwards a recompile raises.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from llmfx.batch import ForwardBatch, pack
 from llmfx.buckets import BucketKey, Buckets
 from llmfx.config import ModelConfig
 from llmfx.kv_pool import KVPool, LayerKV, copy_pages
 from llmfx.models import Params, forward
-from llmfx.sampler import PenaltyState, SamplingTensors, count_tokens, request_seed, sample
+from llmfx.sampler import TOP_LOGPROBS, PenaltyState, count_tokens, sample
 from llmfx.scheduler import PLACEHOLDER, ScheduledBatch, SequenceState
+from llmfx.step_inputs import StepLayout, StepStager, StepViews, fill_batch, fill_sampling
 
 log = logging.getLogger(__name__)
 
-StepTensors = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # tokens, logprobs, ranks, topk ids, topk logprobs
+OUT_ROWS = 3 + 2 * TOP_LOGPROBS  # a step's packed output [OUT_ROWS, B]: token, logprob, rank, top-20 ids, top-20 logprobs
+GRAPH_CAPTURES = ("inductor", "manual")
 
 
 class StepFailed(RuntimeError):
@@ -50,9 +56,16 @@ class EngineConfig:
     max_pages_per_seq: int  # page-table width: ceil(max_seq_len / page_size)
     max_batch_size: int = 256  # rows of the token pool
     buckets: Buckets | None = None  # None: every batch runs at its exact size (eager CPU path)
-    compile: bool = False  # torch.compile(mode="reduce-overhead") per bucket; CUDA graphs on CUDA
+    compile: bool = False  # torch.compile per bucket; on CUDA each bucket is replayed as a CUDA graph
+    # Who records the CUDA graphs: "inductor" (mode="reduce-overhead": cudagraph trees) or "manual"
+    # (torch.cuda.CUDAGraph captured around the compiled step once per bucket; a replay is one call).
+    graph_capture: str = "inductor"
     compile_dynamic: bool | None = None  # torch.compile's `dynamic`: None = automatic dynamic shapes
     inductor_options: tuple[tuple[str, object], ...] = ()  # extra inductor options, e.g. (("split_reductions", False),)
+
+    def __post_init__(self) -> None:
+        if self.graph_capture not in GRAPH_CAPTURES:
+            raise ValueError(f"graph_capture must be one of {GRAPH_CAPTURES}, got {self.graph_capture!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,26 +81,25 @@ class SampledToken:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InFlight:
-    """A launched step: its batch, and host buffers that hold its results once `ready` has fired."""
+    """A launched step: its batch, and the host buffer that holds its results once `ready` has fired."""
 
     batch: ScheduledBatch
-    host: StepTensors  # pinned on CUDA; valid after ready.synchronize()
+    host: Tensor  # [OUT_ROWS, B] float64, pinned on CUDA; valid after ready.synchronize()
     ready: torch.cuda.Event | None  # None on CPU, where launch is synchronous
     top_rows: frozenset[int]  # rows whose request asked for logprobs: only these read the top-20
 
 
-def step_fn(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inputs: ForwardBatch,
-            sampling: SamplingTensors, penalties: PenaltyState, token_pool: Tensor, gather_rows: Tensor) -> StepTensors:
-    """One step on the device: gather placeholder tokens, forward, sample, store tokens in the pool.
+def step_fn(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], staged: StepViews, penalties: PenaltyState,
+            token_pool: Tensor) -> Tensor:
+    """One step on the device: unpack inputs, gather placeholder tokens, forward, sample, store tokens.
 
-    kv and token_pool [max_batch] are written in place (DONATED). gather_rows [T] is, per token row,
-    the pool row holding its token, or -1 when inputs.token_ids has it.
+    kv and token_pool [max_batch] are written in place (DONATED). Returns [OUT_ROWS, B] float64
+    (one tensor, so the host needs one copy).
     """
-    placeholder = gather_rows >= 0  # [T]
+    inputs, sampling, gather_rows = staged.unpack()
+    placeholder = gather_rows >= 0  # [T]: the token is the pool's, sampled by the previous step
     token_ids = torch.where(placeholder, token_pool[gather_rows.clamp(min=0)], inputs.token_ids)  # [T]
-    inputs = ForwardBatch(token_ids=token_ids, positions=inputs.positions, slot_mapping=inputs.slot_mapping,
-                          query_start_loc=inputs.query_start_loc, seq_lens=inputs.seq_lens,
-                          page_table=inputs.page_table, logits_indices=inputs.logits_indices)
+    inputs = dataclasses.replace(inputs, token_ids=token_ids)
     # A placeholder is an output token the host's penalty counts have not seen yet.
     last = inputs.logits_indices  # [B]
     unseen = torch.where(placeholder[last], token_ids[last], -1)  # [B]
@@ -95,31 +107,52 @@ def step_fn(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inputs: F
                              output_counts=count_tokens(penalties.output_counts, unseen))
     out = sample(forward(params, cfg, inputs, kv), sampling, penalties)
     token_pool[: out.tokens.shape[0]].copy_(out.tokens)
-    return out.tokens, out.logprobs, out.ranks, out.topk_ids, out.topk_logprobs
+    return torch.cat([out.tokens.unsqueeze(0).double(), out.logprobs.unsqueeze(0).double(),
+                      out.ranks.unsqueeze(0).double(), out.topk_ids.T.double(), out.topk_logprobs.T.double()])
 
 
 class ModelEngine:
-    """Runs steps: a ScheduledBatch in, the sampled token of each sampling sequence out."""
+    """Runs steps: a ScheduledBatch in, the sampled token of each sampling sequence out.
+
+    Host and device buffers live as long as the engine: inputs go through two pinned buffers
+    (alternating, so filling step n+1 never races the copy of step n) into one device buffer,
+    results come back through two pinned output buffers. Nothing is allocated per step.
+    """
 
     def __init__(self, params: Params, cfg: ModelConfig, engine_cfg: EngineConfig) -> None:
         self.params = params
         self.cfg = cfg
         self.engine_cfg = engine_cfg
         self.device = params["embed"].device
+        self._cuda = self.device.type == "cuda"
+        self._graphs_by_hand = engine_cfg.compile and self._cuda and engine_cfg.graph_capture == "manual"
         self._step = self._compiled_step() if engine_cfg.compile else step_fn
         self._warm = False
+        self._stager = StepStager(page_size=engine_cfg.page_size, max_pages=engine_cfg.max_pages_per_seq,
+                                  max_rows=engine_cfg.max_batch_size, engine_seed=engine_cfg.seed)
+        buckets = engine_cfg.buckets
+        rows = max(engine_cfg.max_batch_size, buckets.max_seqs if buckets else 0)
+        size = max((self._layout_of(k).size for k in buckets.all_keys()), default=0) if buckets else 0
+        self._host_in: list[Tensor] = []
+        self._device_in = torch.empty(0)
+        self._device_views: dict[StepLayout, StepViews] = {}  # cached: a graph's inputs keep their addresses
+        self._reserve_inputs(size)
+        self._host_out = [torch.zeros(OUT_ROWS, rows, dtype=torch.float64, pin_memory=self._cuda) for _ in range(2)]
+        self._parity = 0  # which pinned input/output pair the next launch uses
         # The second donated buffer: the last sampled token of each row of the previous step.
         self._token_pool = torch.zeros(engine_cfg.max_batch_size, dtype=torch.int64, device=self.device)
         self._prev_rows: dict[int, int] = {}  # request id -> its row in the last launched step
-        rows = engine_cfg.max_batch_size
-        self._no_penalties = PenaltyState(  # shared by every batch without penalized rows
-            prompt_mask=torch.zeros(rows, cfg.vocab_size, dtype=torch.bool, device=self.device),
-            output_counts=torch.zeros(rows, cfg.vocab_size, dtype=torch.int32, device=self.device))
+        # Penalty inputs: zero except while a penalized batch runs; views per row count are cached.
+        self._penalty_mask = torch.zeros(rows, cfg.vocab_size, dtype=torch.bool, device=self.device)
+        self._penalty_counts = torch.zeros(rows, cfg.vocab_size, dtype=torch.int32, device=self.device)
+        self._penalty_views: dict[int, PenaltyState] = {}
+        self._dirty_penalty_rows = 0
+        self._graphs: dict[StepLayout, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
 
     def peak_activation_bytes(self) -> int:
         """Device memory the largest buckets need beyond weights, measured by running them eagerly (CUDA only)."""
         buckets = self.engine_cfg.buckets
-        if self.device.type != "cuda" or buckets is None:
+        if not self._cuda or buckets is None:
             return 0
         probe = KVPool.allocate(self.cfg, 2, self.engine_cfg.page_size, self.params["embed"].dtype, self.device)
         torch.cuda.synchronize(self.device)
@@ -129,59 +162,85 @@ class ModelEngine:
             largest = (max(buckets.all_keys(), key=lambda k: (k.num_tokens, k.num_seqs)),
                        BucketKey(num_tokens=buckets.decode_sizes[-1], num_seqs=buckets.decode_sizes[-1], decode=True))
             for key in largest:
-                step_fn(self.params, self.cfg, probe.layers, *self._padding_batch(key))
+                step_fn(self.params, self.cfg, probe.layers, *self._padding_args(key))
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device) - base
 
     def warmup(self, kv: KVPool) -> KVPool:
         """Compile and record every bucket with all-padding batches; kv is DONATED. Run on the serving thread."""
-        if self.engine_cfg.compile and self.device.type == "cuda":
-            _cudagraph_thread_state()
         layers = kv.take()
         with torch.inference_mode():  # the grad mode is part of the compiled graph's guards
             if not self.engine_cfg.compile:
                 # One throwaway step loads kernels and op registrations, so the first request is not slowed.
-                step_fn(self.params, self.cfg, layers, *self._padding_batch(BucketKey(num_tokens=1, num_seqs=1,
-                                                                                      decode=True)))
+                step_fn(self.params, self.cfg, layers, *self._padding_args(BucketKey(num_tokens=1, num_seqs=1,
+                                                                                     decode=True)))
             else:
-                static = [self._token_pool, *_tensors(self.params), *_tensors(self._no_penalties.prompt_mask),
-                          self._no_penalties.output_counts, *(t for layer in layers for t in layer)]
-                for tensor in static:
-                    torch._dynamo.mark_static_address(tensor)
-                start = time.perf_counter()
-                for key in self.engine_cfg.buckets.all_keys():
-                    for _ in range(3):  # cudagraph trees: warm-up run, then record, then replay
-                        self._step(self.params, self.cfg, layers, *self._padding_batch(key))
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                log.info("compiled and captured %d buckets in %.1f s", len(self.engine_cfg.buckets.all_keys()),
-                         time.perf_counter() - start)
+                self._compile_and_capture(layers)
         self._warm = True
         return KVPool(layers)
+
+    def _compile_and_capture(self, layers: tuple[LayerKV, ...]) -> None:
+        keys = self.engine_cfg.buckets.all_keys()
+        if self._cuda and not self._graphs_by_hand:
+            _cudagraph_thread_state()
+        static = [self._token_pool, *_tensors(self.params), *(t for layer in layers for t in layer)]
+        for key in keys:  # create every bucket's input views once, so each graph reads fixed addresses
+            static += [*_tensors(self._device_view(self._layout_of(key))), *_tensors(self._penalties_of(key.num_seqs))]
+        if not self._graphs_by_hand:
+            for tensor in static:
+                torch._dynamo.mark_static_address(tensor)
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle() if self._graphs_by_hand else None
+        for key in keys:  # decode sizes ascending, then token counts: size 1 compiles apart (0/1 specialization)
+            args = (self.params, self.cfg, layers, *self._padding_args(key))
+            if self._graphs_by_hand:
+                for _ in range(2):  # compile (automatic dynamic shapes may recompile once), then settle
+                    self._step(*args)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self._step(*args)
+                self._graphs[self._layout_of(key)] = (graph, out)
+            else:
+                for _ in range(3):  # cudagraph trees: warm-up run, then record, then replay
+                    self._step(*args)
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+        log.info("compiled and captured %d buckets (%s) in %.1f s", len(keys), self.engine_cfg.graph_capture,
+                 time.perf_counter() - start)
 
     def launch(self, kv: KVPool, batch: ScheduledBatch, sequences: Mapping[int, SequenceState]) -> tuple[KVPool, InFlight]:
         """Queue the batch on the device and return at once; kv is DONATED. Raises StepFailed with the live kv."""
         assert self._warm, "warmup() must run before the first step"
         layers = kv.take()
+        parity = self._parity
         try:
             with torch.inference_mode():
                 if batch.page_copies:  # forked beams' partial pages, copied before the step writes into them
                     copy_pages(layers, batch.page_copies)
-                args = self._inputs(batch, sequences)
-                if self.engine_cfg.compile:
+                layout = self._layout(batch)
+                self._stage(layout, batch, sequences, parity)
+                penalties = self._penalties(layout.num_seqs, batch, sequences)
+                if self._graphs_by_hand:
+                    graph, out = self._graphs[layout]
+                    graph.replay()
+                elif self.engine_cfg.compile:
                     with torch.compiler.set_stance("fail_on_recompile"):
-                        out = self._step(self.params, self.cfg, layers, *args)
+                        out = self._step(self.params, self.cfg, layers, self._device_view(layout), penalties,
+                                         self._token_pool)
                 else:
-                    out = self._step(self.params, self.cfg, layers, *args)
+                    out = self._step(self.params, self.cfg, layers, self._device_view(layout), penalties,
+                                     self._token_pool)
                 # Copy the results out before the next replay overwrites the graph's outputs.
-                host = tuple(_to_host(t) for t in out)
+                host = self._host_out[parity][:, : layout.num_seqs]
+                host.copy_(out, non_blocking=True)
                 ready = None
-                if self.device.type == "cuda":
+                if self._cuda:
                     ready = torch.cuda.Event()
                     ready.record()
         except Exception as err:
             # The pool is intact apart from this batch's rows, whose requests the caller fails.
             raise StepFailed(KVPool(layers), err) from err
+        self._parity ^= 1
         self._prev_rows = {s.request_id: row for row, s in enumerate(batch.seqs)}
         # Rows whose top-20 is read back: for their logprobs, or as their beam's candidates.
         top_rows = frozenset(row for row, s in enumerate(batch.seqs)
@@ -192,13 +251,17 @@ class ModelEngine:
         """Wait for a launched step (the step's one synchronization point) and read its sampled tokens."""
         if inflight.ready is not None:
             inflight.ready.synchronize()
-        # Host buffers from here on (the copy has landed); .numpy() raises for a device tensor, so
-        # reading them can never synchronize.
-        tokens, logprobs, ranks, top_ids, top_logprobs = (t.numpy() for t in inflight.host)
+        # A host buffer from here on (the copy has landed): reading it syncs nothing.
+        out = inflight.host.numpy()
+        n = len(inflight.batch.seqs)
+        tokens = out[0, :n].astype(np.int64).tolist()
+        logprobs = out[1, :n].tolist()
+        ranks = out[2, :n].astype(np.int64).tolist()
+        ids_at, lps_at = 3, 3 + TOP_LOGPROBS
         return {s.request_id: SampledToken(
-                    token=int(tokens[row]), logprob=float(logprobs[row]), rank=int(ranks[row]),
-                    top_ids=tuple(map(int, top_ids[row])) if row in inflight.top_rows else (),
-                    top_logprobs=tuple(map(float, top_logprobs[row])) if row in inflight.top_rows else ())
+                    token=tokens[row], logprob=logprobs[row], rank=ranks[row],
+                    top_ids=tuple(out[ids_at:lps_at, row].astype(np.int64).tolist()) if row in inflight.top_rows else (),
+                    top_logprobs=tuple(out[lps_at:, row].tolist()) if row in inflight.top_rows else ())
                 for row, s in enumerate(inflight.batch.seqs) if s.sample}
 
     def execute(self, kv: KVPool, batch: ScheduledBatch,
@@ -207,43 +270,85 @@ class ModelEngine:
         kv, inflight = self.launch(kv, batch, sequences)
         return kv, self.collect(inflight)
 
-    def _inputs(self, batch: ScheduledBatch, sequences: Mapping[int, SequenceState]):
-        key = None if self.engine_cfg.buckets is None else self.engine_cfg.buckets.key(batch)
-        inputs = pack(batch.seqs, self.engine_cfg.page_size, self.device,
-                      num_tokens=None if key is None else key.num_tokens,
-                      num_seqs=None if key is None else key.num_seqs,
-                      max_pages=None if key is None else self.engine_cfg.max_pages_per_seq)
-        rows = inputs.num_seqs
-        params = [sequences[s.request_id].request.params for s in batch.seqs]
-        seeds = [request_seed(p.seed, self.engine_cfg.seed, s.request_id) for p, s in zip(params, batch.seqs)]
-        positions = [s.start_pos + len(s.token_ids) for s in batch.seqs]
-        sampling = SamplingTensors.build(params, seeds, positions, self.device, pad_to=rows)
-        gather = [-1] * inputs.num_tokens
-        row = 0
-        for s in batch.seqs:  # a placeholder is only ever a decode's single token
-            if len(s.token_ids) == 1 and s.token_ids[0] == PLACEHOLDER:
-                gather[row] = self._prev_rows[s.request_id]
-            row += len(s.token_ids)
-        gather_rows = _to_device(torch.tensor(gather, dtype=torch.int64), self.device)
-        return inputs, sampling, self._penalties(batch, sequences, params, rows), self._token_pool, gather_rows
+    def _layout_of(self, key: BucketKey) -> StepLayout:
+        return StepLayout(num_tokens=key.num_tokens, num_seqs=key.num_seqs, max_pages=self.engine_cfg.max_pages_per_seq)
 
-    def _penalties(self, batch, sequences, params, rows: int) -> PenaltyState:
-        if not any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
-            return PenaltyState(prompt_mask=self._no_penalties.prompt_mask[:rows],
-                                output_counts=self._no_penalties.output_counts[:rows])
+    def _layout(self, batch: ScheduledBatch) -> StepLayout:
+        if self.engine_cfg.buckets is not None:
+            return self._layout_of(self.engine_cfg.buckets.key(batch))
+        return StepLayout(num_tokens=batch.num_tokens, num_seqs=len(batch.seqs),
+                          max_pages=self.engine_cfg.max_pages_per_seq)
+
+    def _reserve_inputs(self, size: int) -> None:
+        """Input buffers of at least `size` elements; only the eager path (no graphs) ever grows them."""
+        if self._device_in.numel() >= size:
+            return
+        assert not self._warm or not self.engine_cfg.compile, "a graph's input buffer cannot move after warm-up"
+        self._host_in = [torch.zeros(size, dtype=torch.float64, pin_memory=self._cuda) for _ in range(2)]
+        self._device_in = torch.zeros(size, dtype=torch.float64, device=self.device)
+        self._device_views.clear()
+
+    def _device_view(self, layout: StepLayout) -> StepViews:
+        views = self._device_views.get(layout)
+        if views is None:
+            views = layout.views(self._device_in)
+            if self.engine_cfg.buckets is not None:  # bucket layouts are few; exact ones are not
+                self._device_views[layout] = views
+        return views
+
+    def _stage(self, layout: StepLayout, batch: ScheduledBatch, sequences: Mapping[int, SequenceState],
+               parity: int) -> None:
+        """Fill pinned buffer `parity` and queue its one copy to the device."""
+        self._reserve_inputs(layout.size)
+        host = self._host_in[parity]
+        ids = [s.request_id for s in batch.seqs]
+        # A placeholder is only ever a decode's single token; its value is in the token pool.
+        gather = {s.request_id: self._prev_rows[s.request_id] for s in batch.seqs
+                  if len(s.token_ids) == 1 and s.token_ids[0] == PLACEHOLDER}
+        self._stager.fill(layout.views(host), batch.seqs, ids,
+                          {rid: sequences[rid].request.params for rid in ids}, gather)
+        self._device_in[: layout.size].copy_(host[: layout.size], non_blocking=True)
+
+    def _penalties_of(self, rows: int) -> PenaltyState:
+        views = self._penalty_views.get(rows)
+        if views is None:
+            if rows > self._penalty_mask.shape[0]:  # the eager path without a row limit
+                self._penalty_mask = torch.zeros(rows, self.cfg.vocab_size, dtype=torch.bool, device=self.device)
+                self._penalty_counts = torch.zeros(rows, self.cfg.vocab_size, dtype=torch.int32, device=self.device)
+                self._penalty_views.clear()
+            views = self._penalty_views[rows] = PenaltyState(prompt_mask=self._penalty_mask[:rows],
+                                                             output_counts=self._penalty_counts[:rows])
+        return views
+
+    def _penalties(self, rows: int, batch: ScheduledBatch, sequences: Mapping[int, SequenceState]) -> PenaltyState:
+        views = self._penalties_of(rows)
         seqs = [sequences[s.request_id] for s in batch.seqs]
+        if not any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                   for p in (s.request.params for s in seqs)):
+            if self._dirty_penalty_rows:  # queued after the penalized step, so it never sees zeros
+                self._penalty_mask[: self._dirty_penalty_rows].zero_()
+                self._penalty_counts[: self._dirty_penalty_rows].zero_()
+                self._dirty_penalty_rows = 0
+            return views
         # The host's outputs; a token still in flight is counted on the device (see step_fn).
-        prompts, outputs = [s.request.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]
-        return PenaltyState.build(prompts, outputs, self.cfg.vocab_size, self.device, pad_to=rows)
+        built = PenaltyState.build([s.request.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
+                                   self.cfg.vocab_size, self.device, pad_to=rows)
+        views.prompt_mask.copy_(built.prompt_mask)
+        views.output_counts.copy_(built.output_counts)
+        self._dirty_penalty_rows = max(self._dirty_penalty_rows, rows)
+        return views
 
-    def _padding_batch(self, key: BucketKey):
-        inputs = pack([], self.engine_cfg.page_size, self.device, num_tokens=key.num_tokens,
-                      num_seqs=key.num_seqs, max_pages=self.engine_cfg.max_pages_per_seq)
-        sampling = SamplingTensors.build([], [], [], self.device, pad_to=key.num_seqs)
-        penalties = PenaltyState(prompt_mask=self._no_penalties.prompt_mask[:key.num_seqs],
-                                 output_counts=self._no_penalties.output_counts[:key.num_seqs])
-        gather_rows = torch.full((key.num_tokens,), -1, dtype=torch.int64, device=self.device)
-        return inputs, sampling, penalties, self._token_pool, gather_rows
+    def _padding_args(self, key: BucketKey) -> tuple[StepViews, PenaltyState, Tensor]:
+        """step_fn's arguments after params, config and kv for an all-padding batch of bucket `key`."""
+        layout = self._layout_of(key)
+        self._reserve_inputs(layout.size)
+        host = self._host_in[0]
+        views = layout.views(host)
+        fill_batch(views, [], self.engine_cfg.page_size)
+        fill_sampling(views, [])
+        device = self._device_view(layout)
+        self._device_in[: layout.size].copy_(host[: layout.size])
+        return device, self._penalties_of(key.num_seqs), self._token_pool
 
     def _compiled_step(self):
         buckets = self.engine_cfg.buckets
@@ -254,7 +359,8 @@ class ModelEngine:
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
         # mode="reduce-overhead" is the option triton.cudagraphs; spelled out so more options can join it.
-        options = {"triton.cudagraphs": self.device.type == "cuda", **dict(self.engine_cfg.inductor_options)}
+        trees = self._cuda and not self._graphs_by_hand
+        options = {"triton.cudagraphs": trees, **dict(self.engine_cfg.inductor_options)}
         # dynamic=None: the first two sizes compile, after which one shape-generic graph serves every
         # bucket (automatic dynamic shapes); CUDA graphs are still recorded per bucket size.
         return torch.compile(step_fn, options=options, fullgraph=True, dynamic=self.engine_cfg.compile_dynamic)
@@ -279,19 +385,6 @@ def _cudagraph_thread_state() -> None:
     torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
 
 
-def _to_host(t: Tensor) -> Tensor:
-    if t.device.type != "cuda":
-        return t.clone()
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
-
-
-def _to_device(t: Tensor, device: torch.device) -> Tensor:
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def _tensors(tree) -> list[Tensor]:
     if isinstance(tree, Tensor):
         return [tree]
@@ -299,4 +392,6 @@ def _tensors(tree) -> list[Tensor]:
         return [t for v in tree.values() for t in _tensors(v)]
     if isinstance(tree, (tuple, list)):
         return [t for v in tree for t in _tensors(v)]
+    if dataclasses.is_dataclass(tree):
+        return [t for f in dataclasses.fields(tree) for t in _tensors(getattr(tree, f.name))]
     return []

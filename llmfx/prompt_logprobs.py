@@ -12,7 +12,8 @@ import dataclasses
 
 import torch
 
-from llmfx.batch import SequenceChunk, pack
+from llmfx.batch import SequenceChunk
+from llmfx.step_inputs import pack
 from llmfx.config import ModelConfig
 from llmfx.kv_pool import KVPool
 from llmfx.model_engine import SampledToken

@@ -20,6 +20,7 @@ Order of operations per row, as in vLLM:
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,9 +39,9 @@ _F1 = 0x85EBCA6B
 _F2 = 0xC2B2AE35
 _NOISE_BITS = 24  # the 24 high bits of the hash make u = (k + 0.5) / 2**24, k in [0, 2**24)
 _HALF = 1 << (_NOISE_BITS - 1)
-# Rows of the packed host buffer in SamplingTensors.build, with the value a padding row gets.
-_FIELDS = (("temperature", 0.0), ("seed", 0.0), ("position", 0.0), ("top_k", 0.0), ("top_p", 1.0),
-           ("min_p", 0.0), ("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0))
+# The fields of a packed float64 sampling buffer (one row each), with the value a padding row gets.
+SAMPLING_FIELDS = (("temperature", 0.0), ("seed", 0.0), ("position", 0.0), ("top_k", 0.0), ("top_p", 1.0),
+                   ("min_p", 0.0), ("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0))
 _INT_FIELDS = ("seed", "position", "top_k")
 
 
@@ -72,31 +73,29 @@ class SamplingTensors:
         rows = len(params) if pad_to is None else pad_to
         if rows < len(params):
             raise ValueError(f"SamplingTensors.build: pad_to must be >= the number of rows {len(params)}, got {pad_to}")
-        for s in seeds:
-            assert 0 <= s <= _M32, f"seed must be a 32-bit value (see request_seed), got {s}"
-        for p in positions:
-            assert 0 <= p <= _M32, f"position must be in [0, 2**32), got {p}"
-        # float64 holds every field exactly (float32 parameters, 32-bit seeds, positions < 2**53).
-        host = torch.tensor([[neutral] for _, neutral in _FIELDS], dtype=torch.float64).repeat(1, rows)  # [9, B]
-        n = len(params)
-        if n:
-            columns = {
-                "seed": list(seeds),
-                "position": list(positions),
-                "top_k": [max(p.top_k, 0) for p in params],
-            }
-            for i, (name, _) in enumerate(_FIELDS):
-                if name in columns:
-                    host[i, :n] = torch.tensor(columns[name], dtype=torch.float64)
-                else:  # float32 first, so the device value is what a float32 field would hold
-                    host[i, :n] = torch.tensor([getattr(p, name) for p in params], dtype=torch.float32).double()
+        host = torch.tensor([[neutral] for _, neutral in SAMPLING_FIELDS], dtype=torch.float64).repeat(1, rows)
+        if params:
+            host[:, : len(params)] = torch.tensor([sampling_row(p, s, pos) for p, s, pos in zip(params, seeds, positions)],
+                                                  dtype=torch.float64).T
         device = torch.device(device)
         if device.type == "cuda":
             host = host.pin_memory()
-        packed = host.to(device, non_blocking=True)  # [9, B]; the one host-to-device copy
-        return SamplingTensors(**{
-            name: packed[i].long() if name in _INT_FIELDS else packed[i].float() for i, (name, _) in enumerate(_FIELDS)
-        })
+        return SamplingTensors.unpack(host.to(device, non_blocking=True))  # [9, B]; the one host-to-device copy
+
+    @staticmethod
+    def unpack(packed: Tensor) -> SamplingTensors:
+        """Device side: the fields of a packed float64 buffer [9, B] (SAMPLING_FIELDS order)."""
+        return SamplingTensors(**{name: packed[i].long() if name in _INT_FIELDS else packed[i].float()
+                                  for i, (name, _) in enumerate(SAMPLING_FIELDS)})
+
+
+def sampling_row(params: SamplingParams, seed: int, position: int) -> list[float]:
+    """One row's SAMPLING_FIELDS values; float fields rounded through float32, as the device holds them."""
+    assert 0 <= seed <= _M32, f"seed must be a 32-bit value (see request_seed), got {seed}"
+    assert 0 <= position <= _M32, f"position must be in [0, 2**32), got {position}"
+    ints = {"seed": seed, "position": position, "top_k": max(params.top_k, 0)}
+    return [float(ints[name]) if name in ints else float(struct.unpack("f", struct.pack("f", getattr(params, name)))[0])
+            for name, _ in SAMPLING_FIELDS]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -19,7 +19,7 @@ from llmfx.dtypes import resolve_dtype
 from llmfx.executor import ExecutorConfig, ExecutorState
 from llmfx.kv_cache import KvCacheConfig, new_page_pool
 from llmfx.kv_pool import KVPool, kv_pool_pages
-from llmfx.model_engine import EngineConfig, ModelEngine
+from llmfx.model_engine import GRAPH_CAPTURES, EngineConfig, ModelEngine
 from llmfx.scheduler import SchedulerConfig, SchedulerLimits, new_scheduler_state
 from llmfx.weights import ModelSource, load_params
 
@@ -53,7 +53,8 @@ def build_engine(source: ModelSource, *, dtype: str | torch.dtype = "auto", devi
                  kv_cache_config: KvCacheConfig | None = None, scheduler_config: SchedulerConfig | None = None,
                  seed: int = 0, load_format: str = "auto", enforce_eager: bool = False, overlap: bool = True,
                  cuda_graph_batch_sizes: Sequence[int] | None = None, compile_dynamic: bool | None = None,
-                 inductor_options: Mapping[str, object] | None = None) -> EngineParts:
+                 inductor_options: Mapping[str, object] | None = None,
+                 cuda_graph_capture: str = "inductor") -> EngineParts:
     """Validate the engine arguments, load weights, size the KV pool from what is left, allocate it."""
     cfg = source.config
     max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
@@ -62,6 +63,8 @@ def build_engine(source: ModelSource, *, dtype: str | torch.dtype = "auto", devi
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
             raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} integer, "
                              f"got {value!r}")
+    if cuda_graph_capture not in GRAPH_CAPTURES:
+        raise ValueError(f"cuda_graph_capture must be one of {GRAPH_CAPTURES}, got {cuda_graph_capture!r}")
     kv_cache_config = kv_cache_config or KvCacheConfig()
     page_size = kv_cache_config.page_size
     buckets = make_buckets(max_batch_size, max_num_tokens, cuda_graph_batch_sizes)
@@ -76,7 +79,8 @@ def build_engine(source: ModelSource, *, dtype: str | torch.dtype = "auto", devi
     engine = ModelEngine(params, cfg, EngineConfig(
         page_size=page_size, seed=seed, max_pages_per_seq=-(-max_seq_len // page_size),
         max_batch_size=max_batch_size, buckets=buckets if use_graphs else None, compile=use_graphs,
-        compile_dynamic=compile_dynamic, inductor_options=tuple((inductor_options or {}).items())))
+        compile_dynamic=compile_dynamic, inductor_options=tuple((inductor_options or {}).items()),
+        graph_capture=cuda_graph_capture))
     started = time.perf_counter()
     activation_bytes = engine.peak_activation_bytes()  # measured before the KV pool takes the rest
     timings["profile"] = time.perf_counter() - started

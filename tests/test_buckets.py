@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from llmfx.buckets import BucketKey, default_decode_sizes, make_buckets
 from llmfx.kv_pool import KVPool
+from llmfx.llm import LLM
 from llmfx.model_engine import EngineConfig, ModelEngine
 from llmfx.sampling_params import SamplingParams
 from llmfx.scheduler import Request, ScheduledBatch, ScheduledSeq, SequenceState
@@ -107,3 +108,11 @@ def test_the_compile_cache_defaults_to_llmfx_but_respects_the_user(monkeypatch, 
     assert use_persistent_compile_cache() == DEFAULT_COMPILE_CACHE
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     assert use_persistent_compile_cache() == tmp_path
+
+
+def test_unknown_cuda_graph_capture_is_refused_before_loading(monkeypatch):
+    import llmfx.startup
+
+    monkeypatch.setattr(llmfx.startup, "load_params", lambda *a, **k: pytest.fail("weights loaded before validation"))
+    with pytest.raises(ValueError, match=r"cuda_graph_capture must be one of \('inductor', 'manual'\), got 'cupti'"):
+        LLM("tiny", cuda_graph_capture="cupti")

@@ -60,7 +60,7 @@ def engine():
 @pytest.mark.parametrize("num_seqs", [1, 8])
 def test_step_fuses_with_triton_codegen(engine, num_seqs, dynamic):
     eng, kv = engine
-    args = eng._padding_batch(BucketKey(num_tokens=num_seqs, num_seqs=num_seqs, decode=True))
+    args = eng._padding_args(BucketKey(num_tokens=num_seqs, num_seqs=num_seqs, decode=True))
     torch._dynamo.reset()
     compiled = torch.compile(step_fn, options={"cpu_backend": "triton"}, fullgraph=True, dynamic=dynamic)
     try:

@@ -38,6 +38,18 @@ def test_cuda_graph_buckets_equal_the_eager_path_without_skips(hf_checkpoint):
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == skips_before == 0
 
 
+def test_graphs_captured_by_hand_equal_inductors_and_the_eager_path(hf_checkpoint):
+    _, path = hf_checkpoint("llama")
+    assert _serve(path, cuda_graph_capture="manual") == _serve(path, enforce_eager=True)
+    with LLM(path, skip_tokenizer_init=True, dtype="float32", device="cuda", max_batch_size=8, max_num_tokens=64,
+             kv_cache_config=KvCacheConfig(page_size=4, max_tokens=4096), cuda_graph_capture="manual") as llm:
+        engine = llm._engine
+        captured = set(engine._graphs)
+        assert captured == {engine._layout_of(k) for k in engine.engine_cfg.buckets.all_keys()}
+        llm.generate(MIXED, GREEDY, use_tqdm=False)
+        assert set(engine._graphs) == captured  # serving replays; it never captures
+
+
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_overlap_on_and_off_give_identical_outputs_on_gpu(hf_checkpoint, enforce_eager):
     _, path = hf_checkpoint("qwen2")

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from llmfx.batch import SequenceChunk, pack
+from llmfx.batch import SequenceChunk
+from llmfx.step_inputs import pack
 from llmfx.kv_pool import KVPool
 from llmfx.models import run
 from llmfx.testing.reference import greedy_generate

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmfx.batch import SequenceChunk, pack
+from llmfx.batch import SequenceChunk
+from llmfx.step_inputs import pack
 from llmfx.kv_pool import KVPool
 from llmfx.models import run
 from llmfx.weights import load_params, resolve_model

@@ -11,7 +11,8 @@ from typing import Sequence
 
 import torch
 
-from llmfx.batch import SequenceChunk, pack
+from llmfx.batch import SequenceChunk
+from llmfx.step_inputs import pack
 from llmfx.config import ModelConfig
 from llmfx.kv_pool import KVPool
 from llmfx.models import Params, run

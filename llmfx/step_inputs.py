@@ -1,0 +1,215 @@
+"""Step inputs: everything a step reads from the host, in one float64 buffer moved by one copy.
+
+The host fills a buffer laid out by StepLayout; one asynchronous copy moves it into a device buffer
+that lives as long as the engine, so a CUDA graph reads its inputs in place (nothing is copied at
+replay) and the host allocates nothing per step. float64 holds every field exactly: token ids,
+positions, slots, page ids and 32-bit seeds are integers below 2**53, sampling parameters are
+float32 values. The compiled step converts the fields on the device (`StepViews.unpack`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from llmfx.batch import Chunk, ForwardBatch
+from llmfx.sampler import SAMPLING_FIELDS, SamplingTensors, request_seed, sampling_row
+from llmfx.sampling_params import SamplingParams
+
+# Per-token rows and their padding values: padding rows embed token 0 at position 0, write their
+# K/V into the null page (slot -1) and read their token from the host (gather -1).
+TOKEN_ROWS = (("token_ids", 0.0), ("positions", 0.0), ("slot_mapping", -1.0), ("gather_rows", -1.0))
+# Per-sequence rows: the last row of each sequence, its context length, then the sampling fields.
+SEQ_ROWS = (("logits_indices", 0.0), ("seq_lens", 0.0)) + SAMPLING_FIELDS
+_SAMPLING_AT = 2  # first sampling row in SEQ_ROWS
+_POSITION_AT = _SAMPLING_AT + [name for name, _ in SAMPLING_FIELDS].index("position")
+
+
+@dataclass(frozen=True, slots=True)
+class StepLayout:
+    """Where each field of a T-token, B-sequence, P-page-wide step lives in the flat buffer."""
+
+    num_tokens: int
+    num_seqs: int
+    max_pages: int
+
+    @property
+    def size(self) -> int:
+        t, b, p = self.num_tokens, self.num_seqs, self.max_pages
+        return len(TOKEN_ROWS) * t + len(SEQ_ROWS) * b + (b + 1) + b * p
+
+    def views(self, flat: Tensor) -> StepViews:
+        """Views of this layout over the first `size` elements of flat (host or device)."""
+        t, b, p = self.num_tokens, self.num_seqs, self.max_pages
+        tokens, seqs, starts, table, _ = flat.split(
+            [len(TOKEN_ROWS) * t, len(SEQ_ROWS) * b, b + 1, b * p, flat.numel() - self.size])
+        return StepViews(tokens=tokens.view(len(TOKEN_ROWS), t), seqs=seqs.view(len(SEQ_ROWS), b),
+                         query_start_loc=starts, page_table=table.view(b, p))
+
+
+@dataclass(frozen=True, slots=True)
+class StepViews:
+    """One step's inputs as float64 views of one buffer; `unpack` gives the model and sampler their tensors."""
+
+    tokens: Tensor  # [4, T] TOKEN_ROWS
+    seqs: Tensor  # [2 + 9, B] SEQ_ROWS
+    query_start_loc: Tensor  # [B + 1]
+    page_table: Tensor  # [B, P]
+
+    def unpack(self) -> tuple[ForwardBatch, SamplingTensors, Tensor]:
+        """(batch, sampling, gather_rows [T] int64): the device-side conversions, traced into the step."""
+        tokens = self.tokens.long()
+        seqs = self.seqs
+        batch = ForwardBatch(token_ids=tokens[0], positions=tokens[1], slot_mapping=tokens[2],
+                             query_start_loc=self.query_start_loc.int(), seq_lens=seqs[1].int(),
+                             page_table=self.page_table.int(), logits_indices=seqs[0].long())
+        return batch, SamplingTensors.unpack(seqs[_SAMPLING_AT:]), tokens[3]
+
+
+def fill_batch(views: StepViews, chunks: Sequence[Chunk], page_size: int, *, table_done: bool = False) -> None:
+    """Write the model inputs of `chunks` (and padding after them) into host views.
+
+    table_done: the caller has written the page table already (StepStager keeps its rows cached).
+    Sampling rows are left to the caller; gather rows are set to -1 (every token from the host).
+    """
+    tokens: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    starts = [0]
+    lens: list[int] = []
+    for chunk in chunks:
+        end = chunk.start_pos + len(chunk.token_ids)
+        assert len(chunk.pages) * page_size >= end, "a chunk's pages must cover its tokens"
+        tokens.extend(chunk.token_ids)
+        positions.extend(range(chunk.start_pos, end))
+        # One run of consecutive slots per page touched: O(pages) Python steps, not O(tokens).
+        for index in range(chunk.start_pos // page_size, -(-end // page_size)):
+            base = chunk.pages[index] * page_size - index * page_size  # slot of position p is base + p
+            slots.extend(range(base + max(chunk.start_pos, index * page_size), base + min(end, (index + 1) * page_size)))
+        starts.append(len(tokens))
+        lens.append(end)
+    t, b = len(tokens), len(chunks)
+    layout_t, layout_b = views.tokens.shape[1], views.seqs.shape[1]
+    assert t <= layout_t and b <= layout_b, f"{t} tokens / {b} sequences do not fit the layout {layout_t} / {layout_b}"
+    rows = views.tokens.numpy()
+    for row, (values, pad) in enumerate(zip((tokens, positions, slots), (0, 0, -1))):
+        rows[row, :t] = values
+        rows[row, t:] = pad
+    rows[3, :] = -1
+    seqs = views.seqs.numpy()
+    seqs[0, :b] = [s - 1 for s in starts[1:]]
+    seqs[0, b:] = 0
+    seqs[1, :b] = lens
+    seqs[1, b:] = 0
+    qsl = views.query_start_loc.numpy()
+    qsl[: b + 1] = starts
+    qsl[b + 1:] = t  # padding sequences own no rows
+    if not table_done:
+        table = views.page_table.numpy()
+        table[:] = 0  # unused entries point at the null page
+        for row, chunk in enumerate(chunks):
+            table[row, : len(chunk.pages)] = chunk.pages
+
+
+def fill_sampling(views: StepViews, rows: Sequence[Sequence[float]]) -> None:
+    """Write per-sequence sampling rows (SAMPLING_FIELDS order) and neutral padding after them."""
+    seqs = views.seqs.numpy()
+    n = len(rows)
+    if n:
+        seqs[_SAMPLING_AT:, :n] = np.asarray(rows, dtype=np.float64).T
+    for offset, (_, neutral) in enumerate(SAMPLING_FIELDS):
+        seqs[_SAMPLING_AT + offset, n:] = neutral
+
+
+class StepStager:
+    """The host side of step inputs, with caches that make a steady decode step O(sequences).
+
+    Per request it keeps the sampling row (only the position changes between steps) and a row of
+    a host page table indexed by slot, updated by appending the pages a sequence gained; the
+    step's page table is then one gather of slot rows. Owned by one ModelEngine, used by its thread.
+    """
+
+    def __init__(self, *, page_size: int, max_pages: int, max_rows: int, engine_seed: int) -> None:
+        self.page_size = page_size
+        self.engine_seed = engine_seed
+        self._table = np.zeros((max_rows + 1, max_pages), dtype=np.float64)  # last row: padding (all null)
+        self._padding_slot = max_rows
+        self._slots: dict[int, int] = {}  # request id -> row of _table
+        self._sent: dict[int, tuple[int, ...]] = {}  # request id -> the pages its row holds
+        self._sampling: dict[int, list[float]] = {}  # request id -> sampling row (position stale)
+
+    def fill(self, views: StepViews, chunks: Sequence[Chunk], request_ids: Sequence[int],
+             params: Mapping[int, SamplingParams], gather: Mapping[int, int]) -> None:
+        """Fill every field for chunks of the given requests; gather maps request id -> token-pool row."""
+        self._update_table(chunks, request_ids)
+        slots = [self._slots[rid] for rid in request_ids]
+        slots += [self._padding_slot] * (views.page_table.shape[0] - len(slots))
+        np.take(self._table, slots, axis=0, out=views.page_table.numpy())
+        fill_batch(views, chunks, self.page_size, table_done=True)
+        rows = []
+        for rid, chunk in zip(request_ids, chunks):
+            row = self._sampling.get(rid)
+            if row is None:
+                p = params[rid]
+                row = self._sampling[rid] = sampling_row(p, request_seed(p.seed, self.engine_seed, rid), 0)
+            row[_POSITION_AT - _SAMPLING_AT] = chunk.start_pos + len(chunk.token_ids)
+            rows.append(row)
+        fill_sampling(views, rows)
+        if gather:
+            token_rows = views.tokens.numpy()
+            row = 0
+            for rid, chunk in zip(request_ids, chunks):
+                if rid in gather:
+                    token_rows[3, row] = gather[rid]
+                row += len(chunk.token_ids)
+
+    def _update_table(self, chunks: Sequence[Chunk], request_ids: Sequence[int]) -> None:
+        present = set(request_ids)
+        for rid in [r for r in self._slots if r not in present]:  # gone (finished, preempted, waiting)
+            del self._slots[rid], self._sent[rid]
+            self._sampling.pop(rid, None)
+        free = iter(sorted(set(range(self._padding_slot)) - set(self._slots.values()))) if len(present) > len(
+            self._slots) else iter(())
+        for rid, chunk in zip(request_ids, chunks):
+            pages = tuple(chunk.pages)
+            sent = self._sent.get(rid)
+            if sent is not None and (pages is sent or pages == sent):
+                continue
+            if rid not in self._slots:
+                self._slots[rid] = next(free)
+            row = self._table[self._slots[rid]]
+            if sent is not None and len(pages) > len(sent) and pages[: len(sent)] == sent:
+                row[len(sent): len(pages)] = pages[len(sent):]  # appended pages only
+            else:
+                row[:] = 0
+                row[: len(pages)] = pages
+            self._sent[rid] = pages
+
+
+def host_buffer(size: int, *, pinned: bool) -> Tensor:
+    """A float64 host buffer for step inputs; pinned so its copy to the device is asynchronous."""
+    return torch.zeros(size, dtype=torch.float64, pin_memory=pinned)
+
+
+def pack(chunks: Sequence[Chunk], page_size: int, device: torch.device | str = "cpu", *,
+         num_tokens: int | None = None, num_seqs: int | None = None, max_pages: int | None = None) -> ForwardBatch:
+    """A ForwardBatch of chunks, padded to num_tokens rows, num_seqs sequences and max_pages columns.
+
+    For callers without an engine (scoring, references, tests): one buffer, one copy, like a step.
+    """
+    real_tokens = sum(len(c.token_ids) for c in chunks)
+    widest = max((len(c.pages) for c in chunks), default=0)
+    layout = StepLayout(num_tokens=real_tokens if num_tokens is None else num_tokens,
+                        num_seqs=len(chunks) if num_seqs is None else num_seqs,
+                        max_pages=max(widest, 1) if max_pages is None else max_pages)
+    assert layout.num_tokens >= real_tokens and layout.num_seqs >= len(chunks) and layout.max_pages >= widest
+    device = torch.device(device)
+    host = host_buffer(layout.size, pinned=device.type == "cuda")
+    views = layout.views(host)
+    fill_batch(views, chunks, page_size)
+    fill_sampling(views, [])
+    return layout.views(host.to(device, non_blocking=True)).unpack()[0]
