@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--save", default=None)
     parser.add_argument("--tag", default="")
     parser.add_argument("--trace", action="store_true")
-    parser.add_argument("--graph-capture", default="inductor", choices=["inductor", "manual"])
+    parser.add_argument("--graph-capture", default="manual", choices=["manual", "inductor"])
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     cuda = torch.cuda.is_available()

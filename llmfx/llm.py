@@ -234,7 +234,7 @@ class LLM:
         cuda_graph_batch_sizes: Sequence[int] | None = None,
         compile_dynamic: bool | None = None,
         inductor_options: dict[str, object] | None = None,
-        cuda_graph_capture: str = "inductor",
+        cuda_graph_capture: str = "manual",
     ) -> None:
         source = resolve_model(model)
         if not isinstance(disable_overlap_scheduler, bool):

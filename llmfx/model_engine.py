@@ -35,8 +35,8 @@ from llmfx.step_inputs import StepLayout, StepStager, StepViews, fill_batch, fil
 
 log = logging.getLogger(__name__)
 
-OUT_ROWS = 3 + 2 * TOP_LOGPROBS  # a step's packed output [OUT_ROWS, B]: token, logprob, rank, top-20 ids, top-20 logprobs
-GRAPH_CAPTURES = ("inductor", "manual")
+OUT_COLUMNS = 3 + 2 * TOP_LOGPROBS  # a step's packed output [B, OUT_COLUMNS]: token, logprob, rank, top-20 ids, logprobs
+GRAPH_CAPTURES = ("manual", "inductor")
 
 
 class StepFailed(RuntimeError):
@@ -57,9 +57,10 @@ class EngineConfig:
     max_batch_size: int = 256  # rows of the token pool
     buckets: Buckets | None = None  # None: every batch runs at its exact size (eager CPU path)
     compile: bool = False  # torch.compile per bucket; on CUDA each bucket is replayed as a CUDA graph
-    # Who records the CUDA graphs: "inductor" (mode="reduce-overhead": cudagraph trees) or "manual"
-    # (torch.cuda.CUDAGraph captured around the compiled step once per bucket; a replay is one call).
-    graph_capture: str = "inductor"
+    # Who records the CUDA graphs: "manual" (torch.cuda.CUDAGraph captured around the compiled step
+    # once per bucket: a replay is one call, ~0.05-0.1 ms of host time on the H200) or "inductor"
+    # (mode="reduce-overhead", cudagraph trees: guards and tree bookkeeping, ~0.4-0.55 ms a step).
+    graph_capture: str = "manual"
     compile_dynamic: bool | None = None  # torch.compile's `dynamic`: None = automatic dynamic shapes
     inductor_options: tuple[tuple[str, object], ...] = ()  # extra inductor options, e.g. (("split_reductions", False),)
 
@@ -84,7 +85,7 @@ class InFlight:
     """A launched step: its batch, and the host buffer that holds its results once `ready` has fired."""
 
     batch: ScheduledBatch
-    host: Tensor  # [OUT_ROWS, B] float64, pinned on CUDA; valid after ready.synchronize()
+    host: Tensor  # [B, OUT_COLUMNS] float64, pinned on CUDA; valid after ready.synchronize()
     ready: torch.cuda.Event | None  # None on CPU, where launch is synchronous
     top_rows: frozenset[int]  # rows whose request asked for logprobs: only these read the top-20
 
@@ -93,8 +94,8 @@ def step_fn(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], staged: S
             token_pool: Tensor) -> Tensor:
     """One step on the device: unpack inputs, gather placeholder tokens, forward, sample, store tokens.
 
-    kv and token_pool [max_batch] are written in place (DONATED). Returns [OUT_ROWS, B] float64
-    (one tensor, so the host needs one copy).
+    kv and token_pool [max_batch] are written in place (DONATED). Returns [B, OUT_COLUMNS] float64:
+    one tensor, so the host needs one copy, and rows, so the host's [:B] slice of it is contiguous.
     """
     inputs, sampling, gather_rows = staged.unpack()
     placeholder = gather_rows >= 0  # [T]: the token is the pool's, sampled by the previous step
@@ -107,8 +108,8 @@ def step_fn(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], staged: S
                              output_counts=count_tokens(penalties.output_counts, unseen))
     out = sample(forward(params, cfg, inputs, kv), sampling, penalties)
     token_pool[: out.tokens.shape[0]].copy_(out.tokens)
-    return torch.cat([out.tokens.unsqueeze(0).double(), out.logprobs.unsqueeze(0).double(),
-                      out.ranks.unsqueeze(0).double(), out.topk_ids.T.double(), out.topk_logprobs.T.double()])
+    return torch.cat([out.tokens.unsqueeze(1).double(), out.logprobs.unsqueeze(1).double(),
+                      out.ranks.unsqueeze(1).double(), out.topk_ids.double(), out.topk_logprobs.double()], dim=1)
 
 
 class ModelEngine:
@@ -137,7 +138,7 @@ class ModelEngine:
         self._device_in = torch.empty(0)
         self._device_views: dict[StepLayout, StepViews] = {}  # cached: a graph's inputs keep their addresses
         self._reserve_inputs(size)
-        self._host_out = [torch.zeros(OUT_ROWS, rows, dtype=torch.float64, pin_memory=self._cuda) for _ in range(2)]
+        self._host_out = [torch.zeros(rows, OUT_COLUMNS, dtype=torch.float64, pin_memory=self._cuda) for _ in range(2)]
         self._parity = 0  # which pinned input/output pair the next launch uses
         # The second donated buffer: the last sampled token of each row of the previous step.
         self._token_pool = torch.zeros(engine_cfg.max_batch_size, dtype=torch.int64, device=self.device)
@@ -230,8 +231,10 @@ class ModelEngine:
                 else:
                     out = self._step(self.params, self.cfg, layers, self._device_view(layout), penalties,
                                      self._token_pool)
-                # Copy the results out before the next replay overwrites the graph's outputs.
-                host = self._host_out[parity][:, : layout.num_seqs]
+                # Copy the results out before the next replay overwrites the graph's outputs. The
+                # destination must be contiguous: into a strided one, a non-blocking copy lands in a
+                # temporary that is read back at once, before the device has written it.
+                host = self._grow_host_out(parity, layout.num_seqs)[: layout.num_seqs]
                 host.copy_(out, non_blocking=True)
                 ready = None
                 if self._cuda:
@@ -254,14 +257,14 @@ class ModelEngine:
         # A host buffer from here on (the copy has landed): reading it syncs nothing.
         out = inflight.host.numpy()
         n = len(inflight.batch.seqs)
-        tokens = out[0, :n].astype(np.int64).tolist()
-        logprobs = out[1, :n].tolist()
-        ranks = out[2, :n].astype(np.int64).tolist()
+        tokens = out[:n, 0].astype(np.int64).tolist()
+        logprobs = out[:n, 1].tolist()
+        ranks = out[:n, 2].astype(np.int64).tolist()
         ids_at, lps_at = 3, 3 + TOP_LOGPROBS
         return {s.request_id: SampledToken(
                     token=tokens[row], logprob=logprobs[row], rank=ranks[row],
-                    top_ids=tuple(out[ids_at:lps_at, row].astype(np.int64).tolist()) if row in inflight.top_rows else (),
-                    top_logprobs=tuple(out[lps_at:, row].tolist()) if row in inflight.top_rows else ())
+                    top_ids=tuple(out[row, ids_at:lps_at].astype(np.int64).tolist()) if row in inflight.top_rows else (),
+                    top_logprobs=tuple(out[row, lps_at:].tolist()) if row in inflight.top_rows else ())
                 for row, s in enumerate(inflight.batch.seqs) if s.sample}
 
     def execute(self, kv: KVPool, batch: ScheduledBatch,
@@ -287,6 +290,12 @@ class ModelEngine:
         self._host_in = [torch.zeros(size, dtype=torch.float64, pin_memory=self._cuda) for _ in range(2)]
         self._device_in = torch.zeros(size, dtype=torch.float64, device=self.device)
         self._device_views.clear()
+
+    def _grow_host_out(self, parity: int, rows: int) -> Tensor:
+        """Pinned output buffer `parity`, grown for the eager path's unbounded batches (never with buckets)."""
+        if self._host_out[parity].shape[0] < rows:
+            self._host_out[parity] = torch.zeros(rows, OUT_COLUMNS, dtype=torch.float64, pin_memory=self._cuda)
+        return self._host_out[parity]
 
     def _device_view(self, layout: StepLayout) -> StepViews:
         views = self._device_views.get(layout)

@@ -54,7 +54,7 @@ def build_engine(source: ModelSource, *, dtype: str | torch.dtype = "auto", devi
                  seed: int = 0, load_format: str = "auto", enforce_eager: bool = False, overlap: bool = True,
                  cuda_graph_batch_sizes: Sequence[int] | None = None, compile_dynamic: bool | None = None,
                  inductor_options: Mapping[str, object] | None = None,
-                 cuda_graph_capture: str = "inductor") -> EngineParts:
+                 cuda_graph_capture: str = "manual") -> EngineParts:
     """Validate the engine arguments, load weights, size the KV pool from what is left, allocate it."""
     cfg = source.config
     max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len

@@ -114,5 +114,17 @@ def test_unknown_cuda_graph_capture_is_refused_before_loading(monkeypatch):
     import llmfx.startup
 
     monkeypatch.setattr(llmfx.startup, "load_params", lambda *a, **k: pytest.fail("weights loaded before validation"))
-    with pytest.raises(ValueError, match=r"cuda_graph_capture must be one of \('inductor', 'manual'\), got 'cupti'"):
+    with pytest.raises(ValueError, match=r"cuda_graph_capture must be one of \('manual', 'inductor'\), got 'cupti'"):
         LLM("tiny", cuda_graph_capture="cupti")
+
+
+def test_results_land_in_a_contiguous_pinned_slice():
+    # A non-blocking device-to-host copy into a strided tensor goes through a temporary that is read
+    # back before the device wrote it (wrong tokens on CUDA); the output slice must be contiguous.
+    engine, kv = _engine(False, make_buckets(4, 32, [1, 2, 4]))
+    requests = {i: SequenceState(request=Request(request_id=i, prompt_token_ids=(5,), params=SamplingParams()))
+                for i in range(3)}
+    seqs = tuple(ScheduledSeq(request_id=i, token_ids=(3,), start_pos=0, pages=(1 + i,), sample=True) for i in range(3))
+    kv, inflight = engine.launch(kv, ScheduledBatch(seqs=seqs), requests)
+    assert inflight.host.shape[0] == 4 and inflight.host.is_contiguous()
+    assert set(engine.collect(inflight)) == {0, 1, 2}
