@@ -5,10 +5,10 @@ synchronization point. A decode token the host has not seen yet (the overlap sch
 placeholder) is gathered on the device from the token pool, which every step writes its sampled
 tokens into. Inputs arrive through one buffer and one copy (llmfx.step_inputs), results leave
 through one tensor and one copy. On CUDA the step is compiled and replayed as a CUDA graph per
-bucket, recorded by inductor (mode="reduce-overhead") or captured by hand around the compiled
-step; every input (weights, rope table, KV pool, token pool, input and penalty buffers) has a
-fixed address, so no replay copies anything. Warm-up compiles and records every bucket;
-afterwards a recompile raises.
+bucket, captured by hand around the unpacking of the input buffer and the compiled step (a replay
+copies nothing: every input has a fixed address) or recorded by inductor (mode="reduce-overhead",
+which copies the unpacked inputs into its own buffers at each replay). Warm-up compiles and
+records every bucket; afterwards a recompile raises.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from llmfx.batch import ForwardBatch
 from llmfx.buckets import BucketKey, Buckets
 from llmfx.config import ModelConfig
 from llmfx.kv_pool import KVPool, LayerKV, copy_pages
 from llmfx.models import Params, forward
-from llmfx.sampler import TOP_LOGPROBS, PenaltyState, count_tokens, sample
+from llmfx.sampler import TOP_LOGPROBS, PenaltyState, SamplingTensors, count_tokens, sample
 from llmfx.scheduler import PLACEHOLDER, ScheduledBatch, SequenceState
 from llmfx.step_inputs import StepLayout, StepStager, StepViews, fill_batch, fill_sampling
 
@@ -90,14 +91,14 @@ class InFlight:
     top_rows: frozenset[int]  # rows whose request asked for logprobs: only these read the top-20
 
 
-def step_fn(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], staged: StepViews, penalties: PenaltyState,
-            token_pool: Tensor) -> Tensor:
-    """One step on the device: unpack inputs, gather placeholder tokens, forward, sample, store tokens.
+def step_fn(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inputs: ForwardBatch, sampling: SamplingTensors,
+            gather_rows: Tensor, penalties: PenaltyState, token_pool: Tensor) -> Tensor:
+    """One step on the device: gather placeholder tokens, forward, sample, store tokens.
 
-    kv and token_pool [max_batch] are written in place (DONATED). Returns [B, OUT_COLUMNS] float64:
-    one tensor, so the host needs one copy, and rows, so the host's [:B] slice of it is contiguous.
+    gather_rows [T]: the token-pool row of a placeholder token, else -1. kv and token_pool
+    [max_batch] are written in place (DONATED). Returns [B, OUT_COLUMNS] float64: one tensor, so the
+    host needs one copy, and rows, so the host's [:B] slice of it is contiguous.
     """
-    inputs, sampling, gather_rows = staged.unpack()
     placeholder = gather_rows >= 0  # [T]: the token is the pool's, sampled by the previous step
     token_ids = torch.where(placeholder, token_pool[gather_rows.clamp(min=0)], inputs.token_ids)  # [T]
     inputs = dataclasses.replace(inputs, token_ids=token_ids)
@@ -185,8 +186,8 @@ class ModelEngine:
         if self._cuda and not self._graphs_by_hand:
             _cudagraph_thread_state()
         static = [self._token_pool, *_tensors(self.params), *(t for layer in layers for t in layer)]
-        for key in keys:  # create every bucket's input views once, so each graph reads fixed addresses
-            static += [*_tensors(self._device_view(self._layout_of(key))), *_tensors(self._penalties_of(key.num_seqs))]
+        for key in keys:  # create every bucket's penalty views once, so each graph reads fixed addresses
+            static += _tensors(self._penalties_of(key.num_seqs))
         if not self._graphs_by_hand:
             for tensor in static:
                 torch._dynamo.mark_static_address(tensor)
@@ -198,8 +199,9 @@ class ModelEngine:
                 for _ in range(2):  # compile (automatic dynamic shapes may recompile once), then settle
                     self._step(*args)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self._step(*args)
+                with torch.cuda.graph(graph, pool=pool):  # unpacking the staged inputs included
+                    out = self._step(self.params, self.cfg, layers,
+                                     *self._step_args(self._layout_of(key), self._penalties_of(key.num_seqs)))
                 self._graphs[self._layout_of(key)] = (graph, out)
             else:
                 for _ in range(3):  # cudagraph trees: warm-up run, then record, then replay
@@ -226,11 +228,9 @@ class ModelEngine:
                     graph.replay()
                 elif self.engine_cfg.compile:
                     with torch.compiler.set_stance("fail_on_recompile"):
-                        out = self._step(self.params, self.cfg, layers, self._device_view(layout), penalties,
-                                         self._token_pool)
+                        out = self._step(self.params, self.cfg, layers, *self._step_args(layout, penalties))
                 else:
-                    out = self._step(self.params, self.cfg, layers, self._device_view(layout), penalties,
-                                     self._token_pool)
+                    out = self._step(self.params, self.cfg, layers, *self._step_args(layout, penalties))
                 # Copy the results out before the next replay overwrites the graph's outputs. The
                 # destination must be contiguous: into a strided one, a non-blocking copy lands in a
                 # temporary that is read back at once, before the device has written it.
@@ -347,7 +347,20 @@ class ModelEngine:
         self._dirty_penalty_rows = max(self._dirty_penalty_rows, rows)
         return views
 
-    def _padding_args(self, key: BucketKey) -> tuple[StepViews, PenaltyState, Tensor]:
+    def _step_args(self, layout: StepLayout, penalties: PenaltyState) -> tuple:
+        """step_fn's arguments after params, config and kv, for inputs staged in the device buffer.
+
+        The fields are unpacked (sliced and converted) here, outside the compiled step, so the step
+        sees the int64 / int32 / float32 tensors it computes with. On the H200 (torch 2.11), the
+        step compiled with automatic dynamic shapes and the unpacking inside it sampled different
+        tokens than the eager step on the same inputs; with it outside, they agree (the GPU test
+        test_every_compiled_step_equals_the_eager_step_on_the_same_inputs). Captured by hand, the
+        unpacking is part of the graph, so it costs no host time.
+        """
+        inputs, sampling, gather_rows = self._device_view(layout).unpack()
+        return inputs, sampling, gather_rows, penalties, self._token_pool
+
+    def _padding_args(self, key: BucketKey) -> tuple:
         """step_fn's arguments after params, config and kv for an all-padding batch of bucket `key`."""
         layout = self._layout_of(key)
         self._reserve_inputs(layout.size)
@@ -355,9 +368,8 @@ class ModelEngine:
         views = layout.views(host)
         fill_batch(views, [], self.engine_cfg.page_size)
         fill_sampling(views, [])
-        device = self._device_view(layout)
         self._device_in[: layout.size].copy_(host[: layout.size])
-        return device, self._penalties_of(key.num_seqs), self._token_pool
+        return self._step_args(layout, self._penalties_of(key.num_seqs))
 
     def _compiled_step(self):
         buckets = self.engine_cfg.buckets

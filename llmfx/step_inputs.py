@@ -4,7 +4,8 @@ The host fills a buffer laid out by StepLayout; one asynchronous copy moves it i
 that lives as long as the engine, so a CUDA graph reads its inputs in place (nothing is copied at
 replay) and the host allocates nothing per step. float64 holds every field exactly: token ids,
 positions, slots, page ids and 32-bit seeds are integers below 2**53, sampling parameters are
-float32 values. The compiled step converts the fields on the device (`StepViews.unpack`).
+float32 values. `StepViews.unpack` converts the fields on the device, before the compiled step
+(inside the CUDA graph when graphs are captured by hand).
 """
 
 from __future__ import annotations
