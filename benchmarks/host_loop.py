@@ -1,0 +1,96 @@
+"""Host time of the whole serving loop on PERF.md's offline workload, with the device work removed.
+
+    python benchmarks/host_loop.py [--num-requests 256] [--profile] [--save DIR]
+
+Builds the TinyLlama-shape LLM on the CPU (dummy weights, never run), then replaces the compiled step with an
+instant stand-in that returns token 1 for every row: every other part of a step runs as served
+(request intake, schedule, KV bookkeeping, input staging, collect, postprocess, delivery to the
+front end thread). The wall time per step is then the host's floor on step time: a GPU step
+faster than it leaves the GPU waiting (PERF.md: the target is 0.5 ms at batch 256). Reports the
+median host time per step by decode batch size; `--profile` adds yappi's busiest functions
+across all threads.
+"""
+
+import argparse
+import collections
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from llmfx import bench
+from llmfx.llm import LLM
+from llmfx.model_engine import OUT_COLUMNS
+from llmfx.sampling_params import SamplingParams
+
+
+def instant_step(max_rows: int):
+    """A step_fn stand-in: no device work, every row samples token 1."""
+    out = torch.zeros(max_rows, OUT_COLUMNS, dtype=torch.float64)
+    out[:, 0] = 1
+
+    def step(params, cfg, kv, inputs, sampling, gather_rows, penalties, token_pool):
+        return out[: inputs.logits_indices.shape[0]]
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tinyllama-1.1b")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--disable-overlap-scheduler", action="store_true")
+    p.add_argument("--prefix-cache", action="store_true", help="keep KV block reuse on (the LLM default)")
+    p.add_argument("--profile", action="store_true", help="yappi: the busiest functions over all threads")
+    p.add_argument("--save", default=None)
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+    from llmfx.kv_cache import KvCacheConfig
+
+    work = bench.offline_workload(bench.preset(args.model).vocab_size, args.num_requests)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False) for _, n in work]
+    prompts = [prompt for prompt, _ in work]
+    kv = KvCacheConfig(max_tokens=args.num_requests * 2112, enable_block_reuse=args.prefix_cache)
+    with LLM(args.model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", device="cpu", max_seq_len=2048 + 64,
+             disable_overlap_scheduler=args.disable_overlap_scheduler, kv_cache_config=kv) as llm:
+        llm._engine._step = instant_step(llm._engine.engine_cfg.max_batch_size)
+        if args.profile:
+            import yappi
+
+            yappi.set_clock_type("wall")
+            yappi.start()
+        with llm.trace_steps() as trace:
+            start = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            elapsed = time.perf_counter() - start
+        if args.profile:
+            yappi.stop()
+    by_batch = collections.defaultdict(list)
+    for it, following in zip(trace, trace[1:]):  # start to start: the delivery of outputs counts
+        batch = it.collected
+        if batch is not None and batch.num_tokens == batch.num_decode and not following.waited_for_work:
+            by_batch[min(256, -(-batch.num_decode // 32) * 32)].append(following.start - it.start)
+    rows = [{"decode_batch_up_to": b, "steps": len(v), "median_ms": 1e3 * statistics.median(v)}
+            for b, v in sorted(by_batch.items())]
+    steps = sum(1 for it in trace if it.collected is not None)
+    print(f"{args.num_requests} requests, {steps} steps in {elapsed:.2f} s: {1e3 * elapsed / steps:.2f} ms per step")
+    for r in rows:
+        print(f"  decode batch <= {r['decode_batch_up_to']:3d}: {r['steps']:4d} steps, median {r['median_ms']:.2f} ms")
+    if args.profile:
+        stats = yappi.get_func_stats()
+        stats.sort("tsub")
+        print("busiest functions (own time, all threads):")
+        for s in list(stats)[:25]:
+            print(f"  {s.tsub:8.3f} s own {s.ttot:8.3f} s total {s.ncall:9d} calls  {s.module.split('/')[-1]}:{s.lineno} {s.name}")
+    if args.save:
+        out = {"date": time.strftime("%Y-%m-%d"), "machine": "cpu", "model": args.model,
+               "num_requests": args.num_requests, "overlap": not args.disable_overlap_scheduler,
+               "prefix_cache": args.prefix_cache, "steps": steps, "seconds": elapsed, "by_decode_batch": rows}
+        Path(args.save).mkdir(parents=True, exist_ok=True)
+        Path(args.save, f"host_loop{args.tag}.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
