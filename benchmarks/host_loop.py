@@ -8,7 +8,8 @@ instant stand-in that returns token 1 for every row: every other part of a step 
 front end thread). The wall time per step is then the host's floor on step time: a GPU step
 faster than it leaves the GPU waiting (PERF.md: the target is 0.5 ms at batch 256). Reports the
 median host time per step by decode batch size; `--profile` adds yappi's busiest functions
-across all threads.
+across all threads (pip install yappi). This box's timings vary by about 30% run to run: compare
+variants in one process where you can.
 """
 
 import argparse

@@ -188,15 +188,13 @@ class RequestHandle:
         if event.hypotheses:  # a beam search ends: its outputs are its best hypotheses
             sequences = [_Sequence.of_hypothesis(i, seq.request, self._llm.tokenizer, h)
                          for i, h in enumerate(event.hypotheses[: self._keep])]
-        now = time.monotonic()
-        metrics = self._metrics
-        if any(s.num_tokens for s in sequences) and metrics.first_token_time is None:
-            metrics = replace(metrics, first_token_time=now)
+        if self._metrics.first_token_time is None and (seq.num_tokens or any(s.num_tokens for s in sequences)):
+            self._metrics = replace(self._metrics, first_token_time=time.monotonic())
         finished = all(s.finished for s in self._sequences.values())
-        self._metrics = metrics = replace(
-            metrics, num_generated_tokens=sum(s.num_tokens for s in sequences), finished_time=now if finished else None)
         if not (finished or self._streaming):
-            return  # nothing is published until the end: build no snapshot
+            return  # nothing is published until the end: build no snapshot (this path runs once per token)
+        self._metrics = metrics = replace(self._metrics, num_generated_tokens=sum(s.num_tokens for s in sequences),
+                                          finished_time=time.monotonic() if finished else None)
         if finished and self._keep < len(sequences):
             best = sorted(sequences, key=lambda s: -s.cumulative_logprob)[: self._keep]
             sequences = sorted(best, key=lambda s: s.index)

@@ -85,6 +85,13 @@ def fill_batch(views: StepViews, chunks: Sequence[Chunk], page_size: int, *, tab
     for chunk in chunks:
         end = chunk.start_pos + len(chunk.token_ids)
         assert len(chunk.pages) * page_size >= end, "a chunk's pages must cover its tokens"
+        if end - chunk.start_pos == 1:  # a decode: most chunks of most steps, so without the general loop
+            tokens.append(chunk.token_ids[0])
+            positions.append(chunk.start_pos)
+            slots.append(chunk.pages[chunk.start_pos // page_size] * page_size + chunk.start_pos % page_size)
+            starts.append(len(tokens))
+            lens.append(end)
+            continue
         tokens.extend(chunk.token_ids)
         positions.extend(range(chunk.start_pos, end))
         # One run of consecutive slots per page touched: O(pages) Python steps, not O(tokens).
