@@ -6,6 +6,7 @@
 #   startup  cold and warm compile cache
 #   profile  the simulator's cost model for the TinyLlama shape
 #   simval   the simulator against the engine: one build, profiled, offline + Poisson at 70% load, simulated
+#   dynamic  step_profile at batch 1 / 64 / 136 / 256, context 1024: one shape-generic graph vs one per bucket
 # Logs and results go to $OUT (the device tool brings them back).
 set -uo pipefail
 OUT=${OUT:-/tmp/llmfx-out}
@@ -26,6 +27,10 @@ for stage in "$@"; do
     profile) llmfx profile --model tinyllama-1.1b --out "$OUT/profile_h200.json" 2>&1 | tee "$OUT/profile.log" | tail -8 ;;
     simval) python3 benchmarks/sim_validation.py --model tinyllama-1.1b --out "$OUT" 2>&1 | tee "$OUT/simval.log" \
               | tail -12 ;;
+    dynamic) for d in auto false; do
+               python3 benchmarks/step_profile.py --batches 1,64,136,256 --context 1024 --steps 60 --max-num-tokens 256 \
+                 --compile-dynamic $d --save "$OUT" --tag=-dynamic-$d 2>&1 | tee -a "$OUT/dynamic.log" | tail -6
+             done ;;
     *) echo "unknown stage $stage" ;;
   esac
   echo "== $stage took $(( $(date +%s) - start )) s"

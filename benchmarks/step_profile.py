@@ -53,12 +53,18 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     parser.add_argument("--trace", action="store_true")
     parser.add_argument("--graph-capture", default="manual", choices=["manual", "inductor"])
+    parser.add_argument("--compile-dynamic", default="auto", choices=["auto", "false"],
+                        help="auto: one shape-generic graph after two sizes (the default); false: one graph per bucket")
+    parser.add_argument("--max-num-tokens", type=int, default=1024, help="sets the mixed buckets (and their compiles)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     cuda = torch.cuda.is_available()
+    # Decode buckets are exactly the profiled batch sizes, so a static build compiles only what it times.
     e = build_engine(args.model, dtype="bfloat16" if cuda else "float32", load_format="dummy",
-                     max_batch_size=max(batches), max_num_tokens=1024, max_seq_len=args.context + args.steps + 64,
-                     kv_tokens=max(batches) * (args.context + args.steps + 64), cuda_graph_capture=args.graph_capture)
+                     max_batch_size=max(batches), max_num_tokens=args.max_num_tokens,
+                     max_seq_len=args.context + args.steps + 64,
+                     kv_tokens=max(batches) * (args.context + args.steps + 64), cuda_graph_capture=args.graph_capture,
+                     cuda_graph_batch_sizes=batches, compile_dynamic=None if args.compile_dynamic == "auto" else False)
     e.cfg = executor.ExecutorConfig(limits=e.cfg.limits, scheduler=e.cfg.scheduler, overlap=True)
     timer = PhaseTimer()
     for name in ("schedule", "postprocess"):
@@ -131,6 +137,7 @@ def main() -> None:
                   "context": args.context, "steps": args.steps, "rows": rows}
         Path(args.save).mkdir(parents=True, exist_ok=True)
         result["graph_capture"] = args.graph_capture
+        result["compile_dynamic"] = args.compile_dynamic
         Path(args.save, f"step_profile{args.tag}.json").write_text(json.dumps(result, indent=1))
 
 

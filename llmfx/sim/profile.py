@@ -61,14 +61,16 @@ def build_engine(model: str = "tiny", *, device: str | None = None, dtype: str =
                  kv_tokens: int | None = None, page_size: int = 16, max_batch_size: int = 256,
                  max_num_tokens: int = 8192, max_seq_len: int | None = None,
                  scheduler: SchedulerConfig | None = None, enable_block_reuse: bool = True, seed: int = 0,
-                 enforce_eager: bool = False, overlap: bool = True, cuda_graph_capture: str = "manual") -> Engine:
+                 enforce_eager: bool = False, overlap: bool = True, cuda_graph_capture: str = "manual",
+                 cuda_graph_batch_sizes: Sequence[int] | None = None, compile_dynamic: bool | None = None) -> Engine:
     """The engine LLM(model, ...) would build (llmfx.startup.build_engine), warmed up on this thread."""
     parts = startup.build_engine(
         resolve_model(model), dtype=dtype, device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
         max_batch_size=max_batch_size, max_num_tokens=max_num_tokens, max_seq_len=max_seq_len,
         kv_cache_config=KvCacheConfig(max_tokens=kv_tokens, page_size=page_size, enable_block_reuse=enable_block_reuse),
         scheduler_config=scheduler, seed=seed, load_format=load_format, enforce_eager=enforce_eager, overlap=overlap,
-        cuda_graph_capture=cuda_graph_capture)
+        cuda_graph_capture=cuda_graph_capture, cuda_graph_batch_sizes=cuda_graph_batch_sizes,
+        compile_dynamic=compile_dynamic)
     state = dataclasses.replace(parts.state, kv=parts.engine.warmup(parts.state.kv))
     return Engine(state=state, engine=parts.engine, cfg=parts.cfg, vocab_size=parts.engine.cfg.vocab_size)
 
