@@ -1,0 +1,215 @@
+"""Specifications of the persistent collections under the page pool, against plain dict / list models."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from llmfx.persistent import _LEAF_MAX, LinkedSet, PageStack, PMap
+
+
+class Collider:
+    """A key whose hash is chosen, so that tests reach hash collisions and the deepest leaves."""
+
+    def __init__(self, name: int, h: int) -> None:
+        self.name, self.h = name, h
+
+    def __hash__(self) -> int:
+        return self.h
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Collider) and (self.name, self.h) == (other.name, other.h)
+
+    def __repr__(self) -> str:
+        return f"Collider({self.name}, {self.h})"
+
+
+# Small ints (dense, like page ids), wide and negative ints (like page hashes), and colliding keys.
+keys = st.one_of(st.integers(0, 300), st.integers(-2**63, 2**63 - 1),
+                 st.builds(Collider, st.integers(0, 40), st.sampled_from([0, 7, -1, 2**62])))
+ops = st.lists(st.tuples(st.sampled_from(["set", "del", "pop", "setdefault"]), keys, st.integers()), max_size=80)
+
+
+def nodes(m: PMap) -> set[int]:
+    """The ids of every node of m's trie."""
+    out, stack = set(), [m._root]
+    while stack:
+        node = stack.pop()
+        out.add(id(node))
+        if type(node) is list:
+            stack.extend(node)
+    return out
+
+
+class PMapMachine(RuleBasedStateMachine):
+    """Batches of edits applied to any earlier version leave every version equal to its dict model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.versions: list[tuple[PMap, dict]] = [(PMap(), {})]
+
+    @rule(data=st.data(), batch=ops)
+    def edit(self, data, batch) -> None:
+        m, model = self.versions[data.draw(st.integers(0, len(self.versions) - 1))]
+        model = dict(model)
+        e = m.edit()
+        for op, key, value in batch:
+            if op == "set":
+                e[key] = model[key] = value
+            elif op == "del":
+                if key in model:
+                    del e[key], model[key]
+                else:
+                    with pytest.raises(KeyError):
+                        del e[key]
+            elif op == "pop":
+                assert e.pop(key, "absent") == model.pop(key, "absent")
+            else:
+                assert e.setdefault(key, value) == model.setdefault(key, value)
+            assert len(e) == len(model) and (key in e) == (key in model)
+        self.versions.append((e.finish(), model))
+
+    @rule(data=st.data(), first=st.integers(-40, 300), count=st.integers(0, 150),
+          h=st.sampled_from([None, 0, -1, 2**62]), drop=st.integers(1, 3))
+    def bulk(self, data, first, count, h, drop) -> None:
+        """Enough keys to split leaves (or overfill the deepest one), then every drop-th key deleted."""
+        m, model = self.versions[data.draw(st.integers(0, len(self.versions) - 1))]
+        model = dict(model)
+        if h is None:
+            new = [first + i for i in range(count)]
+        else:  # equal hashes make dict operations linear in the leaf: just past the deepest leaf's limit
+            new = [Collider(first + i, h) for i in range(min(count, _LEAF_MAX + 8))]
+        e = m.edit()
+        for key in new:
+            e[key] = model[key] = 1
+        self.versions.append((e.finish(), dict(model)))
+        e = self.versions[-1][0].edit()
+        for key in new[::drop]:
+            del e[key], model[key]
+        self.versions.append((e.finish(), model))
+
+    @rule(data=st.data(), key=keys, value=st.integers())
+    def set_one(self, data, key, value) -> None:
+        m, model = self.versions[data.draw(st.integers(0, len(self.versions) - 1))]
+        self.versions.append((m.set(key, value), {**model, key: value}))
+
+    @rule(data=st.data())
+    def delete_one(self, data) -> None:
+        m, model = self.versions[data.draw(st.integers(0, len(self.versions) - 1))]
+        if model:
+            key = data.draw(st.sampled_from(sorted(model, key=repr)))
+            self.versions.append((m.delete(key), {k: v for k, v in model.items() if k != key}))
+
+    @invariant()
+    def every_version_equals_its_model(self) -> None:
+        for m, model in self.versions:  # older versions included: deriving a map must not change its source
+            assert len(m) == len(model) and dict(m.items()) == model
+        m, model = self.versions[-1]
+        assert len(list(m)) == len(model) and m == model
+        for key, value in model.items():
+            assert m[key] == value and m.get(key) == value and key in m
+        assert m.get(Collider(-1, 7)) is None and Collider(-1, 7) not in m
+
+
+TestPMapMachine = PMapMachine.TestCase
+TestPMapMachine.settings = settings(max_examples=40, stateful_step_count=15, deadline=None)
+
+
+class LinkedSetMachine(RuleBasedStateMachine):
+    """Appends, removals and pops of the oldest, on any earlier version, keep each version equal to its list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.versions: list[tuple[LinkedSet, list[int]]] = [(LinkedSet(), [])]
+
+    @rule(data=st.data(), batch=st.lists(st.tuples(st.sampled_from(["append", "remove", "pop"]), st.integers(0, 60)),
+                                         max_size=40))
+    def edit(self, data, batch) -> None:
+        s, model = self.versions[data.draw(st.integers(0, len(self.versions) - 1))]
+        model = list(model)
+        e = s.edit()
+        for op, key in batch:
+            if op == "append" and key not in model:
+                e.append(key)
+                model.append(key)
+            elif op == "remove" and key in model:
+                e.remove(key)
+                model.remove(key)
+            elif op == "pop" and model:
+                assert e.pop_oldest() == model.pop(0)
+            assert len(e) == len(model) and (key in e) == (key in model)
+        self.versions.append((e.finish(), model))
+
+    @invariant()
+    def every_version_equals_its_model(self) -> None:
+        for s, model in self.versions:
+            assert list(s) == model and len(s) == len(model) and set(s) == set(model)
+
+
+TestLinkedSetMachine = LinkedSetMachine.TestCase
+TestLinkedSetMachine.settings = settings(max_examples=60, stateful_step_count=20, deadline=None)
+
+
+@settings(deadline=None)
+@given(start=st.integers(1, 5), size=st.integers(0, 30),
+       batch=st.lists(st.tuples(st.booleans(), st.integers(0, 6), st.integers(0, 1)), max_size=30))
+def test_page_stack_is_a_persistent_lifo_over_its_fresh_range(start, size, batch):
+    versions = [(PageStack(start, start + size), list(range(start + size - 1, start - 1, -1)))]  # top last
+    pushed = 100
+    for push, n, base in batch:
+        stack, model = versions[base * (len(versions) - 1)]  # from the first or the latest version
+        if push:
+            items = list(range(pushed, pushed + n))
+            pushed += n
+            versions.append((stack.push(items), model + items))
+        elif n <= len(model):
+            stack, got = stack.pop(n)
+            assert got == tuple(reversed(model[len(model) - n:]))
+            versions.append((stack, model[:len(model) - n]))
+        for stack, model in versions:
+            assert list(stack) == model[::-1] and len(stack) == len(model)
+            assert all(i in stack for i in model) and pushed not in stack and 0 not in stack
+
+
+def test_an_update_copies_one_path_not_the_map():
+    m = PMap((i, i) for i in range(100_000))
+    old = nodes(m)
+    depth = 0
+    node = m._root
+    while type(node) is list:
+        node, depth = node[0], depth + 1
+    for updated in (m.set(5, -5), m.set(100_000, 0), m.delete(7)):
+        assert len(nodes(updated) - old) <= depth + 1  # one branch per level and a leaf; a split adds one level
+    assert m[5] == 5 and len(m) == 100_000 and 7 in m
+
+
+def test_one_edit_copies_a_node_once_however_many_keys_it_writes_there():
+    m = PMap((i, i) for i in range(_LEAF_MAX))  # a single leaf
+    e = m.edit()
+    for i in range(_LEAF_MAX):
+        e[i] = -i
+    assert len(nodes(e.finish()) - nodes(m)) == 1
+
+
+def test_a_finished_edit_refuses_writes():
+    e = PMap({1: 1}).edit()
+    m = e.finish()
+    with pytest.raises(RuntimeError, match="after finish"):
+        e[2] = 2
+    with pytest.raises(RuntimeError, match="twice"):
+        e.finish()
+    assert dict(m) == {1: 1}
+    s = LinkedSet().edit()
+    s.finish()
+    with pytest.raises(RuntimeError, match="after finish"):
+        s.append(1)
+
+
+def test_colliding_keys_past_the_deepest_level_share_a_leaf():
+    same = [Collider(i, 12345) for i in range(3 * _LEAF_MAX)]
+    m = PMap((k, k.name) for k in same)
+    assert len(m) == len(same) and all(m[k] == k.name for k in same)
+    m = m.delete(same[0])
+    assert same[0] not in m and len(m) == len(same) - 1
