@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
+
+from llmfx.persistent import LinkedSet, MapEdit, PageStack, PMap
 
 NULL_PAGE = 0  # padding rows write here; never allocated
 
@@ -41,16 +41,21 @@ def _is_int_at_least(value: object, minimum: int) -> bool:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PagePool:
-    """Immutable allocator state. Every page except NULL_PAGE is in exactly one of free, refcounts, evictable."""
+    """Immutable allocator state. Every page except NULL_PAGE is in exactly one of free, refcounts, evictable.
+
+    The collections are persistent (llmfx.persistent): an update shares all but O(log n) of the old
+    value, so a step costs the same whatever the number of cached pages, and old pools stay valid
+    (capacity policies try admissions on the pool and drop the result).
+    """
 
     num_pages: int  # including NULL_PAGE
     page_size: int
     enable_prefix_cache: bool
-    free: tuple[int, ...]  # unreferenced and uncached; allocated from the end
-    refcounts: Mapping[int, int]  # page -> number of holders, always >= 1
-    evictable: Mapping[int, None]  # cached pages nobody holds, least recently used first
-    page_keys: Mapping[int, PageKey]  # full pages whose tokens are known (held or evictable)
-    cached: Mapping[int, int]  # page hash -> the canonical page a prefix match returns
+    free: PageStack  # unreferenced and uncached; the most recently freed is allocated first
+    refcounts: PMap  # page -> number of holders, always >= 1
+    evictable: LinkedSet  # cached pages nobody holds, least recently used first
+    page_keys: PMap  # page -> PageKey, for full pages whose tokens are known (held or evictable)
+    cached: PMap  # page hash -> the canonical page a prefix match returns
 
 
 def new_page_pool(num_pages: int, page_size: int, enable_prefix_cache: bool = True) -> PagePool:
@@ -59,17 +64,15 @@ def new_page_pool(num_pages: int, page_size: int, enable_prefix_cache: bool = Tr
         raise ValueError(f"num_pages must be an integer >= 2 (page 0 is the null page), got {num_pages!r}")
     if not _is_int_at_least(page_size, 1):
         raise ValueError(f"page_size must be an integer >= 1, got {page_size!r}")
-    empty: Mapping = MappingProxyType({})
     return PagePool(
         num_pages=num_pages,
         page_size=page_size,
         enable_prefix_cache=bool(enable_prefix_cache),
-        # Descending so that a fresh pool hands out 1, 2, 3, ...
-        free=tuple(range(num_pages - 1, NULL_PAGE, -1)),
-        refcounts=empty,
-        evictable=empty,
-        page_keys=empty,
-        cached=empty,
+        free=PageStack(NULL_PAGE + 1, num_pages),  # a fresh pool hands out 1, 2, 3, ...
+        refcounts=PMap(),
+        evictable=LinkedSet(),
+        page_keys=PMap(),
+        cached=PMap(),
     )
 
 
@@ -88,32 +91,30 @@ def allocate(pool: PagePool, n: int) -> tuple[PagePool, tuple[int, ...]]:
     assert 0 <= n <= num_available(pool), f"allocate({n}) with only {num_available(pool)} pages available"
     if n == 0:
         return pool, ()
-    take = min(n, len(pool.free))
-    from_free = pool.free[len(pool.free) - take :][::-1]
-    victims = tuple(itertools.islice(pool.evictable, n - take))
-    refcounts = pool.refcounts.copy()
-    for page in itertools.chain(from_free, victims):
-        refcounts[page] = 1
-    changes: dict = {"free": pool.free[: len(pool.free) - take], "refcounts": MappingProxyType(refcounts)}
-    if victims:
-        evictable, page_keys, cached = pool.evictable.copy(), pool.page_keys.copy(), pool.cached.copy()
-        for page in victims:
-            del evictable[page]
+    free, pages = pool.free.pop(min(n, len(pool.free)))
+    changes: dict = {"free": free}
+    if len(pages) < n:
+        evictable, page_keys, cached = pool.evictable.edit(), pool.page_keys.edit(), pool.cached.edit()
+        victims = []
+        for _ in range(n - len(pages)):
+            page = evictable.pop_oldest()
             page_hash = page_keys.pop(page)[0]
             assert cached[page_hash] == page, "evictable pages are always canonical"
             del cached[page_hash]
-        changes.update(
-            evictable=MappingProxyType(evictable),
-            page_keys=MappingProxyType(page_keys),
-            cached=MappingProxyType(cached),
-        )
-    return dataclasses.replace(pool, **changes), from_free + victims
+            victims.append(page)
+        pages += tuple(victims)
+        changes.update(evictable=evictable.finish(), page_keys=page_keys.finish(), cached=cached.finish())
+    refcounts = pool.refcounts.edit()
+    for page in pages:
+        refcounts[page] = 1
+    changes["refcounts"] = refcounts.finish()
+    return dataclasses.replace(pool, **changes), pages
 
 
 def release(pool: PagePool, pages: Iterable[int]) -> PagePool:
     """Drop one reference to each page; pages released earlier in the iterable are evicted earlier."""
-    refcounts = pool.refcounts.copy()
-    evictable, page_keys, cached = pool.evictable.copy(), pool.page_keys.copy(), pool.cached.copy()
+    refcounts, evictable = pool.refcounts.edit(), pool.evictable.edit()
+    page_keys, cached = pool.page_keys.edit(), pool.cached.edit()
     freed: list[int] = []
     for page in pages:
         count = refcounts.get(page, 0)
@@ -125,27 +126,28 @@ def release(pool: PagePool, pages: Iterable[int]) -> PagePool:
         key = page_keys.get(page)
         # A duplicate of a cached page is dropped, unless the canonical copy has been evicted meanwhile.
         if key is not None and cached.setdefault(key[0], page) == page:
-            evictable[page] = None
+            evictable.append(page)
         else:
             page_keys.pop(page, None)
             freed.append(page)
     return dataclasses.replace(
         pool,
-        free=pool.free + tuple(freed),
-        refcounts=MappingProxyType(refcounts),
-        evictable=MappingProxyType(evictable),
-        page_keys=MappingProxyType(page_keys),
-        cached=MappingProxyType(cached),
+        free=pool.free.push(freed),
+        refcounts=refcounts.finish(),
+        evictable=evictable.finish(),
+        page_keys=page_keys.finish(),
+        cached=cached.finish(),
     )
 
 
 def share(pool: PagePool, pages: Iterable[int]) -> PagePool:
     """Take one more reference to each held page (a forked sequence shares its parent's pages)."""
-    refcounts = pool.refcounts.copy()
+    refcounts = pool.refcounts.edit()
     for page in pages:
-        assert refcounts.get(page, 0) > 0, f"page {page} shared while not held"
-        refcounts[page] += 1
-    return dataclasses.replace(pool, refcounts=MappingProxyType(refcounts))
+        count = refcounts.get(page, 0)
+        assert count > 0, f"page {page} shared while not held"
+        refcounts[page] = count + 1
+    return dataclasses.replace(pool, refcounts=refcounts.finish())
 
 
 def _page_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
@@ -171,21 +173,16 @@ def match_prefix(pool: PagePool, token_ids: Sequence[int]) -> tuple[PagePool, tu
         parent = page_hash
     if not pages:
         return pool, (), 0
-    refcounts = pool.refcounts.copy()
-    evictable = pool.evictable
+    refcounts, evictable = pool.refcounts.edit(), None
     for page in pages:
-        if page in refcounts:
-            refcounts[page] += 1
-        else:
-            if evictable is pool.evictable:
-                evictable = pool.evictable.copy()
-            del evictable[page]
-            refcounts[page] = 1
-    pool = dataclasses.replace(
-        pool,
-        refcounts=MappingProxyType(refcounts),
-        evictable=evictable if isinstance(evictable, MappingProxyType) else MappingProxyType(evictable),
-    )
+        count = refcounts.get(page, 0)
+        if count == 0:  # an evictable page comes back into use
+            if evictable is None:
+                evictable = pool.evictable.edit()
+            evictable.remove(page)
+        refcounts[page] = count + 1
+    pool = dataclasses.replace(pool, refcounts=refcounts.finish(),
+                               evictable=pool.evictable if evictable is None else evictable.finish())
     return pool, tuple(pages), len(pages) * ps
 
 
@@ -194,8 +191,8 @@ def register_pages(pool: PagePool, seqs: Iterable[tuple[Sequence[int], Sequence[
     if not pool.enable_prefix_cache:
         return pool
     ps = pool.page_size
-    page_keys: dict[int, PageKey] | None = None
-    cached: dict[int, int] | None = None
+    page_keys: MapEdit | None = None
+    cached: MapEdit | None = None
     for token_ids, pages in seqs:
         num_full = min(len(token_ids) // ps, len(pages))
         keys = pool.page_keys if page_keys is None else page_keys
@@ -206,7 +203,7 @@ def register_pages(pool: PagePool, seqs: Iterable[tuple[Sequence[int], Sequence[
         if first == num_full:
             continue
         if page_keys is None:
-            page_keys, cached = pool.page_keys.copy(), pool.cached.copy()
+            page_keys, cached = pool.page_keys.edit(), pool.cached.edit()
         assert cached is not None
         parent = page_keys[pages[first - 1]][0] if first > 0 else None
         for i in range(first, num_full):
@@ -219,4 +216,4 @@ def register_pages(pool: PagePool, seqs: Iterable[tuple[Sequence[int], Sequence[
             parent = page_hash
     if page_keys is None:
         return pool
-    return dataclasses.replace(pool, page_keys=MappingProxyType(page_keys), cached=MappingProxyType(cached))
+    return dataclasses.replace(pool, page_keys=page_keys.finish(), cached=cached.finish())

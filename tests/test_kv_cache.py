@@ -38,6 +38,11 @@ def check_pool(pool: PagePool) -> None:
         assert page in held or page in evictable
 
 
+def contents(pool: PagePool) -> tuple:
+    """A plain-data copy of everything a pool holds."""
+    return (list(pool.free), dict(pool.refcounts), list(pool.evictable), dict(pool.page_keys), dict(pool.cached))
+
+
 def registered(pool: PagePool, tokens: list[int], n_pages: int) -> tuple[PagePool, tuple[int, ...]]:
     pool, pages = allocate(pool, n_pages)
     return register_pages(pool, [(tokens, pages)]), pages
@@ -196,6 +201,7 @@ class PoolMachine(RuleBasedStateMachine):
         super().__init__()
         self.pool = new_page_pool(9, 2)
         self.held: list[int] = []  # every reference the test holds, with multiplicity
+        self.versions: list[tuple[PagePool, tuple]] = []  # every pool so far, with its contents then
 
     @rule(target=handles, n=st.integers(0, 4), tokens=st.lists(st.integers(0, 2), max_size=8))
     def alloc(self, n, tokens):
@@ -227,11 +233,22 @@ class PoolMachine(RuleBasedStateMachine):
             for p in pages:
                 self.held.remove(p)
 
+    @rule(tokens=st.lists(st.integers(0, 2), max_size=8))
+    def match_and_drop(self, tokens):
+        """What a capacity policy does: try a match on the pool, then keep the old pool."""
+        match_prefix(self.pool, tokens)
+
     @invariant()
     def conserved(self):
         check_pool(self.pool)
         counts = {p: self.held.count(p) for p in set(self.held)}
         assert dict(self.pool.refcounts) == counts
+
+    @invariant()
+    def old_pools_are_unchanged(self):
+        self.versions.append((self.pool, contents(self.pool)))
+        for pool, then in self.versions:
+            assert contents(pool) == then, "deriving a pool changed an older one"
 
 
 TestPoolMachine = PoolMachine.TestCase

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from llmfx.kv_cache import new_page_pool, num_available
+from llmfx.kv_cache import allocate, new_page_pool, num_available, register_pages, release
 from llmfx.sampling_params import SamplingParams
 from llmfx.scheduler import (
     Plan,
@@ -33,6 +35,11 @@ def check_pool(pool) -> None:
     assert len(free) == len(pool.free) and not (free & held) and not (free & evictable) and not (held & evictable)
     assert free | held | evictable == set(range(1, pool.num_pages))
     assert all(c >= 1 for c in pool.refcounts.values())
+
+
+def pool_contents(pool) -> tuple:
+    """A plain-data copy of everything a pool holds, to check later that it has not changed."""
+    return (list(pool.free), dict(pool.refcounts), list(pool.evictable), dict(pool.page_keys), dict(pool.cached))
 
 
 def fake_token(request_id: int, pos: int) -> int:
@@ -93,6 +100,7 @@ class Driver:
         for r in inbox:
             self.tokens[r.request_id] = list(r.prompt_token_ids)
             self.outputs[r.request_id] = []
+        before, contents = self.state, pool_contents(self.state.pool)
         self.state, batch = schedule(self.state, inbox, lim, self.cfg)
         check_pool(self.state.pool)
         assert batch.num_tokens <= lim.max_num_tokens
@@ -123,6 +131,8 @@ class Driver:
         sampled = {s.request_id: fake_token(s.request_id, s.start_pos + len(s.token_ids)) for s in batch.seqs if s.sample}
         self.state, events = postprocess(self.state, batch, sampled, lim)
         check_pool(self.state.pool)
+        # Policies try admissions on the pool and drop the result, and callers may keep old states.
+        assert pool_contents(before.pool) == contents, "a step changed the state it was given"
         self.record(events)
         return batch, events
 
@@ -287,6 +297,40 @@ def test_policy_naming_an_unknown_request_raises():
     cfg = SchedulerConfig(capacity_scheduler_policy=lambda state, lim: Plan(admit=(99,)))
     with pytest.raises(ValueError, match="99"):
         schedule(state_for(lim), (req(1, [1]),), lim, cfg)
+
+
+def test_a_decode_step_allocates_no_more_memory_with_thousands_of_cached_pages():
+    """The pool's maps are updated by path copying, not copied whole, so a step's cost ignores the cache size."""
+    lim = limits(page_size=4, max_batch_size=8, max_seq_len=256)
+
+    def step_bytes(cached_pages: int) -> int:
+        pool = new_page_pool(8_000, lim.page_size)
+        if cached_pages:  # distinct full pages, registered and released: the prefix cache holds them all
+            pool, pages = allocate(pool, cached_pages)
+            tokens = [100 + i for i in range(cached_pages * lim.page_size)]
+            pool = release(register_pages(pool, [(tokens, pages)]), pages)
+            assert len(pool.evictable) == cached_pages
+        d = Driver(lim, SchedulerConfig(), 8_000)
+        d.state = new_scheduler_state(pool)
+        d.step(tuple(req(i, [i] * 7, max_tokens=200, ignore_eos=True) for i in range(1, 9)))
+        for _ in range(4):
+            d.step()
+        worst = 0
+        tracemalloc.start()
+        try:
+            for _ in range(lim.page_size):  # every phase of a page: a step allocates, registers or only writes
+                start, _ = tracemalloc.get_traced_memory()
+                tracemalloc.reset_peak()
+                state, batch = schedule(d.state, (), lim, d.cfg)
+                d.state, _ = postprocess(state, batch, {s.request_id: 5 for s in batch.seqs}, lim)
+                worst = max(worst, tracemalloc.get_traced_memory()[1] - start)
+        finally:
+            tracemalloc.stop()
+        return worst
+
+    small, large = step_bytes(0), step_bytes(6_000)
+    # Copying the cache's maps costs ~500 KB here; copying paths through a two levels deeper trie, ~10 KB.
+    assert large - small < 64 * 1024, (small, large)
 
 
 # --- abort ---
