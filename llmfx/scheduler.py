@@ -309,6 +309,28 @@ def token_slice(seq: SequenceState, start: int, stop: int) -> tuple[int, ...]:
     return prompt[start:] + seq.output_token_ids[: stop - p]
 
 
+
+@dataclass(frozen=True, slots=True)
+class _TokenPrefix(Sequence):
+    """Tokens [0, end) of a sequence, sliced on demand: registering a new page reads only its own tokens,
+    not the whole context."""
+
+    seq: SequenceState
+    end: int
+
+    def __len__(self) -> int:
+        return self.end
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.end)
+            assert step == 1, "_TokenPrefix slices with step 1 only"
+            return token_slice(self.seq, start, max(start, stop))
+        if not -self.end <= index < self.end:
+            raise IndexError(index)
+        index %= self.end
+        return token_slice(self.seq, index, index + 1)[0]
+
 # --- capacity policies: policy(state, limits) -> Plan; schedule enforces budgets ---
 
 
@@ -447,10 +469,11 @@ def _preempt(state: SchedulerState, seq_ids: Iterable[int]) -> tuple[SchedulerSt
 def _copy_source(pool: PagePool, seq: SequenceState, ps: int, copied: Mapping[int, int]) -> int | None:
     """The partial last page seq writes next if another sequence still holds it (seq must write a copy), else None.
 
-    Only forked beams share a partial page. `copied` counts the holders already planned to copy a
-    page this step: the last holder writes in place.
+    Only forked beams share a partial page (prefix hits share full pages only), so other sequences
+    skip the refcount lookup. `copied` counts the holders already planned to copy a page this step:
+    the last holder writes in place.
     """
-    if seq.num_computed_tokens % ps == 0:
+    if seq.beam is None or seq.num_computed_tokens % ps == 0:
         return None
     page = seq.pages[-1]
     return page if pool.refcounts[page] - copied.get(page, 0) > 1 else None
@@ -627,7 +650,7 @@ def postprocess(
     index = {s.request_id: i for i, s in enumerate(state.running)}
     running = list(state.running)
     ps = limits.page_size
-    to_register: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    to_register: list[tuple[_TokenPrefix, tuple[int, ...]]] = []
     events: list[TokenEvent] = []
     finished: set[int] = set()
     beam_groups: set[int] = set()
@@ -638,7 +661,7 @@ def postprocess(
         s = running[i]
         end = ss.start_pos + len(ss.token_ids)
         if state.pool.enable_prefix_cache and end // ps > ss.start_pos // ps:
-            to_register.append((token_slice(s, 0, end), s.pages))
+            to_register.append((_TokenPrefix(s, end), s.pages))
         if not ss.sample:
             continue
         assert s.num_inflight > 0, "postprocess got a token the scheduler did not expect"

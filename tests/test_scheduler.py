@@ -17,11 +17,14 @@ from llmfx.scheduler import (
     SchedulerConfig,
     SchedulerLimits,
     SchedulerState,
+    SequenceState,
+    _TokenPrefix,
     abort,
     has_work,
     new_scheduler_state,
     postprocess,
     schedule,
+    token_slice,
     worst_case_pages,
 )
 
@@ -331,6 +334,19 @@ def test_a_decode_step_allocates_no_more_memory_with_thousands_of_cached_pages()
     small, large = step_bytes(0), step_bytes(6_000)
     # Copying the cache's maps costs ~500 KB here; copying paths through a two levels deeper trie, ~10 KB.
     assert large - small < 64 * 1024, (small, large)
+
+
+
+@given(prompt=st.lists(st.integers(0, 9), min_size=1, max_size=8), out=st.lists(st.integers(0, 9), max_size=5),
+       inflight=st.integers(0, 1), data=st.data())
+def test_a_token_prefix_slices_like_the_tokens_it_stands_for(prompt, out, inflight, data):
+    seq = SequenceState(request=req(1, prompt), output_token_ids=tuple(out), num_inflight=inflight)
+    end = data.draw(st.integers(0, seq.num_tokens))
+    view, tokens = _TokenPrefix(seq, end), token_slice(seq, 0, end)
+    start, stop = data.draw(st.integers(-10, 10)), data.draw(st.integers(-10, 10))
+    assert len(view) == len(tokens) and view[start:stop] == tokens[start:stop] and tuple(view) == tokens
+    if tokens:
+        assert view[start % len(tokens)] == tokens[start % len(tokens)] and view[-1] == tokens[-1]
 
 
 # --- abort ---
