@@ -227,6 +227,12 @@ class LinkedSet(Set):
     def __repr__(self) -> str:
         return f"LinkedSet({list(self)!r})"
 
+    def __eq__(self, other) -> bool:
+        """Order matters between two LinkedSets (as between OrderedDicts); against another set it does not."""
+        if isinstance(other, LinkedSet):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return Set.__eq__(self, other)
+
     def edit(self) -> LinkedSetEdit:
         """A transient copy to update in place; `finish()` returns the new set and spends the edit."""
         return LinkedSetEdit(self)
@@ -318,6 +324,9 @@ class PageStack:
 
     def __repr__(self) -> str:
         return f"PageStack({list(self)!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PageStack) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
 
     def _with(self, top: tuple | None, depth: int, fresh: int) -> PageStack:
         s = object.__new__(PageStack)

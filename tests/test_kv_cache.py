@@ -103,6 +103,15 @@ def test_pages_for_tokens_rounds_up():
     assert [pages_for_tokens(n, 4) for n in (0, 1, 4, 5, 8)] == [0, 1, 1, 2, 2]
 
 
+
+def test_pools_compare_by_contents():
+    a, pages = registered(new_page_pool(6, 2), [1, 2, 3, 4, 5], 3)
+    b, _ = registered(new_page_pool(6, 2), [1, 2, 3, 4, 5], 3)
+    assert a == b and a != new_page_pool(6, 2)
+    assert release(a, pages[:2]) == release(b, pages[:2])
+    assert release(a, pages[:2]) != release(a, pages[1::-1])  # eviction order is part of the state
+
+
 # --- prefix cache ---
 
 

@@ -145,7 +145,16 @@ class LinkedSetMachine(RuleBasedStateMachine):
     @invariant()
     def every_version_equals_its_model(self) -> None:
         for s, model in self.versions:
-            assert list(s) == model and len(s) == len(model) and set(s) == set(model)
+            assert list(s) == model and len(s) == len(model) and s == set(model)
+        rebuilt = LinkedSet().edit()
+        for key in model:
+            rebuilt.append(key)
+        assert rebuilt.finish() == s
+        if len(model) > 1:  # the same keys in another order are another LinkedSet
+            other = LinkedSet().edit()
+            for key in reversed(model):
+                other.append(key)
+            assert other.finish() != s
 
 
 TestLinkedSetMachine = LinkedSetMachine.TestCase
@@ -170,6 +179,7 @@ def test_page_stack_is_a_persistent_lifo_over_its_fresh_range(start, size, batch
             versions.append((stack, model[:len(model) - n]))
         for stack, model in versions:
             assert list(stack) == model[::-1] and len(stack) == len(model)
+            assert stack == PageStack(1, 1).push(model) and (not model or stack != PageStack(1, 1).push(model[1:]))
             assert all(i in stack for i in model) and pushed not in stack and 0 not in stack
 
 
