@@ -50,8 +50,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-overlap-scheduler", action="store_true", help="validate the engine without overlap")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile, no CUDA graphs")
     p.add_argument("--prefix-cache", action="store_true",
-                   help="keep KV block reuse on; off by default: the workloads share no prefixes, and the pages "
-                        "earlier phases leave cached make the engine's later steps slower")
+                   help="keep KV block reuse on; off by default: the workloads share no prefixes")
     return p
 
 

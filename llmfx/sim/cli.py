@@ -72,7 +72,7 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     engine.add_argument("--disable-overlap-scheduler", action="store_true")
     engine.add_argument("--enforce-eager", action="store_true", help="no torch.compile, no CUDA graphs")
     engine.add_argument("--prefix-cache", action="store_true",
-                        help="keep KV block reuse on (off by default: cached pages slow later steps down)")
+                        help="keep KV block reuse on (off by default: the profile's prompts share nothing)")
     p.set_defaults(run=run_profile)
     return p
 

@@ -221,9 +221,7 @@ def profile(model: str = "tinyllama-1.1b", *, batch_sizes: Sequence[int] = (1, 8
             seed: int = 0, log: Callable[[str], None] | None = None) -> CostModel:
     """Build the LLM that would serve (these are LLM's arguments) and profile it with profile_llm.
 
-    The prefix cache is off unless asked for: the grid's prompts share nothing, and every page they
-    leave cached makes later steps slower (kv_cache copies its maps each step), which would skew
-    the points measured last.
+    The prefix cache is off unless asked for: the grid's prompts share nothing, so it would give no hits.
     """
     from llmfx.llm import LLM
 
