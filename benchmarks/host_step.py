@@ -29,10 +29,15 @@ def fill_prefix_cache(state, limits, cfg, num_pages: int, context: int):
     return state
 
 
-def measure(batch: int, context: int, steps: int, policy: str, cached_pages: int = 0) -> dict[str, float]:
+def measure(batch: int, context: int, steps: int, policy: str, cached_pages: int = 0,
+            num_pages: int | None = None) -> dict[str, float]:
     limits = SchedulerLimits(max_batch_size=batch, max_num_tokens=8192, max_seq_len=context + steps + 64, page_size=16)
     cfg = SchedulerConfig(capacity_scheduler_policy=policy)
     pages = batch * (context + steps + 64) // 16 + 1 + cached_pages
+    if num_pages is not None:
+        if num_pages < pages:
+            raise ValueError(f"--num-pages must be at least {pages} for this batch, context and cache, got {num_pages}")
+        pages = num_pages
     state = new_scheduler_state(new_page_pool(pages, 16, True))
     if cached_pages:
         state = fill_prefix_cache(state, limits, cfg, cached_pages, context)
@@ -62,10 +67,13 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--policy", default="guaranteed_no_evict")
     parser.add_argument("--cached-pages", type=int, default=0, help="full pages left in the prefix cache first")
+    parser.add_argument("--num-pages", type=int, default=None,
+                        help="KV pool size (default: just enough; the H200 serves TinyLlama from ~363k pages)")
     parser.add_argument("--repeats", type=int, default=1, help="fresh runs; each figure is the median over them")
     parser.add_argument("--save", default=None)
     args = parser.parse_args()
-    runs = [measure(args.batch, args.context, args.steps, args.policy, args.cached_pages) for _ in range(args.repeats)]
+    runs = [measure(args.batch, args.context, args.steps, args.policy, args.cached_pages, args.num_pages)
+            for _ in range(args.repeats)]
     steps = [sum(r.values()) for r in runs]
     rows = [bench.Row(benchmark="host_step", system="llmfx scheduler", batch=args.batch, metric=k,
                       value=statistics.median(r[k] for r in runs)) for k in runs[0]]
@@ -77,4 +85,5 @@ if __name__ == "__main__":
     bench.print_table(rows)
     if args.save:
         from pathlib import Path
-        print(f"saved {bench.save(rows, Path(args.save), f'-host-step-b{args.batch}-cached{args.cached_pages}')}")
+        pool = "" if args.num_pages is None else f"-pool{args.num_pages}"
+        print(f"saved {bench.save(rows, Path(args.save), f'-host-step-b{args.batch}-cached{args.cached_pages}{pool}')}")
