@@ -54,6 +54,8 @@ class PMap(Mapping):
         m._root, m._len = root, length
         return m
 
+    # Each read method repeats the walk: a shared helper would cost a Python call per read, and the
+    # scheduler reads the pool's maps for every sequence that fills a page.
     def get(self, key, default=None):
         node = self._root
         if type(node) is list:
@@ -200,7 +202,6 @@ class MapEdit:
             raise RuntimeError("MapEdit.finish() called twice")
         self._owned = None
         return PMap._of(self._root, self._len)
-
 
 
 class LinkedSet(Set):
