@@ -25,6 +25,16 @@ _Node = Any
 _MISSING = object()
 
 
+def _leaf(node: _Node, key) -> dict:
+    """The leaf under node that holds key's slot (whether or not key is there)."""
+    if type(node) is list:
+        h = hash(key)
+        while type(node) is list:
+            node = node[h & _MASK]
+            h >>= _BITS
+    return node
+
+
 def _iter_nodes(node: _Node) -> Iterator[dict]:
     if type(node) is dict:
         yield node
@@ -54,34 +64,14 @@ class PMap(Mapping):
         m._root, m._len = root, length
         return m
 
-    # Each read method repeats the walk: a shared helper would cost a Python call per read, and the
-    # scheduler reads the pool's maps for every sequence that fills a page.
     def get(self, key, default=None):
-        node = self._root
-        if type(node) is list:
-            h = hash(key)
-            while type(node) is list:
-                node = node[h & _MASK]
-                h >>= _BITS
-        return node.get(key, default)
+        return _leaf(self._root, key).get(key, default)
 
     def __getitem__(self, key):
-        node = self._root
-        if type(node) is list:
-            h = hash(key)
-            while type(node) is list:
-                node = node[h & _MASK]
-                h >>= _BITS
-        return node[key]
+        return _leaf(self._root, key)[key]
 
     def __contains__(self, key) -> bool:
-        node = self._root
-        if type(node) is list:
-            h = hash(key)
-            while type(node) is list:
-                node = node[h & _MASK]
-                h >>= _BITS
-        return key in node
+        return key in _leaf(self._root, key)
 
     def __iter__(self) -> Iterator:
         return itertools.chain.from_iterable(_iter_nodes(self._root))
@@ -139,13 +129,7 @@ class MapEdit:
         return node, parent, index, depth
 
     def get(self, key, default=None):
-        node = self._root
-        if type(node) is list:
-            h = hash(key)
-            while type(node) is list:
-                node = node[h & _MASK]
-                h >>= _BITS
-        return node.get(key, default)
+        return _leaf(self._root, key).get(key, default)
 
     def __getitem__(self, key):
         value = self.get(key, _MISSING)
