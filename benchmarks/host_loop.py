@@ -19,23 +19,11 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 
 from llmfx import bench
 from llmfx.llm import LLM
-from llmfx.model_engine import OUT_COLUMNS
 from llmfx.sampling_params import SamplingParams
-
-
-def instant_step(max_rows: int):
-    """A step_fn stand-in: no device work, every row samples token 1."""
-    out = torch.zeros(max_rows, OUT_COLUMNS, dtype=torch.float64)
-    out[:, 0] = 1
-
-    def step(params, cfg, kv, inputs, sampling, gather_rows, penalties, token_pool):
-        return out[: inputs.logits_indices.shape[0]]
-
-    return step
+from llmfx.testing.stand_in import instant_step
 
 
 def main() -> None:

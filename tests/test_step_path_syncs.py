@@ -1,0 +1,72 @@
+"""The serving loop's host side never reads a tensor back (.item(), .tolist(), bool(), ...).
+
+On the GPU each such read waits for the device and stalls the overlap scheduler. The model step
+is replaced by a stand-in (the compiled step is one graph replay on the GPU; the CPU reference
+attention reads its lengths on purpose and refuses device tensors), so what runs on the executor
+thread is exactly the per-step host path: staging, penalties, result copy, collect, schedule,
+postprocess and delivery. Any read of a tensor's values there is recorded and fails the test.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+
+import torch
+
+from llmfx.kv_cache import KvCacheConfig
+from llmfx.llm import LLM
+from llmfx.sampling_params import SamplingParams
+from llmfx.testing.stand_in import instant_step
+
+READS = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _serve_recording_reads(monkeypatch) -> tuple[list, list[str]]:
+    reads: list[str] = []
+
+    def recording(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if threading.current_thread().name == "llmfx-executor":
+                reads.append(f"Tensor.{name} at\n" + "".join(traceback.format_stack(limit=6)[:-1]))
+            return original(self, *args, **kwargs)
+
+        return read
+
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=5, top_p=0.8, top_k=7, max_tokens=9, ignore_eos=True),
+              SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2, max_tokens=10,
+                             ignore_eos=True),
+              SamplingParams(logprobs=3, n=2, temperature=0.7, seed=1, max_tokens=8, ignore_eos=True),
+              SamplingParams(stop_token_ids=[1], max_tokens=20)]  # the stand-in samples 1: stops at once
+    prompts = [[(5 * i + j) % 90 + 2 for j in range(3 + 11 * i)] for i in range(len(params))]
+    with LLM("tiny", device="cpu", max_batch_size=8, max_num_tokens=32,
+             kv_cache_config=KvCacheConfig(page_size=4, max_tokens=2048)) as llm:
+        llm._engine._step = instant_step(llm._engine.engine_cfg.max_batch_size)
+        for name in READS:
+            monkeypatch.setattr(torch.Tensor, name, recording(name))
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    return outs, reads
+
+
+def test_the_per_step_host_path_reads_no_tensor_back(monkeypatch):
+    outs, reads = _serve_recording_reads(monkeypatch)
+    assert [o.finish_reason for out in outs for o in out.outputs] == ["length"] * 5 + ["stop"]
+    assert reads == [], reads[0]
+
+
+def test_a_tensor_read_on_the_step_path_is_caught(monkeypatch):
+    # The guard itself: one .tolist() slipped into collect must show up.
+    from llmfx.model_engine import ModelEngine
+
+    collect = ModelEngine.collect
+
+    def collect_reading_back(self, inflight):
+        inflight.host[:1, 0].tolist()
+        return collect(self, inflight)
+
+    monkeypatch.setattr(ModelEngine, "collect", collect_reading_back)
+    _, reads = _serve_recording_reads(monkeypatch)
+    assert reads and all(r.startswith("Tensor.tolist") for r in reads)
