@@ -24,6 +24,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -122,14 +123,16 @@ class PenaltyState:
             raise ValueError(f"PenaltyState.build: pad_to must be >= the number of rows {n}, got {pad_to}")
         prompt_width = max((len(ids) for ids in prompt_token_ids_per_row), default=0)
         output_width = max((len(ids) for ids in output_token_ids_per_row), default=0)
-        # Id vocab_size is the padding: it lands in an extra column that is dropped.
-        host = torch.full((rows, prompt_width + output_width), vocab_size, dtype=torch.int64)  # [B, Lp + Lo]
+        # Id vocab_size is the padding: it lands in an extra column that is dropped. Rows are copied
+        # and checked by C loops (numpy, min/max): this runs every step of a penalized batch.
+        host = np.full((rows, prompt_width + output_width), vocab_size, dtype=np.int64)  # [B, Lp + Lo]
         for row, (prompt, output) in enumerate(zip(prompt_token_ids_per_row, output_token_ids_per_row)):
             for ids in (prompt, output):
-                assert all(0 <= t < vocab_size for t in ids), f"token ids must be in [0, {vocab_size})"
-            host[row, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.int64)
-            host[row, prompt_width : prompt_width + len(output)] = torch.tensor(list(output), dtype=torch.int64)
+                assert not ids or (min(ids) >= 0 and max(ids) < vocab_size), f"token ids must be in [0, {vocab_size})"
+            host[row, : len(prompt)] = prompt
+            host[row, prompt_width : prompt_width + len(output)] = output
         device = torch.device(device)
+        host = torch.from_numpy(host)
         if device.type == "cuda":
             host = host.pin_memory()
         ids = host.to(device, non_blocking=True)  # [B, Lp + Lo]; the one host-to-device copy
