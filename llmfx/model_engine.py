@@ -314,8 +314,7 @@ class ModelEngine:
         # A placeholder is only ever a decode's single token; its value is in the token pool.
         gather = {s.request_id: self._prev_rows[s.request_id] for s in batch.seqs
                   if len(s.token_ids) == 1 and s.token_ids[0] == PLACEHOLDER}
-        self._stager.fill(layout.views(host), batch.seqs, ids,
-                          {rid: sequences[rid].request.params for rid in ids}, gather)
+        self._stager.fill(layout.views(host), batch.seqs, ids, lambda rid: sequences[rid].request.params, gather)
         self._device_in[: layout.size].copy_(host[: layout.size], non_blocking=True)
 
     def _penalties_of(self, rows: int) -> PenaltyState:

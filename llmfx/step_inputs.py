@@ -10,7 +10,7 @@ float32 values. `StepViews.unpack` converts the fields on the device, before the
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,8 +151,11 @@ class StepStager:
         self._sampling: dict[int, list[float]] = {}  # request id -> sampling row (position stale)
 
     def fill(self, views: StepViews, chunks: Sequence[Chunk], request_ids: Sequence[int],
-             params: Mapping[int, SamplingParams], gather: Mapping[int, int]) -> None:
-        """Fill every field for chunks of the given requests; gather maps request id -> token-pool row."""
+             params_of: Callable[[int], SamplingParams], gather: Mapping[int, int]) -> None:
+        """Fill every field for chunks of the given requests; gather maps request id -> token-pool row.
+
+        params_of(request id) is called only for a request not seen before (its row is cached).
+        """
         self._update_table(chunks, request_ids)
         slots = [self._slots[rid] for rid in request_ids]
         slots += [self._padding_slot] * (views.page_table.shape[0] - len(slots))
@@ -162,7 +165,7 @@ class StepStager:
         for rid, chunk in zip(request_ids, chunks):
             row = self._sampling.get(rid)
             if row is None:
-                p = params[rid]
+                p = params_of(rid)
                 row = self._sampling[rid] = sampling_row(p, request_seed(p.seed, self.engine_seed, rid), 0)
             row[_POSITION_AT - _SAMPLING_AT] = chunk.start_pos + len(chunk.token_ids)
             rows.append(row)

@@ -71,7 +71,7 @@ def test_stager_matches_a_fresh_fill_every_step(steps, pad, data):
         staged.seqs.fill_(7.0)
         staged.page_table.fill_(7.0)
         staged.query_start_loc.fill_(7.0)
-        stager.fill(staged, chunks, ids, params, gather)
+        stager.fill(staged, chunks, ids, params.__getitem__, gather)
         expected = _reference(layout, chunks, params, ids, gather, engine_seed=3)
         for name in ("tokens", "seqs", "query_start_loc", "page_table"):
             torch.testing.assert_close(getattr(staged, name), getattr(expected, name), rtol=0, atol=0, msg=name)
