@@ -74,10 +74,9 @@ class SamplingTensors:
         rows = len(params) if pad_to is None else pad_to
         if rows < len(params):
             raise ValueError(f"SamplingTensors.build: pad_to must be >= the number of rows {len(params)}, got {pad_to}")
-        host = torch.tensor([[neutral] for _, neutral in SAMPLING_FIELDS], dtype=torch.float64).repeat(1, rows)
-        if params:
-            host[:, : len(params)] = torch.tensor([sampling_row(p, s, pos) for p, s, pos in zip(params, seeds, positions)],
-                                                  dtype=torch.float64).T
+        packed = np.empty((len(SAMPLING_FIELDS), rows), dtype=np.float64)
+        write_sampling_rows(packed, [sampling_row(p, s, pos) for p, s, pos in zip(params, seeds, positions)])
+        host = torch.from_numpy(packed)
         device = torch.device(device)
         if device.type == "cuda":
             host = host.pin_memory()
@@ -88,6 +87,15 @@ class SamplingTensors:
         """Device side: the fields of a packed float64 buffer [9, B] (SAMPLING_FIELDS order)."""
         return SamplingTensors(**{name: packed[i].long() if name in _INT_FIELDS else packed[i].float()
                                   for i, (name, _) in enumerate(SAMPLING_FIELDS)})
+
+
+def write_sampling_rows(packed: np.ndarray, rows: Sequence[Sequence[float]]) -> None:
+    """Fill a packed float64 buffer [9, B] (SAMPLING_FIELDS order): rows first, neutral padding after."""
+    n = len(rows)
+    if n:
+        packed[:, :n] = np.asarray(rows, dtype=np.float64).T
+    for i, (_, neutral) in enumerate(SAMPLING_FIELDS):
+        packed[i, n:] = neutral
 
 
 def sampling_row(params: SamplingParams, seed: int, position: int) -> list[float]:

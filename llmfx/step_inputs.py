@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from llmfx.batch import Chunk, ForwardBatch
-from llmfx.sampler import SAMPLING_FIELDS, SamplingTensors, request_seed, sampling_row
+from llmfx.sampler import SAMPLING_FIELDS, SamplingTensors, request_seed, sampling_row, write_sampling_rows
 from llmfx.sampling_params import SamplingParams
 
 # Per-token rows and their padding values: padding rows embed token 0 at position 0, write their
@@ -125,12 +125,7 @@ def fill_batch(views: StepViews, chunks: Sequence[Chunk], page_size: int, *, tab
 
 def fill_sampling(views: StepViews, rows: Sequence[Sequence[float]]) -> None:
     """Write per-sequence sampling rows (SAMPLING_FIELDS order) and neutral padding after them."""
-    seqs = views.seqs.numpy()
-    n = len(rows)
-    if n:
-        seqs[_SAMPLING_AT:, :n] = np.asarray(rows, dtype=np.float64).T
-    for offset, (_, neutral) in enumerate(SAMPLING_FIELDS):
-        seqs[_SAMPLING_AT + offset, n:] = neutral
+    write_sampling_rows(views.seqs.numpy()[_SAMPLING_AT:], rows)
 
 
 class StepStager:
