@@ -40,6 +40,12 @@ OUT_COLUMNS = 3 + 2 * TOP_LOGPROBS  # a step's packed output [B, OUT_COLUMNS]: t
 GRAPH_CAPTURES = ("manual", "inductor")
 
 
+def check_graph_capture(value: str, field: str = "graph_capture") -> None:
+    """Raise a ValueError naming `field` unless value is one of GRAPH_CAPTURES."""
+    if value not in GRAPH_CAPTURES:
+        raise ValueError(f"{field} must be one of {GRAPH_CAPTURES}, got {value!r}")
+
+
 class StepFailed(RuntimeError):
     """A step raised; `kv` is the live pool handle to continue with, `__cause__` the original error."""
 
@@ -66,8 +72,7 @@ class EngineConfig:
     inductor_options: tuple[tuple[str, object], ...] = ()  # extra inductor options, e.g. (("split_reductions", False),)
 
     def __post_init__(self) -> None:
-        if self.graph_capture not in GRAPH_CAPTURES:
-            raise ValueError(f"graph_capture must be one of {GRAPH_CAPTURES}, got {self.graph_capture!r}")
+        check_graph_capture(self.graph_capture)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -19,7 +19,7 @@ from llmfx.dtypes import resolve_dtype
 from llmfx.executor import ExecutorConfig, ExecutorState
 from llmfx.kv_cache import KvCacheConfig, new_page_pool
 from llmfx.kv_pool import KVPool, kv_pool_pages
-from llmfx.model_engine import GRAPH_CAPTURES, EngineConfig, ModelEngine
+from llmfx.model_engine import EngineConfig, ModelEngine, check_graph_capture
 from llmfx.scheduler import SchedulerConfig, SchedulerLimits, new_scheduler_state
 from llmfx.weights import ModelSource, load_params
 
@@ -63,8 +63,7 @@ def build_engine(source: ModelSource, *, dtype: str | torch.dtype = "auto", devi
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
             raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} integer, "
                              f"got {value!r}")
-    if cuda_graph_capture not in GRAPH_CAPTURES:
-        raise ValueError(f"cuda_graph_capture must be one of {GRAPH_CAPTURES}, got {cuda_graph_capture!r}")
+    check_graph_capture(cuda_graph_capture, "cuda_graph_capture")  # before any weights load
     kv_cache_config = kv_cache_config or KvCacheConfig()
     page_size = kv_cache_config.page_size
     buckets = make_buckets(max_batch_size, max_num_tokens, cuda_graph_batch_sizes)
