@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -358,11 +359,17 @@ def test_cost_model_round_trips_through_json(tmp_path, model):
     assert load_cost_model(tmp_path / "m.json") == model
 
 
-def test_shipped_profile_is_marked_as_an_estimate_and_matches_the_perf_floor():
+def test_shipped_profile_is_the_h200_measurement_that_passed_validation():
     model = default_cost_model()
-    assert model.meta["source"] == "estimate from PERF.md floor, not measured"
+    assert (model.meta["source"], model.meta["gpu"], model.meta["model"]) == (
+        "measured by llmfx profile", "NVIDIA H200", "tinyllama-1.1b")
+    # The same fit as benchmarks/results/2026-11-29-nvidia-h200-sim-validation-374692f.json, which passed.
+    report = json.loads((Path(__file__).parents[1] / "benchmarks/results/"
+                         "2026-11-29-nvidia-h200-sim-validation-374692f.json").read_text())
+    assert report["passed"] and report["cost_model"]["c0"] == model.c0 and report["cost_model"]["h_seq"] == model.h_seq
+    # The profile grid measured 4.95 ms at decode batch 256, context 1024: the fit is in that range.
     decode_256 = BatchShape(decode_seqs=256, context_tokens=256 * 1024)
-    assert 1.8e-3 < model.step_time(decode_256) < 1.9e-3  # PERF.md: 1.86 ms
+    assert 3e-3 < model.step_time(decode_256) < 9e-3
 
 
 @pytest.mark.parametrize("text,match", [
