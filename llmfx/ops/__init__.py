@@ -1,10 +1,11 @@
-"""Shared model ops: attention over the paged KV pool, KV write, rotary embeddings, RMSNorm."""
+"""Shared model ops: attention over the paged KV pool, KV write, rotary embeddings (fused with the write), RMSNorm."""
 
 import torch
 
 from llmfx.ops.attention import paged_attention, write_kv
 from llmfx.ops.norm import rms_norm
 from llmfx.ops.rope import apply_rope, rope_table
+from llmfx.ops.rope_kv import rope_write_kv
 
 if torch.cuda.is_available():  # registers the Triton kernels; CPU-only torch wheels ship no triton
     try:
@@ -13,4 +14,4 @@ if torch.cuda.is_available():  # registers the Triton kernels; CPU-only torch wh
         if missing.name != "triton":
             raise
 
-__all__ = ["apply_rope", "paged_attention", "rms_norm", "rope_table", "write_kv"]
+__all__ = ["apply_rope", "paged_attention", "rms_norm", "rope_table", "rope_write_kv", "write_kv"]
