@@ -7,45 +7,17 @@ replay with new lengths in the same buffers, and torch.compile.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-INTERPRET = not torch.cuda.is_available()
-if INTERPRET:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-triton = pytest.importorskip("triton")
+# First: it turns the interpreter on (without CUDA) before anything imports triton.
+from tests.triton_interpreter import (DEVICE, KERNELS_RUN_HERE, kernels, needs_cuda,  # isort: skip
+                                      run_kernel_tests_in_fresh_interpreter)
 
-from triton.runtime import interpreter  # noqa: E402
-
-from llmfx.ops import triton_attention as ta  # noqa: E402
-from llmfx.ops.attention import paged_attention, write_kv  # noqa: E402
-
-DEVICE = "cpu" if INTERPRET else "cuda"
-# Triton reads TRITON_INTERPRET when it decorates its own kernels (tl.zeros, tl.sum, ...), and importing
-# torch._dynamo imports triton, so in a pytest session that has already imported it the interpreter is
-# off: the kernel tests then rerun this module in a fresh process that starts with it on.
-KERNELS_RUN_HERE = not INTERPRET or isinstance(triton.language.zeros, interpreter.InterpretedFunction)
-kernels = pytest.mark.skipif(not KERNELS_RUN_HERE, reason="run by test_kernels_in_a_fresh_interpreter_process")
-
-if INTERPRET and KERNELS_RUN_HERE and hasattr(interpreter, "_patch_lang_tensor"):
-    # Triton 3.6's interpreter turns loaded scalars into 1-element arrays, and int() of those fails
-    # under NumPy 2, so range() over a loaded bound breaks; compiled kernels are unaffected.
-    _patch_lang_tensor = interpreter._patch_lang_tensor
-
-    def _patch_with_scalar_index(tensor, scope):
-        _patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = _patch_with_scalar_index
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from llmfx.ops import triton_attention as ta
+from llmfx.ops.attention import paged_attention, write_kv
 
 
 def random_batch(seqs, page_size, kv_heads, group, head_dim, pad_rows, seed, dtype=torch.float32,
@@ -180,11 +152,7 @@ def test_dispatch_picks_a_kernel_by_shape_and_is_exact(seqs, pad_rows):
 
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="the kernel tests run in this process")
 def test_kernels_in_a_fresh_interpreter_process():
-    assert "LLMFX_INTERPRETER_CHILD" not in os.environ, "TRITON_INTERPRET=1 did not take effect in a fresh process"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "LLMFX_INTERPRETER_CHILD": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__],
-                         cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    run_kernel_tests_in_fresh_interpreter(__file__)
 
 
 # ---- CUDA only -------------------------------------------------------------------------------------------
