@@ -14,7 +14,7 @@ from torch import Tensor
 from llmfx.batch import ForwardBatch
 from llmfx.config import ModelConfig
 from llmfx.kv_pool import LayerKV
-from llmfx.ops import apply_rope, paged_attention, rms_norm, write_kv
+from llmfx.ops import paged_attention, rms_norm, rope_write_kv
 
 Params = dict[str, Any]  # {"embed", "layers": tuple of per-layer dicts, "final_norm", "lm_head", "rope"}
 
@@ -22,16 +22,15 @@ Params = dict[str, Any]  # {"embed", "layers": tuple of per-layer dicts, "final_
 def forward(params: Params, cfg: ModelConfig, batch: ForwardBatch, kv: tuple[LayerKV, ...]) -> Tensor:
     """Logits [B, V] float32 of each sequence's last token; writes the batch's K/V into kv (DONATED)."""
     h = params["embed"][batch.token_ids]  # [T, hidden]
-    cos_sin = params["rope"][batch.positions]  # [T, D]
     for layer, (k_pages, v_pages) in zip(params["layers"], kv, strict=True):
-        h = h + _attention(layer, cfg, rms_norm(h, layer["attn_norm"], cfg.rms_norm_eps), cos_sin, batch,
+        h = h + _attention(layer, cfg, rms_norm(h, layer["attn_norm"], cfg.rms_norm_eps), params["rope"], batch,
                            k_pages, v_pages)
         h = h + _mlp(layer, rms_norm(h, layer["mlp_norm"], cfg.rms_norm_eps))
     last = rms_norm(h[batch.logits_indices], params["final_norm"], cfg.rms_norm_eps)  # [B, hidden]
     return F.linear(last, params["lm_head"]).float()  # [B, V]
 
 
-def _attention(layer: Params, cfg: ModelConfig, x: Tensor, cos_sin: Tensor, batch: ForwardBatch,
+def _attention(layer: Params, cfg: ModelConfig, x: Tensor, rope: Tensor, batch: ForwardBatch,
                k_pages: Tensor, v_pages: Tensor) -> Tensor:
     tokens = x.shape[0]
     qkv = F.linear(x, layer["wqkv"], layer.get("bqkv"))  # [T, (H + 2K) * D]
@@ -42,9 +41,8 @@ def _attention(layer: Params, cfg: ModelConfig, x: Tensor, cos_sin: Tensor, batc
     if cfg.qk_norm:
         q = rms_norm(q, layer["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, layer["k_norm"], cfg.rms_norm_eps)
-    q = apply_rope(q, cos_sin)
-    k = apply_rope(k, cos_sin)
-    write_kv(k_pages, v_pages, k, v, batch.slot_mapping)
+    # One op rotates q and k and writes k, v into the pages (one kernel on CUDA); q comes back rotated.
+    q = rope_write_kv(k_pages, v_pages, q, k, v, rope, batch.positions, batch.slot_mapping)
     out = paged_attention(q, k_pages, v_pages, batch.page_table, batch.query_start_loc, batch.seq_lens,
                           cfg.head_dim**-0.5, cfg.sliding_window or 0)  # [T, H, D]
     return F.linear(out.reshape(tokens, cfg.q_size), layer["wo"], layer.get("bo"))
