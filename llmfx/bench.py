@@ -228,12 +228,12 @@ def print_table(rows: list[Row]) -> None:
               f"{r.value:>12.3f} {frac:>7}")
 
 
-def save(rows: list[Row], directory: Path, tag: str = "") -> Path:
-    """Write benchmarks/results/<date>-<gpu><tag>.json with the environment and every figure."""
+def save(rows: list[Row], directory: Path, tag: str = "", extra: dict | None = None) -> Path:
+    """Write benchmarks/results/<date>-<gpu><tag>.json with the environment, extra's fields and every figure."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / f"{time.strftime('%Y-%m-%d')}-{gpu.replace(' ', '-').lower()}{tag}.json"
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "gpu": gpu, "torch": torch.__version__,
-                               "commit": commit, "runs": [asdict(r) for r in rows]}, indent=1))
+                               "commit": commit, **(extra or {}), "runs": [asdict(r) for r in rows]}, indent=1))
     return out

@@ -1,7 +1,14 @@
-"""Benchmark helpers: the offline warm-up leaves the timed run nothing to hit in the prefix cache."""
+"""Benchmark helpers and scripts: the offline warm-up leaves the timed run nothing to hit in the prefix cache;
+benchmarks/rope_kv_write.py runs its whole path on CPU and refuses CUDA without a device."""
 
 from __future__ import annotations
 
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,3 +22,26 @@ def test_warmup_prompts_keep_shapes_and_change_every_token(vocab):
     assert [len(p) for p in warm] == [len(p) for p in prompts]
     assert all(a != b for p, w in zip(prompts, warm) for a, b in zip(p, w))
     assert all(0 <= t < vocab for p in warm for t in p)
+
+
+ROPE_KV_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "rope_kv_write.py"
+
+
+def test_rope_kv_write_benchmark_runs_its_whole_path_on_cpu(tmp_path):
+    main = runpy.run_path(str(ROPE_KV_SCRIPT))["main"]
+    main(["--device", "cpu", "--tokens", "1,3", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+          "--context", "20", "--iters", "2", "--save", str(tmp_path)])
+    (saved,) = tmp_path.glob("*-rope-kv-write-smoke.json")
+    report = json.loads(saved.read_text())
+    assert report["device"] == "cpu" and report["shape"]["layers"] == 2
+    timed = {(r["system"], r["batch"]) for r in report["runs"] if r["metric"] == "us_per_step" and r["value"] > 0}
+    assert timed == {(s, t) for s in ("apply_rope + write_kv (compiled)", "rope_write_kv (compiled)") for t in (1, 3)}
+    diffs = [r["value"] for r in report["runs"] if r["metric"] == "max_diff_of_input_scale"]
+    assert diffs == [0.0, 0.0]  # on CPU the op is the reference
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_rope_kv_write_benchmark_refuses_cuda_without_a_device():
+    main = runpy.run_path(str(ROPE_KV_SCRIPT))["main"]
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        main([])
