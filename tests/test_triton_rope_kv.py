@@ -5,11 +5,18 @@ rounded to the output dtype, with padding rows (slot -1) writing nothing; the in
 bit for bit, a GPU within one rounding (FMA contraction). Against the op's reference, which rotates
 in the inputs' dtype, it agrees to the dtype's rounding. The `gpu` tests add TinyLlama-sized
 batches, dispatch through torch.ops, and the op in a fullgraph compile replayed as CUDA graphs.
+Without a GPU the kernel is also compiled for sm_90 (tests/sm90_compile.py) to catch what the
+interpreter accepts and the compiler does not, and register spills.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,6 +168,16 @@ def test_empty_batch_returns_empty_q():
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="the kernel tests run in this process")
 def test_kernels_in_a_fresh_interpreter_process():
     run_kernel_tests_in_fresh_interpreter(__file__)
+
+
+@pytest.mark.skipif(KERNELS_RUN_HERE, reason="once per session, outside the interpreter; a GPU compiles for itself")
+def test_kernel_compiles_for_sm90_without_spilling_registers():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "tests.sm90_compile"], cwd=Path(__file__).parents[1], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    reports = [json.loads(line) for line in run.stdout.splitlines()]
+    assert len(reports) == 5 and all(r["local_bytes"] == 0 for r in reports), reports
 
 
 # ---- CUDA only -------------------------------------------------------------------------------------------
