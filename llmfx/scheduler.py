@@ -19,6 +19,7 @@ from llmfx.kv_cache import (
     release,
     share,
 )
+from llmfx.records import positional_builder
 from llmfx.sampling_params import MAX_LOGPROBS, SamplingParams
 
 POLICY_NAMES = ("guaranteed_no_evict", "max_utilization")
@@ -186,6 +187,12 @@ class TokenEvent:
     hypotheses: tuple[Hypothesis, ...] = ()  # beam search, on its final event: the best hypotheses, best first
 
 
+# Positional constructors for the records built for every sequence on every step (llmfx/records.py says why).
+_sequence = positional_builder(SequenceState)  # request, output_token_ids, num_computed_tokens, pages, num_inflight, beam
+_scheduled_seq = positional_builder(ScheduledSeq)  # request_id, token_ids, start_pos, pages, sample
+_token_event = positional_builder(TokenEvent)  # request_id, new_token_ids, finish_reason, stop_reason, hypotheses
+
+
 def new_scheduler_state(pool: PagePool) -> SchedulerState:
     """An idle scheduler over a page pool."""
     return SchedulerState(pool=pool)
@@ -298,15 +305,17 @@ def _new_sequence(request: Request) -> SequenceState:
 
 def token_slice(seq: SequenceState, start: int, stop: int) -> tuple[int, ...]:
     """Tokens [start, stop) of prompt + output without building the whole list; in-flight ones are PLACEHOLDER."""
-    known = seq.num_known_tokens
-    if stop > known:
-        return token_slice(seq, start, known) + (PLACEHOLDER,) * (stop - max(start, known))
-    prompt, p = seq.request.prompt_token_ids, len(seq.request.prompt_token_ids)
+    prompt, output = seq.request.prompt_token_ids, seq.output_token_ids
+    p = len(prompt)
+    known = p + len(output)
+    if stop > known:  # a decode under overlap: its one token is still in flight
+        tail = (PLACEHOLDER,) * (stop - max(start, known))
+        return tail if start >= known else token_slice(seq, start, known) + tail
     if stop <= p:
         return prompt[start:stop]
     if start >= p:
-        return seq.output_token_ids[start - p : stop - p]
-    return prompt[start:] + seq.output_token_ids[: stop - p]
+        return output[start - p : stop - p]
+    return prompt[start:] + output[: stop - p]
 
 
 
@@ -484,13 +493,18 @@ def _plan_running(state: SchedulerState,
     """(running index, tokens, new pages, copies its last page) per scheduled sequence, total new pages, and
     whether any starved for pages."""
     ps, budget, available = limits.page_size, limits.max_num_tokens, num_available(state.pool)
+    max_seq_len = limits.max_seq_len
     decodes: list[tuple[int, int, int]] = []
     prefills: list[tuple[int, int, int]] = []
     for i, s in enumerate(state.running):
-        if s.finishing(limits) or (s.beam is not None and s.num_inflight):
+        # SequenceState.finishing, or a beam with a token in flight, inlined: this runs per sequence per step.
+        inflight, outputs, request = s.num_inflight, len(s.output_token_ids), s.request
+        num_tokens = len(request.prompt_token_ids) + outputs + inflight
+        if inflight and (s.beam is not None or outputs + inflight >= request.params.max_tokens
+                         or num_tokens >= max_seq_len):
             continue  # its last token is in flight; a beam's next token is chosen once its candidates are back
         computed = s.num_computed_tokens
-        left = s.num_tokens - computed
+        left = num_tokens - computed
         if left == 1:
             decodes.append((i, computed, len(s.pages)))
         elif left > 1:
@@ -499,7 +513,8 @@ def _plan_running(state: SchedulerState,
     new_pages = 0
     copied: dict[int, int] = {}
     for i, computed, num_pages in decodes:
-        source = _copy_source(state.pool, state.running[i], ps, copied)
+        s = state.running[i]
+        source = None if s.beam is None else _copy_source(state.pool, s, ps, copied)
         need = 1 if computed == num_pages * ps or source is not None else 0
         if need > available or budget == 0:
             continue
@@ -552,14 +567,8 @@ def schedule(
             pages = pages + fresh[used : used + need]
         used += need
         chunk = _scheduled(s, n, pages)
-        running[i] = SequenceState(
-            request=s.request,
-            output_token_ids=s.output_token_ids,
-            num_computed_tokens=s.num_computed_tokens + n,
-            pages=pages,
-            num_inflight=s.num_inflight + chunk.sample,
-            beam=s.beam,
-        )
+        running[i] = _sequence(s.request, s.output_token_ids, s.num_computed_tokens + n, pages,
+                               s.num_inflight + chunk.sample, s.beam)
         scheduled.append(chunk)
         budget -= n
     assert used == len(fresh)
@@ -606,14 +615,10 @@ def schedule(
 
 
 def _scheduled(seq: SequenceState, n: int, pages: tuple[int, ...]) -> ScheduledSeq:
-    start = seq.num_computed_tokens
-    return ScheduledSeq(
-        request_id=seq.request_id,
-        token_ids=token_slice(seq, start, start + n),
-        start_pos=start,
-        pages=pages,
-        sample=start + n == len(seq.request.prompt_token_ids) + len(seq.output_token_ids) + seq.num_inflight,
-    )
+    start, request = seq.num_computed_tokens, seq.request
+    return _scheduled_seq(request.request_id if seq.beam is None else seq.beam.seq_id,
+                          token_slice(seq, start, start + n), start, pages,
+                          start + n == len(request.prompt_token_ids) + len(seq.output_token_ids) + seq.num_inflight)
 
 
 def _stop_token(request: Request, token: int, num_out: int) -> tuple[str, int | None] | None:
@@ -627,13 +632,13 @@ def _stop_token(request: Request, token: int, num_out: int) -> tuple[str, int | 
     return None
 
 
-def _stop(seq: SequenceState, token: int, limits: SchedulerLimits) -> tuple[str, int | None] | None:
-    """(finish_reason, stop_reason) once seq (which already ends with token) must finish, else None."""
-    request = seq.request
-    num_out = len(seq.output_token_ids)  # locals, not properties: this runs for every sequence every step
-    stop = _stop_token(request, token, num_out)
-    if stop is None and (num_out >= request.params.max_tokens
-                         or len(request.prompt_token_ids) + num_out >= limits.max_seq_len):
+def _stop(request: Request, token: int, num_out: int, max_seq_len: int) -> tuple[str, int | None] | None:
+    """(finish_reason, stop_reason) once a sequence whose num_out-th output token is token must finish, else None."""
+    params = request.params
+    # The value checks first only for the tokens that could stop it: this runs for every sequence every step.
+    stop = (_stop_token(request, token, num_out)
+            if token in request.eos_token_ids or token in params.stop_token_ids else None)
+    if stop is None and (num_out >= params.max_tokens or len(request.prompt_token_ids) + num_out >= max_seq_len):
         return "length", None
     return stop
 
@@ -647,9 +652,9 @@ def postprocess(
     Beams take their step's candidates (sequence id -> top tokens) instead of a token; once every
     beam of a group has them, the group chooses its next beams (`_step_beams`).
     """
-    index = {s.request_id: i for i, s in enumerate(state.running)}
+    index = {s.request.request_id if s.beam is None else s.beam.seq_id: i for i, s in enumerate(state.running)}
     running = list(state.running)
-    ps = limits.page_size
+    ps, max_seq_len, register = limits.page_size, limits.max_seq_len, state.pool.enable_prefix_cache
     to_register: list[tuple[_TokenPrefix, tuple[int, ...]]] = []
     events: list[TokenEvent] = []
     finished: set[int] = set()
@@ -660,7 +665,7 @@ def postprocess(
             continue  # aborted or preempted since it was scheduled
         s = running[i]
         end = ss.start_pos + len(ss.token_ids)
-        if state.pool.enable_prefix_cache and end // ps > ss.start_pos // ps:
+        if register and end // ps > ss.start_pos // ps:
             to_register.append((_TokenPrefix(s, end), s.pages))
         if not ss.sample:
             continue
@@ -672,25 +677,14 @@ def postprocess(
             beam_groups.add(s.request.request_id)
             continue
         token = sampled[ss.request_id]
-        s = SequenceState(
-            request=s.request,
-            output_token_ids=s.output_token_ids + (token,),
-            num_computed_tokens=s.num_computed_tokens,
-            pages=s.pages,
-            num_inflight=s.num_inflight - 1,
-        )
-        running[i] = s
-        stop = _stop(s, token, limits)
-        if stop is not None:
+        output = s.output_token_ids + (token,)
+        running[i] = _sequence(s.request, output, s.num_computed_tokens, s.pages, s.num_inflight - 1, None)
+        stop = _stop(s.request, token, len(output), max_seq_len)
+        if stop is None:
+            events.append(_token_event(ss.request_id, (token,), None, None, ()))
+        else:
             finished.add(i)
-        events.append(
-            TokenEvent(
-                request_id=s.request_id,
-                new_token_ids=(token,),
-                finish_reason=None if stop is None else stop[0],
-                stop_reason=None if stop is None else stop[1],
-            )
-        )
+            events.append(_token_event(ss.request_id, (token,), stop[0], stop[1], ()))
     pool = register_pages(state.pool, to_register)
     if finished:
         pool = release(pool, (p for i in sorted(finished) for p in reversed(running[i].pages)))
