@@ -1,4 +1,4 @@
-"""Persistent collections for the page pool: every update returns a new value that shares all but O(log n) of the old.
+"""Persistent collections for the scheduler's state: every update returns a new value that shares most of the old.
 
 An old value stays valid and unchanged after a new one is derived from it (capacity policies try
 admissions on the pool and drop the result; `LLM.scheduler_state` is read from another thread),
@@ -10,7 +10,7 @@ place, and is spent by `finish()`, so a node reachable from a finished value is 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Set
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from typing import Any
 
 _BITS = 5
@@ -336,3 +336,64 @@ class PageStack:
         fresh = self._fresh + n - len(out)
         out.extend(range(self._fresh, fresh))
         return self._with(top, depth, fresh), tuple(out)
+
+
+class TokenTape(Sequence):
+    """An immutable sequence of ints, equal to the tuple of its items, whose `appended` costs O(1).
+
+    Versions share one list and each owns a prefix of it. appended() writes in place when no other
+    version has grown the list past this one, and copies this version's prefix otherwise, so every
+    version reads exactly its own items (also from another thread: items below a length never change).
+    A sequence's output tokens grow by one a step; a tuple would copy them all every step.
+    """
+
+    __slots__ = ("_items", "_len")
+
+    def __init__(self, items: Iterable[int] = ()) -> None:
+        self._items = list(items)
+        self._len = len(self._items)
+
+    def appended(self, item: int) -> TokenTape:
+        """This tape with item added at the end."""
+        items = self._items
+        if len(items) != self._len:  # another version grew the list: fork off this one's prefix
+            items = items[: self._len]
+        items.append(item)
+        tape = object.__new__(TokenTape)
+        tape._items, tape._len = items, self._len + 1
+        return tape
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return tuple(self._items[slice(*index.indices(self._len))])
+        if not -self._len <= index < self._len:
+            raise IndexError(f"TokenTape index {index} out of range for length {self._len}")
+        return self._items[index % self._len]
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(self._items, self._len)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (TokenTape, tuple)):
+            return len(other) == self._len and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))  # equal to its tuple, so it hashes like it
+
+    def __add__(self, other):
+        return tuple(self) + tuple(other) if isinstance(other, (TokenTape, tuple)) else NotImplemented
+
+    def __radd__(self, other):
+        return other + tuple(self) if isinstance(other, tuple) else NotImplemented
+
+    def __repr__(self) -> str:
+        return f"TokenTape({tuple(self)!r})"
+
+
+def append_token(tokens: Sequence[int], token: int) -> TokenTape:
+    """tokens + (token,) as a TokenTape: O(1) when tokens already is one."""
+    return (tokens if type(tokens) is TokenTape else TokenTape(tokens)).appended(token)

@@ -19,6 +19,7 @@ from llmfx.kv_cache import (
     release,
     share,
 )
+from llmfx.persistent import TokenTape, append_token
 from llmfx.records import positional_builder
 from llmfx.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -103,7 +104,7 @@ class SequenceState:
     """One sequence inside the scheduler: a request, or one beam of a beam-search request."""
 
     request: Request
-    output_token_ids: tuple[int, ...] = ()
+    output_token_ids: tuple[int, ...] | TokenTape = ()  # a TokenTape once postprocess appends (equal to its tuple)
     num_computed_tokens: int = 0  # tokens whose KV is written or scheduled to be written
     pages: tuple[int, ...] = ()  # covers num_computed_tokens
     num_inflight: int = 0  # tokens sampled by a launched step that postprocess has not seen yet
@@ -677,7 +678,7 @@ def postprocess(
             beam_groups.add(s.request.request_id)
             continue
         token = sampled[ss.request_id]
-        output = s.output_token_ids + (token,)
+        output = append_token(s.output_token_ids, token)
         running[i] = _sequence(s.request, output, s.num_computed_tokens, s.pages, s.num_inflight - 1, None)
         stop = _stop(s.request, token, len(output), max_seq_len)
         if stop is None:

@@ -1,4 +1,4 @@
-"""Specifications of the persistent collections under the page pool, against plain dict / list models."""
+"""Specifications of the persistent collections of the scheduler state, against plain dict / list / tuple models."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from llmfx.persistent import _LEAF_MAX, LinkedSet, PageStack, PMap
+from llmfx.persistent import _LEAF_MAX, LinkedSet, PageStack, PMap, TokenTape, append_token
 
 
 class Collider:
@@ -223,3 +223,39 @@ def test_colliding_keys_past_the_deepest_level_share_a_leaf():
     assert len(m) == len(same) and all(m[k] == k.name for k in same)
     m = m.delete(same[0])
     assert same[0] not in m and len(m) == len(same) - 1
+
+
+# --- TokenTape: appends to any version, each checked against the tuple it stands for ---
+
+
+@given(st.lists(st.integers(0, 2**16)), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 2**16)),
+                                                  max_size=60))
+def test_every_token_tape_version_stays_equal_to_its_tuple(start, appends):
+    versions = [(TokenTape(start), tuple(start))]
+    for pick, token in appends:  # append to any earlier version: the latest (in place) or an older one (fork)
+        tape, model = versions[pick % len(versions)]
+        versions.append((append_token(tape, token), model + (token,)))
+    for tape, model in versions:
+        assert tape == model and model == tape and list(tape) == list(model) and len(tape) == len(model)
+        assert hash(tape) == hash(model) and tape[1:-1] == model[1:-1] and tape[::2] == model[::2]
+        assert (tape + (7,), (7,) + tape, tape + tape) == (model + (7,), (7,) + model, model + model)
+        if model:
+            assert (tape[0], tape[-1]) == (model[0], model[-1])
+        with pytest.raises(IndexError):
+            tape[len(model)]
+
+
+def test_append_token_takes_a_tuple_and_leaves_it_alone():
+    base = (1, 2)
+    tape = append_token(base, 3)
+    assert type(tape) is TokenTape and tape == (1, 2, 3) and base == (1, 2)
+    assert append_token(tape, 4) == (1, 2, 3, 4) and tape == (1, 2, 3)
+    assert tape != [1, 2, 3] and tape != (1, 2) and repr(tape) == "TokenTape((1, 2, 3))"
+
+
+def test_token_tape_appends_in_place_while_it_is_the_longest_version():
+    tape = TokenTape((1,))
+    grown = tape.appended(2).appended(3)
+    assert grown._items is tape._items  # no copy on the serving path
+    fork = tape.appended(9)  # an older version grows: it copies its own prefix
+    assert fork._items is not tape._items and (tape, grown, fork) == ((1,), (1, 2, 3), (1, 9))
