@@ -10,6 +10,7 @@ float32 values. `StepViews.unpack` converts the fields on the device, before the
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -76,51 +77,39 @@ def fill_batch(views: StepViews, chunks: Sequence[Chunk], page_size: int, *, tab
 
     table_done: the caller has written the page table already (StepStager keeps its rows cached).
     Sampling rows are left to the caller; gather rows are set to -1 (every token from the host).
+    Slots are read from the page table with numpy, so a step costs a few Python passes over its
+    chunks, not a Python loop per token or page.
     """
-    tokens: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    starts = [0]
-    lens: list[int] = []
-    for chunk in chunks:
-        end = chunk.start_pos + len(chunk.token_ids)
-        assert len(chunk.pages) * page_size >= end, "a chunk's pages must cover its tokens"
-        if end - chunk.start_pos == 1:  # a decode: most chunks of most steps, so without the general loop
-            tokens.append(chunk.token_ids[0])
-            positions.append(chunk.start_pos)
-            slots.append(chunk.pages[chunk.start_pos // page_size] * page_size + chunk.start_pos % page_size)
-            starts.append(len(tokens))
-            lens.append(end)
-            continue
-        tokens.extend(chunk.token_ids)
-        positions.extend(range(chunk.start_pos, end))
-        # One run of consecutive slots per page touched: O(pages) Python steps, not O(tokens).
-        for index in range(chunk.start_pos // page_size, -(-end // page_size)):
-            base = chunk.pages[index] * page_size - index * page_size  # slot of position p is base + p
-            slots.extend(range(base + max(chunk.start_pos, index * page_size), base + min(end, (index + 1) * page_size)))
-        starts.append(len(tokens))
-        lens.append(end)
-    t, b = len(tokens), len(chunks)
-    layout_t, layout_b = views.tokens.shape[1], views.seqs.shape[1]
-    assert t <= layout_t and b <= layout_b, f"{t} tokens / {b} sequences do not fit the layout {layout_t} / {layout_b}"
-    rows = views.tokens.numpy()
-    for row, (values, pad) in enumerate(zip((tokens, positions, slots), (0, 0, -1))):
-        rows[row, :t] = values
-        rows[row, t:] = pad
-    rows[3, :] = -1
-    seqs = views.seqs.numpy()
-    seqs[0, :b] = [s - 1 for s in starts[1:]]
-    seqs[0, b:] = 0
-    seqs[1, :b] = lens
-    seqs[1, b:] = 0
-    qsl = views.query_start_loc.numpy()
-    qsl[: b + 1] = starts
-    qsl[b + 1:] = t  # padding sequences own no rows
+    table = views.page_table.numpy()
     if not table_done:
-        table = views.page_table.numpy()
         table[:] = 0  # unused entries point at the null page
         for row, chunk in enumerate(chunks):
             table[row, : len(chunk.pages)] = chunk.pages
+    b = len(chunks)
+    counts = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=b)
+    ends = np.fromiter((c.start_pos for c in chunks), dtype=np.int64, count=b) + counts
+    num_pages = np.fromiter((len(c.pages) for c in chunks), dtype=np.int64, count=b)
+    assert (num_pages * page_size >= ends).all(), "a chunk's pages must cover its tokens"
+    starts = np.zeros(b + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    t = int(starts[-1])
+    layout_t, layout_b = views.tokens.shape[1], views.seqs.shape[1]
+    assert t <= layout_t and b <= layout_b, f"{t} tokens / {b} sequences do not fit the layout {layout_t} / {layout_b}"
+    seq_of = np.repeat(np.arange(b), counts)  # [t] the sequence of each token row
+    positions = np.arange(t) + np.repeat(ends - starts[1:], counts)  # a chunk's rows hold its last `count` positions
+    rows = views.tokens.numpy()
+    rows[0, :t] = np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks), dtype=np.float64, count=t)
+    rows[1, :t] = positions
+    rows[2, :t] = table[seq_of, positions // page_size] * page_size + positions % page_size
+    rows[:3, t:] = np.array([[0.0], [0.0], [-1.0]])
+    rows[3, :] = -1
+    seqs = views.seqs.numpy()
+    seqs[0, :b] = starts[1:] - 1
+    seqs[1, :b] = ends
+    seqs[:2, b:] = 0
+    qsl = views.query_start_loc.numpy()
+    qsl[: b + 1] = starts
+    qsl[b + 1:] = t  # padding sequences own no rows
 
 
 def fill_sampling(views: StepViews, rows: Sequence[Sequence[float]]) -> None:
