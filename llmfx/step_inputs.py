@@ -11,6 +11,7 @@ float32 values. `StepViews.unpack` converts the fields on the device, before the
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -72,6 +73,9 @@ class StepViews:
         return batch, SamplingTensors.unpack(seqs[_SAMPLING_AT:]), tokens[3]
 
 
+_token_ids, _start_pos, _pages = (operator.attrgetter(name) for name in ("token_ids", "start_pos", "pages"))
+
+
 def fill_batch(views: StepViews, chunks: Sequence[Chunk], page_size: int, *, table_done: bool = False) -> None:
     """Write the model inputs of `chunks` (and padding after them) into host views.
 
@@ -86,9 +90,10 @@ def fill_batch(views: StepViews, chunks: Sequence[Chunk], page_size: int, *, tab
         for row, chunk in enumerate(chunks):
             table[row, : len(chunk.pages)] = chunk.pages
     b = len(chunks)
-    counts = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=b)
-    ends = np.fromiter((c.start_pos for c in chunks), dtype=np.int64, count=b) + counts
-    num_pages = np.fromiter((len(c.pages) for c in chunks), dtype=np.int64, count=b)
+    # map over attrgetters: C loops, several times faster than generator expressions here.
+    counts = np.fromiter(map(len, map(_token_ids, chunks)), dtype=np.int64, count=b)
+    ends = np.fromiter(map(_start_pos, chunks), dtype=np.int64, count=b) + counts
+    num_pages = np.fromiter(map(len, map(_pages, chunks)), dtype=np.int64, count=b)
     assert (num_pages * page_size >= ends).all(), "a chunk's pages must cover its tokens"
     starts = np.zeros(b + 1, dtype=np.int64)
     np.cumsum(counts, out=starts[1:])
@@ -98,7 +103,7 @@ def fill_batch(views: StepViews, chunks: Sequence[Chunk], page_size: int, *, tab
     seq_of = np.repeat(np.arange(b), counts)  # [t] the sequence of each token row
     positions = np.arange(t) + np.repeat(ends - starts[1:], counts)  # a chunk's rows hold its last `count` positions
     rows = views.tokens.numpy()
-    rows[0, :t] = np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks), dtype=np.float64, count=t)
+    rows[0, :t] = np.fromiter(itertools.chain.from_iterable(map(_token_ids, chunks)), dtype=np.float64, count=t)
     rows[1, :t] = positions
     rows[2, :t] = table[seq_of, positions // page_size] * page_size + positions % page_size
     rows[:3, t:] = np.array([[0.0], [0.0], [-1.0]])
