@@ -2,14 +2,18 @@
 
     python benchmarks/host_parts.py --against REV [--save DIR]
 
-Times `step_inputs.fill_batch` (batch 256, all decodes, 64 pages each) and `PenaltyState.build`
-(64 rows, prompts of 100-1024 tokens, outputs of 1-512, vocab 32000) from this tree and from the
-same modules at REV, loaded side by side, in alternating rounds so that a busy box slows both
-alike. Both sides are checked to produce the same result first.
+Times `step_inputs.fill_batch` (batch 256, all decodes, 64 pages each), a steady `StepStager.fill`
+(the same batch, every token an overlap placeholder, pages unchanged since the last fill),
+`ModelEngine.collect` of that batch with the executor's glue around it (the postprocess inputs and
+StepOutput.sampled), and `PenaltyState.build` (64 rows, prompts of 100-1024 tokens, outputs of
+1-512, vocab 32000) from this tree and from the same modules at REV, loaded side by side, in
+alternating rounds so that a busy box slows both alike. Both sides are checked to produce the same
+result first.
 """
 
 import argparse
 import importlib.util
+import inspect
 import json
 import random
 import statistics
@@ -19,12 +23,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from types import MappingProxyType
+
+import numpy as np
 import torch
 
 from llmfx.batch import SequenceChunk
+from llmfx.sampling_params import SamplingParams
+from llmfx.scheduler import PLACEHOLDER, ScheduledBatch, ScheduledSeq
 from llmfx.step_inputs import StepLayout
 
-MODULES = {"fill_batch": "llmfx/step_inputs.py", "penalties": "llmfx/sampler.py"}
+MODULES = {"fill_batch": "llmfx/step_inputs.py", "stager_fill": "llmfx/step_inputs.py",
+           "collect": "llmfx/model_engine.py", "penalties": "llmfx/sampler.py"}
 
 
 def load(path: Path, name: str):
@@ -42,16 +52,75 @@ def at_revision(rev: str, relpath: str, name: str, workdir: Path):
     return load(path, name)
 
 
+def comparable(result) -> list:
+    """A result as plain values: tensors as lists, SampledTokens (a dataclass or a tuple by revision) as tuples."""
+    def plain(x):
+        if isinstance(x, torch.Tensor):
+            return x.tolist()
+        if hasattr(x, "token"):
+            return (x.token, x.logprob, x.rank, x.top_ids, x.top_logprobs)
+        if hasattr(x, "items"):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+    return [plain(x) for x in result]
+
+
 def cases():
     """name -> (module path, function of a module that runs one call and returns its result)."""
     page = 16
     chunks = [SequenceChunk((5,), 1000, tuple(range(1 + i * 70, 1 + i * 70 + 64))) for i in range(256)]
     layout = StepLayout(num_tokens=256, num_seqs=256, max_pages=132)
 
+    table = np.zeros((256, 132))
+    for row, chunk in enumerate(chunks):
+        table[row, : len(chunk.pages)] = chunk.pages
+
+    views = layout.views(torch.zeros(layout.size, dtype=torch.float64))  # reused: a fresh 300 kB buffer costs ms here
+
     def fill(module):
-        views = layout.views(torch.zeros(layout.size, dtype=torch.float64))
+        views.page_table.numpy()[:] = table  # table_done: the caller's (the stager's) gather
         module.fill_batch(views, chunks, page, table_done=True)
-        return views.tokens.clone(), views.seqs.clone(), views.query_start_loc.clone()
+        return views.tokens, views.seqs, views.query_start_loc
+
+    # A steady overlap decode: every token is the previous step's, every request seen before.
+    held = [SequenceChunk((PLACEHOLDER,), c.start_pos, c.pages) for c in chunks]
+    ids = list(range(256))
+    stagers = {}
+
+    def stager_fill(module):
+        if module not in stagers:
+            kwargs = {"placeholder": PLACEHOLDER} if "placeholder" in inspect.signature(module.StepStager).parameters else {}
+            stagers[module] = module.StepStager(page_size=page, max_pages=132, max_rows=256, engine_seed=0, **kwargs)
+            stagers[module].fill(views, chunks, ids, lambda rid: SamplingParams(temperature=0.0),
+                                 *([] if kwargs else [{}]))
+        if "gather" in inspect.signature(module.StepStager.fill).parameters:  # the engine built the gather map
+            prev_rows = {rid: row for row, rid in enumerate(ids)}
+            gather = {rid: prev_rows[rid] for rid, c in zip(ids, held)
+                      if len(c.token_ids) == 1 and c.token_ids[0] == PLACEHOLDER}
+            stagers[module].fill(views, held, ids, None, gather)
+        else:
+            stagers[module].fill(views, held, ids, None)
+        return views.tokens, views.seqs, views.query_start_loc, views.page_table
+
+    batch = ScheduledBatch(seqs=tuple(ScheduledSeq(request_id=rid, token_ids=(PLACEHOLDER,), start_pos=c.start_pos,
+                                                   pages=c.pages, sample=True) for rid, c in zip(ids, chunks)))
+    host = torch.zeros(256, 43, dtype=torch.float64)
+    host[:, 0] = torch.arange(256) * 7
+    host[:, 1] = -torch.arange(256) / 8
+    host[:, 2] = 1
+
+    def collect(module):
+        if hasattr(module, "Collected"):
+            done = module.ModelEngine.collect(None, module.InFlight(batch=batch, host=host, ready=None, top_rows=(),
+                                                                     sampling_ids=ids, sampling_rows=None))
+            tokens, candidates, sampled = done.tokens, done.candidates, MappingProxyType(done.sampled)
+        else:  # before Collected, executor.step derived the postprocess inputs and copied the mapping
+            done = module.ModelEngine.collect(None, module.InFlight(batch=batch, host=host, ready=None,
+                                                                     top_rows=frozenset()))
+            tokens = {rid: s.token for rid, s in done.items()}
+            candidates = {rid: (s.top_ids, s.top_logprobs) for rid, s in done.items() if s.top_ids}
+            sampled = MappingProxyType(dict(done))
+        return tokens, candidates, sampled
 
     rng = random.Random(0)
     vocab = 32000
@@ -62,7 +131,7 @@ def cases():
         state = module.PenaltyState.build(prompts, outputs, vocab, "cpu", pad_to=64)
         return state.prompt_mask, state.output_counts
 
-    return {"fill_batch": fill, "penalties": penalties}
+    return {"fill_batch": fill, "stager_fill": stager_fill, "collect": collect, "penalties": penalties}
 
 
 def main() -> None:
@@ -75,13 +144,13 @@ def main() -> None:
                          text=True).stdout.strip()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         for name, run in cases().items():
             relpath = MODULES[name]
             sides = {"this tree": load(Path(relpath), f"{name}_this"),
                      rev: at_revision(args.against, relpath, f"{name}_{rev}", Path(tmp))}
-            results = [run(m) for m in sides.values()]
-            assert all(torch.equal(a, b) for a, b in zip(*results)), f"{name}: the two sides disagree"
+            results = [comparable(run(m)) for m in sides.values()]
+            assert results[0] == results[1], f"{name}: the two sides disagree"
             times = {side: [] for side in sides}
             for _ in range(args.rounds):
                 for side, module in sides.items():

@@ -161,14 +161,14 @@ def step(state: ExecutorState, inbox: Iterable[Message], engine: ModelEngine,
     collect_s = 0.0
     if done is not None:
         started = time.perf_counter()
-        sampled = engine.collect(done)
+        collected = engine.collect(done)
         collect_s = time.perf_counter() - started
         # Beams pick their next tokens from the top-20 (read back for beam rows and logprobs rows only).
-        sched, produced = postprocess(sched, done.batch, {rid: s.token for rid, s in sampled.items()}, cfg.limits,
-                                      {rid: (s.top_ids, s.top_logprobs) for rid, s in sampled.items() if s.top_ids})
+        sched, produced = postprocess(sched, done.batch, collected.tokens, cfg.limits, collected.candidates)
         events.extend(produced)
+        sampled = MappingProxyType(collected.sampled)  # read-only for the consumer; nothing else keeps the dict
     out = StepOutput(events=tuple(events), errors=MappingProxyType(errors), batch=batch,
-                     sampled=MappingProxyType(dict(sampled)), collected=None if done is None else done.batch,
+                     sampled=sampled, collected=None if done is None else done.batch,
                      launch_s=launch_s, collect_s=collect_s)
     return ExecutorState(sched=sched, kv=kv, inflight=pending), out
 

@@ -20,19 +20,21 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from llmfx.batch import ForwardBatch
+from llmfx.beam_search import Candidates
 from llmfx.buckets import BucketKey, Buckets
 from llmfx.config import ModelConfig
 from llmfx.kv_pool import KVPool, LayerKV, copy_pages
 from llmfx.models import Params, forward
 from llmfx.sampler import TOP_LOGPROBS, PenaltyState, SamplingTensors, count_tokens, sample
 from llmfx.scheduler import PLACEHOLDER, ScheduledBatch, SequenceState
-from llmfx.step_inputs import StepLayout, StepStager, StepViews, fill_batch, fill_sampling
+from llmfx.step_inputs import StagedFacts, StepLayout, StepStager, StepViews, fill_batch, fill_sampling
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +77,27 @@ class EngineConfig:
         check_graph_capture(self.graph_capture)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SampledToken:
-    """What the host learns about one sampled token."""
+class SampledToken(NamedTuple):
+    """What the host learns about one sampled token.
+
+    A named tuple, not a frozen dataclass: collect builds one per row per step on the executor
+    thread, and a tuple is built several times faster.
+    """
 
     token: int
     logprob: float
     rank: int
-    top_ids: tuple[int, ...]  # the 20 most likely, best first; empty unless the request asked for logprobs
-    top_logprobs: tuple[float, ...]
+    top_ids: tuple[int, ...] = ()  # the 20 most likely, best first; empty unless the request asked for logprobs
+    top_logprobs: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Collected:
+    """A collected step's sampled tokens, by sequence id, in the shapes their readers want."""
+
+    sampled: dict[int, SampledToken]
+    tokens: dict[int, int]  # the sampled token ids: postprocess's input
+    candidates: dict[int, Candidates]  # the top-20 of rows that read it back (logprobs, beams)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,7 +107,9 @@ class InFlight:
     batch: ScheduledBatch
     host: Tensor  # [B, OUT_COLUMNS] float64, pinned on CUDA; valid after ready.synchronize()
     ready: torch.cuda.Event | None  # None on CPU, where launch is synchronous
-    top_rows: frozenset[int]  # rows whose request asked for logprobs: only these read the top-20
+    sampling_ids: list[int]  # sequence ids of the rows that sample a token
+    sampling_rows: list[int] | None  # their rows; None: every row samples (a decode-only step)
+    top_rows: tuple[int, ...]  # rows whose request asked for logprobs or is a beam: only these read the top-20
 
 
 def step_fn(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inputs: ForwardBatch, sampling: SamplingTensors,
@@ -136,7 +152,8 @@ class ModelEngine:
         self._step = self._compiled_step() if engine_cfg.compile else step_fn
         self._warm = False
         self._stager = StepStager(page_size=engine_cfg.page_size, max_pages=engine_cfg.max_pages_per_seq,
-                                  max_rows=engine_cfg.max_batch_size, engine_seed=engine_cfg.seed)
+                                  max_rows=engine_cfg.max_batch_size, engine_seed=engine_cfg.seed,
+                                  placeholder=PLACEHOLDER)
         buckets = engine_cfg.buckets
         rows = max(engine_cfg.max_batch_size, buckets.max_seqs if buckets else 0)
         size = max((self._layout_of(k).size for k in buckets.all_keys()), default=0) if buckets else 0
@@ -148,7 +165,6 @@ class ModelEngine:
         self._parity = 0  # which pinned input/output pair the next launch uses
         # The second donated buffer: the last sampled token of each row of the previous step.
         self._token_pool = torch.zeros(engine_cfg.max_batch_size, dtype=torch.int64, device=self.device)
-        self._prev_rows: dict[int, int] = {}  # request id -> its row in the last launched step
         # Penalty inputs: zero except while a penalized batch runs; views per row count are cached.
         self._penalty_mask = torch.zeros(rows, cfg.vocab_size, dtype=torch.bool, device=self.device)
         self._penalty_counts = torch.zeros(rows, cfg.vocab_size, dtype=torch.int32, device=self.device)
@@ -226,8 +242,9 @@ class ModelEngine:
                 if batch.page_copies:  # forked beams' partial pages, copied before the step writes into them
                     copy_pages(layers, batch.page_copies)
                 layout = self._layout(batch)
-                self._stage(layout, batch, sequences, parity)
-                penalties = self._penalties(layout.num_seqs, batch, sequences)
+                ids = [s.request_id for s in batch.seqs]
+                facts = self._stage(layout, batch, ids, sequences, parity)
+                penalties = self._penalties(layout.num_seqs, batch, sequences, facts.penalized)
                 if self._graphs_by_hand:
                     graph, out = self._graphs[layout]
                     graph.replay()
@@ -249,31 +266,34 @@ class ModelEngine:
             # The pool is intact apart from this batch's rows, whose requests the caller fails.
             raise StepFailed(KVPool(layers), err) from err
         self._parity ^= 1
-        self._prev_rows = {s.request_id: row for row, s in enumerate(batch.seqs)}
-        # Rows whose top-20 is read back: for their logprobs, or as their beam's candidates.
-        top_rows = frozenset(row for row, s in enumerate(batch.seqs)
-                             if (p := sequences[s.request_id].request.params).logprobs is not None or p.use_beam_search)
-        return KVPool(layers), InFlight(batch=batch, host=host, ready=ready, top_rows=top_rows)
+        rows = [row for row, s in enumerate(batch.seqs) if s.sample]
+        every = len(rows) == len(ids)
+        return KVPool(layers), InFlight(batch=batch, host=host, ready=ready, top_rows=facts.top_rows,
+                                        sampling_ids=ids if every else [ids[row] for row in rows],
+                                        sampling_rows=None if every else rows)
 
-    def collect(self, inflight: InFlight) -> dict[int, SampledToken]:
+    def collect(self, inflight: InFlight) -> Collected:
         """Wait for a launched step (the step's one synchronization point) and read its sampled tokens."""
         if inflight.ready is not None:
             inflight.ready.synchronize()
         # A host buffer from here on (the copy has landed): reading it syncs nothing.
         out = inflight.host.numpy()
-        n = len(inflight.batch.seqs)
-        tokens = out[:n, 0].astype(np.int64).tolist()
-        logprobs = out[:n, 1].tolist()
-        ranks = out[:n, 2].astype(np.int64).tolist()
+        picked = out if inflight.sampling_rows is None else out[inflight.sampling_rows]
+        ids = inflight.sampling_ids
+        tokens = picked[:, 0].astype(np.int64).tolist()
+        sampled = dict(zip(ids, map(SampledToken, tokens, picked[:, 1].tolist(), picked[:, 2].astype(np.int64).tolist())))
+        candidates = {}
         ids_at, lps_at = 3, 3 + TOP_LOGPROBS
-        return {s.request_id: SampledToken(
-                    token=tokens[row], logprob=logprobs[row], rank=ranks[row],
-                    top_ids=tuple(out[row, ids_at:lps_at].astype(np.int64).tolist()) if row in inflight.top_rows else (),
-                    top_logprobs=tuple(out[row, lps_at:].tolist()) if row in inflight.top_rows else ())
-                for row, s in enumerate(inflight.batch.seqs) if s.sample}
+        for row in inflight.top_rows:
+            seq = inflight.batch.seqs[row]
+            if seq.sample:
+                top = candidates[seq.request_id] = (tuple(out[row, ids_at:lps_at].astype(np.int64).tolist()),
+                                                    tuple(out[row, lps_at:].tolist()))
+                sampled[seq.request_id] = sampled[seq.request_id]._replace(top_ids=top[0], top_logprobs=top[1])
+        return Collected(sampled=sampled, tokens=dict(zip(ids, tokens)), candidates=candidates)
 
     def execute(self, kv: KVPool, batch: ScheduledBatch,
-                sequences: Mapping[int, SequenceState]) -> tuple[KVPool, dict[int, SampledToken]]:
+                sequences: Mapping[int, SequenceState]) -> tuple[KVPool, Collected]:
         """launch then collect: one step run to completion."""
         kv, inflight = self.launch(kv, batch, sequences)
         return kv, self.collect(inflight)
@@ -310,17 +330,14 @@ class ModelEngine:
                 self._device_views[layout] = views
         return views
 
-    def _stage(self, layout: StepLayout, batch: ScheduledBatch, sequences: Mapping[int, SequenceState],
-               parity: int) -> None:
+    def _stage(self, layout: StepLayout, batch: ScheduledBatch, ids: list[int],
+               sequences: Mapping[int, SequenceState], parity: int) -> StagedFacts:
         """Fill pinned buffer `parity` and queue its one copy to the device."""
         self._reserve_inputs(layout.size)
         host = self._host_in[parity]
-        ids = [s.request_id for s in batch.seqs]
-        # A placeholder is only ever a decode's single token; its value is in the token pool.
-        gather = {s.request_id: self._prev_rows[s.request_id] for s in batch.seqs
-                  if len(s.token_ids) == 1 and s.token_ids[0] == PLACEHOLDER}
-        self._stager.fill(layout.views(host), batch.seqs, ids, lambda rid: sequences[rid].request.params, gather)
+        facts = self._stager.fill(layout.views(host), batch.seqs, ids, lambda rid: sequences[rid].request.params)
         self._device_in[: layout.size].copy_(host[: layout.size], non_blocking=True)
+        return facts
 
     def _penalties_of(self, rows: int) -> PenaltyState:
         views = self._penalty_views.get(rows)
@@ -333,17 +350,17 @@ class ModelEngine:
                                                              output_counts=self._penalty_counts[:rows])
         return views
 
-    def _penalties(self, rows: int, batch: ScheduledBatch, sequences: Mapping[int, SequenceState]) -> PenaltyState:
+    def _penalties(self, rows: int, batch: ScheduledBatch, sequences: Mapping[int, SequenceState],
+                   penalized: bool) -> PenaltyState:
         views = self._penalties_of(rows)
-        seqs = [sequences[s.request_id] for s in batch.seqs]
-        if not any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-                   for p in (s.request.params for s in seqs)):
+        if not penalized:
             if self._dirty_penalty_rows:  # queued after the penalized step, so it never sees zeros
                 self._penalty_mask[: self._dirty_penalty_rows].zero_()
                 self._penalty_counts[: self._dirty_penalty_rows].zero_()
                 self._dirty_penalty_rows = 0
             return views
         # The host's outputs; a token still in flight is counted on the device (see step_fn).
+        seqs = [sequences[s.request_id] for s in batch.seqs]
         built = PenaltyState.build([s.request.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
                                    self.cfg.vocab_size, self.device, pad_to=rows)
         views.prompt_mask.copy_(built.prompt_mask)

@@ -10,7 +10,9 @@ float32 values. `StepViews.unpack` converts the fields on the device, before the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import itertools
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,56 +73,48 @@ class StepViews:
         return batch, SamplingTensors.unpack(seqs[_SAMPLING_AT:]), tokens[3]
 
 
+_token_ids, _start_pos, _pages = (operator.attrgetter(name) for name in ("token_ids", "start_pos", "pages"))
+
+
 def fill_batch(views: StepViews, chunks: Sequence[Chunk], page_size: int, *, table_done: bool = False) -> None:
     """Write the model inputs of `chunks` (and padding after them) into host views.
 
     table_done: the caller has written the page table already (StepStager keeps its rows cached).
     Sampling rows are left to the caller; gather rows are set to -1 (every token from the host).
+    Slots are read from the page table with numpy, so a step costs a few Python passes over its
+    chunks, not a Python loop per token or page.
     """
-    tokens: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    starts = [0]
-    lens: list[int] = []
-    for chunk in chunks:
-        end = chunk.start_pos + len(chunk.token_ids)
-        assert len(chunk.pages) * page_size >= end, "a chunk's pages must cover its tokens"
-        if end - chunk.start_pos == 1:  # a decode: most chunks of most steps, so without the general loop
-            tokens.append(chunk.token_ids[0])
-            positions.append(chunk.start_pos)
-            slots.append(chunk.pages[chunk.start_pos // page_size] * page_size + chunk.start_pos % page_size)
-            starts.append(len(tokens))
-            lens.append(end)
-            continue
-        tokens.extend(chunk.token_ids)
-        positions.extend(range(chunk.start_pos, end))
-        # One run of consecutive slots per page touched: O(pages) Python steps, not O(tokens).
-        for index in range(chunk.start_pos // page_size, -(-end // page_size)):
-            base = chunk.pages[index] * page_size - index * page_size  # slot of position p is base + p
-            slots.extend(range(base + max(chunk.start_pos, index * page_size), base + min(end, (index + 1) * page_size)))
-        starts.append(len(tokens))
-        lens.append(end)
-    t, b = len(tokens), len(chunks)
-    layout_t, layout_b = views.tokens.shape[1], views.seqs.shape[1]
-    assert t <= layout_t and b <= layout_b, f"{t} tokens / {b} sequences do not fit the layout {layout_t} / {layout_b}"
-    rows = views.tokens.numpy()
-    for row, (values, pad) in enumerate(zip((tokens, positions, slots), (0, 0, -1))):
-        rows[row, :t] = values
-        rows[row, t:] = pad
-    rows[3, :] = -1
-    seqs = views.seqs.numpy()
-    seqs[0, :b] = [s - 1 for s in starts[1:]]
-    seqs[0, b:] = 0
-    seqs[1, :b] = lens
-    seqs[1, b:] = 0
-    qsl = views.query_start_loc.numpy()
-    qsl[: b + 1] = starts
-    qsl[b + 1:] = t  # padding sequences own no rows
+    table = views.page_table.numpy()
     if not table_done:
-        table = views.page_table.numpy()
         table[:] = 0  # unused entries point at the null page
         for row, chunk in enumerate(chunks):
             table[row, : len(chunk.pages)] = chunk.pages
+    b = len(chunks)
+    # map over attrgetters: C loops, several times faster than generator expressions here.
+    counts = np.fromiter(map(len, map(_token_ids, chunks)), dtype=np.int64, count=b)
+    ends = np.fromiter(map(_start_pos, chunks), dtype=np.int64, count=b) + counts
+    num_pages = np.fromiter(map(len, map(_pages, chunks)), dtype=np.int64, count=b)
+    assert (num_pages * page_size >= ends).all(), "a chunk's pages must cover its tokens"
+    starts = np.zeros(b + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    t = int(starts[-1])
+    layout_t, layout_b = views.tokens.shape[1], views.seqs.shape[1]
+    assert t <= layout_t and b <= layout_b, f"{t} tokens / {b} sequences do not fit the layout {layout_t} / {layout_b}"
+    seq_of = np.repeat(np.arange(b), counts)  # [t] the sequence of each token row
+    positions = np.arange(t) + np.repeat(ends - starts[1:], counts)  # a chunk's rows hold its last `count` positions
+    rows = views.tokens.numpy()
+    rows[0, :t] = np.fromiter(itertools.chain.from_iterable(map(_token_ids, chunks)), dtype=np.float64, count=t)
+    rows[1, :t] = positions
+    rows[2, :t] = table[seq_of, positions // page_size] * page_size + positions % page_size
+    rows[:3, t:] = np.array([[0.0], [0.0], [-1.0]])
+    rows[3, :] = -1
+    seqs = views.seqs.numpy()
+    seqs[0, :b] = starts[1:] - 1
+    seqs[1, :b] = ends
+    seqs[:2, b:] = 0
+    qsl = views.query_start_loc.numpy()
+    qsl[: b + 1] = starts
+    qsl[b + 1:] = t  # padding sequences own no rows
 
 
 def fill_sampling(views: StepViews, rows: Sequence[Sequence[float]]) -> None:
@@ -128,56 +122,71 @@ def fill_sampling(views: StepViews, rows: Sequence[Sequence[float]]) -> None:
     write_sampling_rows(views.seqs.numpy()[_SAMPLING_AT:], rows)
 
 
-class StepStager:
-    """The host side of step inputs, with caches that make a steady decode step O(sequences).
+@dataclass(frozen=True, slots=True)
+class StagedFacts:
+    """What the engine needs to know about a staged step beyond its buffer, from facts cached per request."""
 
-    Per request it keeps the sampling row (only the position changes between steps) and a row of
-    a host page table indexed by slot, updated by appending the pages a sequence gained; the
-    step's page table is then one gather of slot rows. Owned by one ModelEngine, used by its thread.
+    top_rows: tuple[int, ...]  # rows whose top-20 is read back: for their logprobs, or as their beam's candidates
+    penalized: bool  # some row applies a repetition, presence or frequency penalty
+
+
+class StepStager:
+    """The host side of step inputs, with caches that make a steady decode step O(sequences) numpy work.
+
+    Each running request owns a slot: a row of a host page table, updated by appending the pages a
+    sequence gained, a sampling row (the position is written per step) and the facts StagedFacts
+    reports, all read from its params once. A step's page table and sampling rows are then one
+    gather of slot rows each. A token equal to `placeholder` is gathered on the device from the
+    token-pool row its sequence had in the previous fill. Owned by one ModelEngine, used by its thread.
     """
 
-    def __init__(self, *, page_size: int, max_pages: int, max_rows: int, engine_seed: int) -> None:
+    def __init__(self, *, page_size: int, max_pages: int, max_rows: int, engine_seed: int, placeholder: int) -> None:
         self.page_size = page_size
         self.engine_seed = engine_seed
-        self._table = np.zeros((max_rows + 1, max_pages), dtype=np.float64)  # last row: padding (all null)
+        self.placeholder = placeholder
+        slots = max_rows + 1  # the last slot is padding: all-null pages, neutral sampling
         self._padding_slot = max_rows
-        self._slots: dict[int, int] = {}  # request id -> row of _table
-        self._sent: dict[int, tuple[int, ...]] = {}  # request id -> the pages its row holds
-        self._sampling: dict[int, list[float]] = {}  # request id -> sampling row (position stale)
+        self._table = np.zeros((slots, max_pages), dtype=np.float64)
+        self._sampling = np.empty((slots, len(SAMPLING_FIELDS)), dtype=np.float64)
+        self._sampling[:] = [neutral for _, neutral in SAMPLING_FIELDS]
+        self._wants_top = np.zeros(slots, dtype=bool)
+        self._penalized = np.zeros(slots, dtype=bool)
+        self._last_row = np.full(slots, -1, dtype=np.int64)  # the slot's row in the previous fill
+        self._slots: dict[int, int] = {}  # request id -> slot
+        self._sent: dict[int, tuple[int, ...]] = {}  # request id -> the pages its table row holds
 
     def fill(self, views: StepViews, chunks: Sequence[Chunk], request_ids: Sequence[int],
-             params_of: Callable[[int], SamplingParams], gather: Mapping[int, int]) -> None:
-        """Fill every field for chunks of the given requests; gather maps request id -> token-pool row.
+             params_of: Callable[[int], SamplingParams]) -> StagedFacts:
+        """Fill every field for chunks of the given requests.
 
-        params_of(request id) is called only for a request not seen before (its row is cached).
+        params_of(request id) is called only for a request not seen before (its facts are cached).
         """
-        self._update_table(chunks, request_ids)
-        slots = [self._slots[rid] for rid in request_ids]
-        slots += [self._padding_slot] * (views.page_table.shape[0] - len(slots))
+        b = len(chunks)
+        slots = np.full(views.page_table.shape[0], self._padding_slot, dtype=np.int64)
+        slots[:b] = self._update_slots(chunks, request_ids, params_of)
         np.take(self._table, slots, axis=0, out=views.page_table.numpy())
         fill_batch(views, chunks, self.page_size, table_done=True)
-        rows = []
-        for rid, chunk in zip(request_ids, chunks):
-            row = self._sampling.get(rid)
-            if row is None:
-                p = params_of(rid)
-                row = self._sampling[rid] = sampling_row(p, request_seed(p.seed, self.engine_seed, rid), 0)
-            row[_POSITION_AT - _SAMPLING_AT] = chunk.start_pos + len(chunk.token_ids)
-            rows.append(row)
-        fill_sampling(views, rows)
-        if gather:
-            token_rows = views.tokens.numpy()
-            row = 0
-            for rid, chunk in zip(request_ids, chunks):
-                if rid in gather:
-                    token_rows[3, row] = gather[rid]
-                row += len(chunk.token_ids)
+        seqs = views.seqs.numpy()
+        seqs[_SAMPLING_AT:] = self._sampling[slots].T
+        seqs[_POSITION_AT, :b] = seqs[1, :b]  # the sampled token's position: the context length
+        tokens = views.tokens.numpy()
+        held = np.flatnonzero(tokens[0] == self.placeholder)
+        if held.size:  # a placeholder is a decode's only token: its row is its sequence's last
+            pool_rows = self._last_row[slots[np.searchsorted(seqs[0, :b], held)]]
+            assert (pool_rows >= 0).all(), "a placeholder of a sequence the previous step did not run"
+            tokens[3, held] = pool_rows
+        self._last_row[slots[:b]] = np.arange(b)
+        mine = slots[:b]
+        return StagedFacts(top_rows=tuple(np.flatnonzero(self._wants_top[mine]).tolist()),
+                           penalized=bool(self._penalized[mine].any()))
 
-    def _update_table(self, chunks: Sequence[Chunk], request_ids: Sequence[int]) -> None:
+    def _update_slots(self, chunks: Sequence[Chunk], request_ids: Sequence[int],
+                      params_of: Callable[[int], SamplingParams]) -> list[int]:
+        """Each request's slot, with its table row brought up to date; a new request's facts are read once."""
         present = set(request_ids)
         for rid in [r for r in self._slots if r not in present]:  # gone (finished, preempted, waiting)
-            del self._slots[rid], self._sent[rid]
-            self._sampling.pop(rid, None)
+            self._last_row[self._slots.pop(rid)] = -1
+            del self._sent[rid]
         free = iter(sorted(set(range(self._padding_slot)) - set(self._slots.values()))) if len(present) > len(
             self._slots) else iter(())
         for rid, chunk in zip(request_ids, chunks):
@@ -185,8 +194,9 @@ class StepStager:
             sent = self._sent.get(rid)
             if sent is not None and (pages is sent or pages == sent):
                 continue
-            if rid not in self._slots:
-                self._slots[rid] = next(free)
+            if sent is None:
+                self._slots[rid] = slot = next(free)
+                self._admit(slot, rid, params_of(rid))
             row = self._table[self._slots[rid]]
             if sent is not None and len(pages) > len(sent) and pages[: len(sent)] == sent:
                 row[len(sent): len(pages)] = pages[len(sent):]  # appended pages only
@@ -194,6 +204,12 @@ class StepStager:
                 row[:] = 0
                 row[: len(pages)] = pages
             self._sent[rid] = pages
+        return [self._slots[rid] for rid in request_ids]
+
+    def _admit(self, slot: int, rid: int, p: SamplingParams) -> None:
+        self._sampling[slot] = sampling_row(p, request_seed(p.seed, self.engine_seed, rid), 0)
+        self._wants_top[slot] = p.logprobs is not None or p.use_beam_search
+        self._penalized[slot] = p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
 
 def host_buffer(size: int, *, pinned: bool) -> Tensor:

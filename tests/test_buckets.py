@@ -67,7 +67,7 @@ def _mixed_then_decode(engine: ModelEngine, kv: KVPool) -> list[dict[int, int]]:
     prompts = {0: (3, 1, 4, 1, 5), 1: (9, 2, 6, 5, 3, 5, 8), 2: (2, 7)}
     seqs = [ScheduledSeq(request_id=i, token_ids=prompts[i], start_pos=0, pages=pages[i], sample=True) for i in range(3)]
     kv, sampled = engine.execute(kv, ScheduledBatch(seqs=tuple(seqs)), requests)
-    history = [{i: t.token for i, t in sampled.items()}]
+    history = [dict(sampled.tokens)]
     lengths = {i: len(prompts[i]) for i in range(3)}
     for live in ([0, 1, 2], [0, 2], [2]):
         seqs = [ScheduledSeq(request_id=i, token_ids=(history[-1].get(i, history[0][i]),), start_pos=lengths[i],
@@ -75,7 +75,7 @@ def _mixed_then_decode(engine: ModelEngine, kv: KVPool) -> list[dict[int, int]]:
         kv, sampled = engine.execute(kv, ScheduledBatch(seqs=tuple(seqs)), requests)
         for i in live:
             lengths[i] += 1
-        history.append({**history[-1], **{i: t.token for i, t in sampled.items()}})
+        history.append({**history[-1], **sampled.tokens})
     return history
 
 
@@ -127,4 +127,4 @@ def test_results_land_in_a_contiguous_pinned_slice():
     seqs = tuple(ScheduledSeq(request_id=i, token_ids=(3,), start_pos=0, pages=(1 + i,), sample=True) for i in range(3))
     kv, inflight = engine.launch(kv, ScheduledBatch(seqs=seqs), requests)
     assert inflight.host.shape[0] == 4 and inflight.host.is_contiguous()
-    assert set(engine.collect(inflight)) == {0, 1, 2}
+    assert set(engine.collect(inflight).sampled) == {0, 1, 2}

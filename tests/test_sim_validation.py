@@ -17,7 +17,7 @@ import llmfx.llm
 from llmfx.executor import ExecutorConfig, ExecutorState
 from llmfx.kv_cache import KvCacheConfig, new_page_pool
 from llmfx.kv_pool import KVPool
-from llmfx.model_engine import SampledToken
+from llmfx.model_engine import Collected, SampledToken
 from llmfx.scheduler import SchedulerConfig, SchedulerLimits, new_scheduler_state
 from llmfx.sim import BatchShape, load_cost_model
 from llmfx.sim.validate import Figures, summary_lines, validate
@@ -96,8 +96,9 @@ class _AsyncDevice:
 
     def collect(self, inflight):
         time.sleep(max(inflight.ready_at - time.perf_counter(), 0.0))
-        return {s.request_id: SampledToken(token=5, logprob=0.0, rank=1, top_ids=(), top_logprobs=())
-                for s in inflight.batch.seqs if s.sample}
+        ids = [s.request_id for s in inflight.batch.seqs if s.sample]
+        return Collected(sampled={rid: SampledToken(token=5, logprob=0.0, rank=1) for rid in ids},
+                         tokens=dict.fromkeys(ids, 5), candidates={})
 
 
 def test_the_pipeline_reproduces_an_asynchronous_device_with_known_step_times(monkeypatch):

@@ -9,10 +9,11 @@ from hypothesis import strategies as st
 from llmfx.batch import SequenceChunk
 from llmfx.sampler import SamplingTensors, request_seed
 from llmfx.sampling_params import SamplingParams
+from llmfx.scheduler import PLACEHOLDER
 from llmfx.step_inputs import StepLayout, StepStager, fill_batch, fill_sampling, host_buffer
 
 PAGE, MAX_PAGES, ROWS = 4, 6, 5
-PARAMS = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=11),
+PARAMS = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=11, logprobs=2),
           SamplingParams(temperature=1.3, min_p=0.1, repetition_penalty=1.2, presence_penalty=0.5)]
 
 
@@ -42,10 +43,11 @@ step = st.lists(st.tuples(st.integers(0, 7), st.sampled_from(["keep", "append", 
 @settings(max_examples=60, deadline=None)
 @given(steps=st.lists(step, min_size=1, max_size=8), pad=st.integers(0, 2), data=st.data())
 def test_stager_matches_a_fresh_fill_every_step(steps, pad, data):
-    stager = StepStager(page_size=PAGE, max_pages=MAX_PAGES, max_rows=ROWS, engine_seed=3)
+    stager = StepStager(page_size=PAGE, max_pages=MAX_PAGES, max_rows=ROWS, engine_seed=3, placeholder=PLACEHOLDER)
     pages: dict[int, tuple[int, ...]] = {}
     lengths: dict[int, int] = {}
     params = {rid: PARAMS[rid % len(PARAMS)] for rid in range(8)}
+    previous: dict[int, int] = {}  # request id -> its row in the previous step
     for batch in steps:
         chunks, ids, gather = [], [], {}
         for rid, change, n, placeholder in batch:
@@ -59,11 +61,14 @@ def test_stager_matches_a_fresh_fill_every_step(steps, pad, data):
                 pages[rid] = tuple(fresh) if change == "replace" or not old else old[:need] + tuple(fresh[len(old[:need]):])
             if change == "append" and len(pages[rid]) < MAX_PAGES:
                 pages[rid] = pages[rid] + (data.draw(st.integers(1, 30), label="appended"),)
-            chunks.append(SequenceChunk(tuple(range(100 + rid, 100 + rid + n)), start, pages[rid]))
+            held = placeholder and n == 1 and rid in previous  # the previous step's token, still on the device
+            chunks.append(SequenceChunk((PLACEHOLDER,) if held else tuple(range(100 + rid, 100 + rid + n)), start,
+                                        pages[rid]))
             ids.append(rid)
-            if placeholder and n == 1:
-                gather[rid] = len(ids) - 1
+            if held:
+                gather[rid] = previous[rid]
             lengths[rid] = start + n
+        previous = {rid: row for row, rid in enumerate(ids)}
         layout = StepLayout(num_tokens=sum(len(c.token_ids) for c in chunks) + pad, num_seqs=len(chunks) + pad,
                             max_pages=MAX_PAGES)
         staged = layout.views(host_buffer(layout.size + 3, pinned=False))
@@ -71,10 +76,13 @@ def test_stager_matches_a_fresh_fill_every_step(steps, pad, data):
         staged.seqs.fill_(7.0)
         staged.page_table.fill_(7.0)
         staged.query_start_loc.fill_(7.0)
-        stager.fill(staged, chunks, ids, params.__getitem__, gather)
+        facts = stager.fill(staged, chunks, ids, params.__getitem__)
         expected = _reference(layout, chunks, params, ids, gather, engine_seed=3)
         for name in ("tokens", "seqs", "query_start_loc", "page_table"):
             torch.testing.assert_close(getattr(staged, name), getattr(expected, name), rtol=0, atol=0, msg=name)
+        assert facts.top_rows == tuple(row for row, rid in enumerate(ids) if params[rid].logprobs is not None)
+        assert facts.penalized == any(params[rid].repetition_penalty != 1.0 or params[rid].presence_penalty
+                                      for rid in ids)
 
 
 def test_unpack_gives_the_model_and_sampler_their_dtypes():
