@@ -406,11 +406,14 @@ class LLM:
         return handle
 
     def _dispatch(self, out: StepOutput) -> None:
-        with self._lock:
-            handles = [(self._handles.get(e.request_id), e) for e in out.events]
-        for handle, event in handles:
-            if handle is not None:
-                handle._on_event(event, out.errors.get(event.request_id), out.sampled.get(event.request_id))
+        """Runs on the executor thread: hand each event to its request's handle (once per request per step)."""
+        events, errors = out.events, out.errors
+        request_ids = [e.request_id for e in events]
+        with self._lock:  # the user's threads add handles
+            handles = list(map(self._handles.get, request_ids))
+        for handle, event, sampled in zip(handles, events, map(out.sampled.get, request_ids)):
+            if handle is not None:  # None: the request has finished and been forgotten
+                handle._on_event(event, errors.get(event.request_id) if errors else None, sampled)
 
     def _forget(self, request_ids: tuple[int, ...]) -> None:
         with self._lock:
