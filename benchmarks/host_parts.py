@@ -1,17 +1,20 @@
 """Host time of per-step pieces, this tree against a git revision, alternated in one process.
 
-    python benchmarks/host_parts.py --against REV [--save DIR]
+    python benchmarks/host_parts.py --against REV [--parts NAME...] [--save DIR]
 
 Times `step_inputs.fill_batch` (batch 256, all decodes, 64 pages each), a steady `StepStager.fill`
 (the same batch, every token an overlap placeholder, pages unchanged since the last fill),
 `ModelEngine.collect` of that batch with the executor's glue around it (the postprocess inputs and
-StepOutput.sampled), and `PenaltyState.build` (64 rows, prompts of 100-1024 tokens, outputs of
-1-512, vocab 32000) from this tree and from the same modules at REV, loaded side by side, in
+StepOutput.sampled), `PenaltyState.build` (64 rows, prompts of 100-1024 tokens, outputs of
+1-512, vocab 32000) and `LLM._dispatch` (the front end's per-token delivery: 256 non-streaming
+requests, one token each per step for 64 steps, the last one finishing them; ms per step) from this tree and from the same modules at REV, loaded side by side, in
 alternating rounds so that a busy box slows both alike. Both sides are checked to produce the same
 result first.
 """
 
 import argparse
+import functools
+import gc
 import importlib.util
 import inspect
 import json
@@ -20,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,12 +33,15 @@ import numpy as np
 import torch
 
 from llmfx.batch import SequenceChunk
+from llmfx.executor import StepOutput
+from llmfx.model_engine import SampledToken
 from llmfx.sampling_params import SamplingParams
-from llmfx.scheduler import PLACEHOLDER, ScheduledBatch, ScheduledSeq
+from llmfx.scheduler import PLACEHOLDER, Request, ScheduledBatch, ScheduledSeq, TokenEvent
 from llmfx.step_inputs import StepLayout
 
 MODULES = {"fill_batch": "llmfx/step_inputs.py", "stager_fill": "llmfx/step_inputs.py",
-           "collect": "llmfx/model_engine.py", "penalties": "llmfx/sampler.py"}
+           "collect": "llmfx/model_engine.py", "penalties": "llmfx/sampler.py", "dispatch": "llmfx/llm.py"}
+DISPATCH_STEPS = 64
 
 
 def load(path: Path, name: str):
@@ -65,8 +72,13 @@ def comparable(result) -> list:
     return [plain(x) for x in result]
 
 
+def whole(run):
+    """A case timed whole: `run(module)` makes one call and returns its result."""
+    return lambda module: (functools.partial(run, module), 1)
+
+
 def cases():
-    """name -> (module path, function of a module that runs one call and returns its result)."""
+    """name -> function of a module that prepares one timed call: it returns (call, steps the call runs)."""
     page = 16
     chunks = [SequenceChunk((5,), 1000, tuple(range(1 + i * 70, 1 + i * 70 + 64))) for i in range(256)]
     layout = StepLayout(num_tokens=256, num_seqs=256, max_pages=132)
@@ -131,12 +143,36 @@ def cases():
         state = module.PenaltyState.build(prompts, outputs, vocab, "cpu", pad_to=64)
         return state.prompt_mask, state.output_counts
 
-    return {"fill_batch": fill, "stager_fill": stager_fill, "collect": collect, "penalties": penalties}
+    params = SamplingParams(max_tokens=DISPATCH_STEPS, ignore_eos=True, detokenize=False)
+    rids = range(256)
+    steps = [StepOutput(
+        events=tuple(TokenEvent(request_id=r, new_token_ids=(t + r,),
+                                finish_reason="length" if t == DISPATCH_STEPS - 1 else None) for r in rids),
+        sampled=MappingProxyType({r: SampledToken(token=t + r, logprob=-0.25 * (r % 7), rank=1, top_ids=(),
+                                                  top_logprobs=()) for r in rids}))
+        for t in range(DISPATCH_STEPS)]
+
+    def dispatch(module):  # the handles are built untimed: only the per-token delivery counts
+        llm = object.__new__(module.LLM)  # the front end alone: no engine, no tokenizer
+        llm.tokenizer, llm._handles, llm._lock = None, {}, threading.Lock()
+        handles = [module.RequestHandle(llm, [Request(request_id=r, prompt_token_ids=(1, 2, 3), params=params)],
+                                        None, 1, False) for r in rids]
+        llm._handles.update(zip(rids, handles))
+
+        def call():
+            for out in steps:
+                llm._dispatch(out)
+            return [h.result(timeout=0).outputs for h in handles]
+        return call, DISPATCH_STEPS
+
+    return {"fill_batch": whole(fill), "stager_fill": whole(stager_fill), "collect": whole(collect),
+            "penalties": whole(penalties), "dispatch": dispatch}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--against", required=True, help="git revision to compare with")
+    p.add_argument("--parts", nargs="+", choices=list(MODULES), help="only these (default: all)")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--save", default=None)
     args = p.parse_args()
@@ -145,18 +181,22 @@ def main() -> None:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        for name, run in cases().items():
+        for name, prepare in cases().items():
+            if args.parts and name not in args.parts:
+                continue
             relpath = MODULES[name]
             sides = {"this tree": load(Path(relpath), f"{name}_this"),
                      rev: at_revision(args.against, relpath, f"{name}_{rev}", Path(tmp))}
-            results = [comparable(run(m)) for m in sides.values()]
+            results = [comparable(prepare(m)[0]()) for m in sides.values()]
             assert results[0] == results[1], f"{name}: the two sides disagree"
             times = {side: [] for side in sides}
             for _ in range(args.rounds):
                 for side, module in sides.items():
+                    call, steps = prepare(module)
+                    gc.collect()  # the other side's garbage is not this side's cost
                     start = time.perf_counter()
-                    run(module)
-                    times[side].append(time.perf_counter() - start)
+                    call()
+                    times[side].append((time.perf_counter() - start) / steps)
             row = {"part": name, **{f"{side} median ms": round(1e3 * statistics.median(t), 3) for side, t in times.items()}}
             rows.append(row)
             print(row)
@@ -164,7 +204,8 @@ def main() -> None:
         Path(args.save).mkdir(parents=True, exist_ok=True)
         out = {"date": time.strftime("%Y-%m-%d"), "machine": "cpu", "this_tree": head, "against": rev,
                "rounds": args.rounds, "rows": rows}
-        Path(args.save, f"{time.strftime('%Y-%m-%d')}-cpu-host-parts-vs-{rev}.json").write_text(json.dumps(out, indent=1))
+        parts = "".join(f"-{name}" for name in args.parts or ())
+        Path(args.save, f"{time.strftime('%Y-%m-%d')}-cpu-host-parts{parts}-vs-{rev}.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

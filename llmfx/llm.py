@@ -99,18 +99,23 @@ class _Sequence:
             if delta.finished_by_stop:
                 new_ids = new_ids[: max(0, delta.num_tokens_kept - len(self._token_ids))]
                 finish_reason, stop_reason = "stop", delta.stop_string
-        if new_ids and sampled is not None:
-            self.cumulative_logprob += sampled.logprob
-            k = self.request.params.logprobs
-            if k is not None:
-                top = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(
-                    zip(sampled.top_ids[:k], sampled.top_logprobs[:k]), start=1)}
-                self._logprobs.append({**top, sampled.token: Logprob(sampled.logprob, sampled.rank)})
-        self._token_ids.extend(new_ids)
-        self._text.append(text_diff)
+        self.append(new_ids, sampled)
+        k = self.request.params.logprobs
+        if k is not None and new_ids and sampled is not None:
+            top = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(
+                zip(sampled.top_ids[:k], sampled.top_logprobs[:k]), start=1)}
+            self._logprobs.append({**top, sampled.token: Logprob(sampled.logprob, sampled.rank)})
+        if text_diff:
+            self._text.append(text_diff)
         self._last_ids, self._last_text = new_ids, text_diff
         self.finish_reason, self._stop_reason, self._error = finish_reason, stop_reason, error
         return stopped_by_text
+
+    def append(self, new_ids: tuple[int, ...], sampled: SampledToken | None) -> None:
+        """Add tokens as they are: no text, stop strings or logprobs (those are `update`'s)."""
+        self._token_ids.extend(new_ids)
+        if new_ids and sampled is not None:
+            self.cumulative_logprob += sampled.logprob
 
     def output(self, with_diff: bool) -> CompletionOutput:
         """The sequence so far; the *_diff fields hold the latest update's addition when with_diff."""
@@ -141,6 +146,9 @@ class RequestHandle:
         self._prompt = prompt
         self._prompt_token_ids = first.prompt_token_ids
         self._streaming = streaming
+        params = first.params
+        # Nothing is published before the end and a token needs no text or logprobs: appending it is all.
+        self._append_only = not (streaming or params.detokenize or params.logprobs is not None)
         self._sequences = {r.request_id: _Sequence(i, r, llm.tokenizer) for i, r in enumerate(requests)}
         self._metrics = RequestMetrics(arrival_time=time.monotonic(), num_prompt_tokens=len(first.prompt_token_ids))
         self._final: RequestOutput | None = None
@@ -180,11 +188,14 @@ class RequestHandle:
     def _on_event(self, event: TokenEvent, error: str | None, sampled: SampledToken | None = None) -> None:
         """Runs on the executor thread: update the event's sequence, publish a snapshot."""
         seq = self._sequences[event.request_id]
-        if seq.finished or self._done.is_set():
+        if seq.finish_reason is not None:  # also covers a finished request: all its sequences have finished
             return  # tokens of a step that was already running when a stop string ended the sequence
+        if self._append_only and event.finish_reason is None and self._metrics.first_token_time is not None:
+            seq.append(event.new_token_ids, sampled)  # almost every token of a batch job: once per request per step
+            return
         if seq.update(event, error, sampled):
             self._llm._executor.abort((event.request_id,))
-        sequences = list(self._sequences.values())
+        sequences = self._sequences.values()
         if event.hypotheses:  # a beam search ends: its outputs are its best hypotheses
             sequences = [_Sequence.of_hypothesis(i, seq.request, self._llm.tokenizer, h)
                          for i, h in enumerate(event.hypotheses[: self._keep])]
@@ -395,11 +406,14 @@ class LLM:
         return handle
 
     def _dispatch(self, out: StepOutput) -> None:
-        with self._lock:
-            handles = [(self._handles.get(e.request_id), e) for e in out.events]
-        for handle, event in handles:
-            if handle is not None:
-                handle._on_event(event, out.errors.get(event.request_id), out.sampled.get(event.request_id))
+        """Runs on the executor thread: hand each event to its request's handle (once per request per step)."""
+        events, errors = out.events, out.errors
+        request_ids = [e.request_id for e in events]
+        with self._lock:  # the user's threads add handles
+            handles = list(map(self._handles.get, request_ids))
+        for handle, event, sampled in zip(handles, events, map(out.sampled.get, request_ids)):
+            if handle is not None:  # None: the request has finished and been forgotten
+                handle._on_event(event, errors.get(event.request_id) if errors else None, sampled)
 
     def _forget(self, request_ids: tuple[int, ...]) -> None:
         with self._lock:
