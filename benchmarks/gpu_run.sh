@@ -29,7 +29,7 @@ for stage in "$@"; do
     simval) python3 benchmarks/sim_validation.py --model tinyllama-1.1b --out "$OUT" 2>&1 | tee "$OUT/simval.log" \
               | tail -12 ;;
     dynamic) for d in auto false; do
-               python3 benchmarks/step_profile.py --batches 1,64,136,256 --context 1024 --steps 60 --max-num-tokens 256 \
+               python3 benchmarks/step_profile.py --batches 1,64,136,256 --context 1024 --steps 60 --max-num-tokens 2048 \
                  --compile-dynamic $d --save "$OUT" --tag=-dynamic-$d 2>&1 | tee -a "$OUT/dynamic.log" | tail -6
              done ;;
     ropekv) python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_rope_kv.py tests/test_gpu.py 2>&1 \

@@ -59,11 +59,19 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     cuda = torch.cuda.is_available()
+    # The first requests decode while the last ones still prefill, and each decode takes one token of
+    # a step's max_num_tokens: a request's output must outlast the fill, the warm-up and the timed
+    # steps, or the batch never fills (and with max_num_tokens <= batch the prefill starves).
+    largest = max(batches)
+    if args.max_num_tokens <= largest:
+        parser.error(f"--max-num-tokens must exceed the largest batch ({largest}) so that its prefill progresses")
+    fill_steps = -(-largest * args.context // (args.max_num_tokens - largest)) + largest
+    max_tokens = fill_steps + 5 + args.steps + 16
     # Decode buckets are exactly the profiled batch sizes, so a static build compiles only what it times.
     e = build_engine(args.model, dtype="bfloat16" if cuda else "float32", load_format="dummy",
                      max_batch_size=max(batches), max_num_tokens=args.max_num_tokens,
-                     max_seq_len=args.context + args.steps + 64,
-                     kv_tokens=max(batches) * (args.context + args.steps + 64), cuda_graph_capture=args.graph_capture,
+                     max_seq_len=args.context + max_tokens + 64,
+                     kv_tokens=max(batches) * (args.context + max_tokens + 64), cuda_graph_capture=args.graph_capture,
                      cuda_graph_batch_sizes=batches, compile_dynamic=None if args.compile_dynamic == "auto" else False)
     e.cfg = executor.ExecutorConfig(limits=e.cfg.limits, scheduler=e.cfg.scheduler, overlap=True)
     timer = PhaseTimer()
@@ -92,16 +100,19 @@ def main() -> None:
     for layout, (graph, out) in list(engine._graphs.items()):  # captured by hand: time the replays
         engine._graphs[layout] = (SimpleNamespace(replay=timer.wrap("graph replay", on_device(graph.replay))), out)
     ids = iter(range(10**9))
-    params = SamplingParams(max_tokens=args.steps + 16, temperature=0.0, ignore_eos=True, detokenize=False)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
     rows = []
     for batch in batches:
         inbox = [AddRequest(Request(request_id=next(ids), prompt_token_ids=tuple(
-            (7 * i + j) % 32000 for j in range(args.context)), params=params)) for i in range(batch)]
+            (7 * i + j) % engine.cfg.vocab_size for j in range(args.context)), params=params)) for i in range(batch)]
+        mine = {message.request.request_id for message in inbox}
         while True:
             out = e.step(inbox)
             inbox = []
             if len(out.batch.seqs) == batch and all(len(s.token_ids) == 1 for s in out.batch.seqs):
                 break
+            if any(event.finish_reason and event.request_id in mine for event in out.events):  # fail, not hang
+                raise RuntimeError(f"a request finished before batch {batch} filled: {out.errors or out.events[0]}")
         for _ in range(5):
             e.step()
         timer.seconds.clear()

@@ -1,10 +1,13 @@
 """Benchmark helpers and scripts: the offline warm-up leaves the timed run nothing to hit in the prefix cache;
-benchmarks/rope_kv_write.py runs its whole path on CPU and refuses CUDA without a device."""
+benchmarks/rope_kv_write.py runs its whole path on CPU and refuses CUDA without a device; step_profile.py
+fills batches whose prefill outlasts the first requests' default outputs."""
 
 from __future__ import annotations
 
 import json
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +48,27 @@ def test_rope_kv_write_benchmark_refuses_cuda_without_a_device():
     main = runpy.run_path(str(ROPE_KV_SCRIPT))["main"]
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         main([])
+
+
+STEP_PROFILE_SCRIPT = ROPE_KV_SCRIPT.parent / "step_profile.py"
+
+
+def run_step_profile(*args: str) -> subprocess.CompletedProcess:
+    # A process of its own: the script wraps llmfx.executor's functions in timers for its whole life.
+    return subprocess.run([sys.executable, str(STEP_PROFILE_SCRIPT), "--model", "tiny", *args], capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_step_profile_fills_a_batch_whose_prefill_takes_longer_than_the_timed_steps(tmp_path):
+    # 32 prompts of 32 tokens at 64 tokens a step, shared with the decodes: ~64 steps to fill. It used
+    # to give each request steps + 16 output tokens, so the first ones finished and the loop never ended.
+    done = run_step_profile("--batches", "32", "--context", "32", "--steps", "4", "--max-num-tokens", "64",
+                            "--compile-dynamic", "false", "--save", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "step_profile.json").read_text())["rows"]
+    assert row["batch"] == 32 and row["wall_ms_per_step"] > 0
+
+
+def test_step_profile_refuses_a_token_budget_the_decodes_would_use_up():
+    done = run_step_profile("--batches", "8", "--max-num-tokens", "8")
+    assert done.returncode == 2 and "--max-num-tokens must exceed the largest batch (8)" in done.stderr
