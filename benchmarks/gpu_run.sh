@@ -7,6 +7,7 @@
 #   profile  the simulator's cost model for the TinyLlama shape
 #   simval   the simulator against the engine: one build, profiled, offline + Poisson at 70% load, simulated
 #   dynamic  step_profile at batch 1 / 64 / 136 / 256, context 1024: one shape-generic graph vs one per bucket
+#   busy     step_profile at batch 64, context 1024: GPU busy with the overlap scheduler on and off
 #   ropekv   the fused rope + KV-write kernel: its GPU tests and the decoder's parity tests, then its benchmark
 # Logs and results go to $OUT (the device tool brings them back).
 set -uo pipefail
@@ -32,6 +33,10 @@ for stage in "$@"; do
                python3 benchmarks/step_profile.py --batches 1,64,136,256 --context 1024 --steps 60 --max-num-tokens 2048 \
                  --compile-dynamic $d --save "$OUT" --tag=-dynamic-$d 2>&1 | tee -a "$OUT/dynamic.log" | tail -6
              done ;;
+    busy) for o in "" --disable-overlap-scheduler; do
+            python3 benchmarks/step_profile.py --batches 64 --context 1024 --steps 200 --max-num-tokens 2048 $o \
+              --save "$OUT" --tag=-busy${o:+-no-overlap} 2>&1 | tee -a "$OUT/busy.log" | grep '^{'
+          done ;;
     ropekv) python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_rope_kv.py tests/test_gpu.py 2>&1 \
               | tee "$OUT/ropekv_tests.log" | tail -8
             python3 benchmarks/rope_kv_write.py --save "$OUT" 2>&1 | tee "$OUT/ropekv.log" | tail -30 ;;

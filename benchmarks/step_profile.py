@@ -1,11 +1,12 @@
 """Where one steady decode step's time goes: host phases against device time (run on the GPU).
 
 Builds the TinyLlama-shape engine as serving does (dummy weights), fills decode batches of a few
-sizes and drives `llmfx.executor.step` by hand with the overlap scheduler on. For each batch size it
-reports the wall time per step, the device time of the step's work (CUDA events around the
-launch, read after the fact) and the host time of each phase: schedule, input building, the
-compiled call, the result copy, collect and postprocess. A step is host-bound when the phases sum
-to more than its device time. `--save DIR` writes the table as JSON; `--trace` adds a torch
+sizes and drives `llmfx.executor.step` by hand with the overlap scheduler on (off with
+--disable-overlap-scheduler). For each batch size it reports the wall time per step, the device
+time of the step's work (CUDA events around the launch, read after the fact), their ratio
+(`gpu_busy`, PERF.md's GPU-busy figure) and the host time of each phase: schedule, input building,
+the compiled call, the result copy, collect and postprocess. A step is host-bound when the phases
+sum to more than its device time. `--save DIR` writes the table as JSON; `--trace` adds a torch
 profiler table of the busiest host ops at the smallest batch.
 """
 
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--compile-dynamic", default="auto", choices=["auto", "false"],
                         help="auto: one shape-generic graph after two sizes (the default); false: one graph per bucket")
     parser.add_argument("--max-num-tokens", type=int, default=1024, help="sets the mixed buckets (and their compiles)")
+    parser.add_argument("--disable-overlap-scheduler", action="store_true",
+                        help="postprocess each step before launching the next (for the overlap's gain)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     cuda = torch.cuda.is_available()
@@ -73,7 +76,8 @@ def main() -> None:
                      max_seq_len=args.context + max_tokens + 64,
                      kv_tokens=max(batches) * (args.context + max_tokens + 64), cuda_graph_capture=args.graph_capture,
                      cuda_graph_batch_sizes=batches, compile_dynamic=None if args.compile_dynamic == "auto" else False)
-    e.cfg = executor.ExecutorConfig(limits=e.cfg.limits, scheduler=e.cfg.scheduler, overlap=True)
+    e.cfg = executor.ExecutorConfig(limits=e.cfg.limits, scheduler=e.cfg.scheduler,
+                                    overlap=not args.disable_overlap_scheduler)
     timer = PhaseTimer()
     for name in ("schedule", "postprocess"):
         setattr(executor, name, timer.wrap(name, getattr(executor, name)))
@@ -126,7 +130,9 @@ def main() -> None:
             torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / args.steps
         device = statistics.median(s.elapsed_time(t) for s, t in device_events) if cuda else float("nan")
-        row = {"batch": batch, "wall_ms_per_step": round(wall * 1e3, 3), "device_ms_per_step": round(device, 3)}
+        row = {"batch": batch, "wall_ms_per_step": round(wall * 1e3, 3), "device_ms_per_step": round(device, 3),
+               # PERF.md's "GPU busy": the fraction of wall time the device spends on the steps' work.
+               "gpu_busy": round(device / (wall * 1e3), 3)}
         row.update({f"host_{k.replace(' ', '_')}_ms": round(statistics.median(v) * 1e3, 3)
                     for k, v in timer.seconds.items()})
         rows.append(row)
@@ -149,6 +155,7 @@ def main() -> None:
         Path(args.save).mkdir(parents=True, exist_ok=True)
         result["graph_capture"] = args.graph_capture
         result["compile_dynamic"] = args.compile_dynamic
+        result["overlap"] = not args.disable_overlap_scheduler
         Path(args.save, f"step_profile{args.tag}.json").write_text(json.dumps(result, indent=1))
 
 

@@ -69,6 +69,14 @@ def test_step_profile_fills_a_batch_whose_prefill_takes_longer_than_the_timed_st
     assert row["batch"] == 32 and row["wall_ms_per_step"] > 0
 
 
+def test_step_profile_runs_without_the_overlap_scheduler(tmp_path):
+    done = run_step_profile("--batches", "4", "--context", "16", "--steps", "4", "--max-num-tokens", "32",
+                            "--compile-dynamic", "false", "--disable-overlap-scheduler", "--save", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "step_profile.json").read_text())
+    assert report["overlap"] is False and [r["batch"] for r in report["rows"]] == [4]
+
+
 def test_step_profile_refuses_a_token_budget_the_decodes_would_use_up():
     done = run_step_profile("--batches", "8", "--max-num-tokens", "8")
     assert done.returncode == 2 and "--max-num-tokens must exceed the largest batch (8)" in done.stderr
