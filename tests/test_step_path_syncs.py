@@ -3,7 +3,7 @@
 On the GPU each such read waits for the device and stalls the overlap scheduler. The model step
 is replaced by a stand-in (the compiled step is one graph replay on the GPU; the CPU reference
 attention reads its lengths on purpose and refuses device tensors), so what runs on the executor
-thread is exactly the per-step host path: staging, penalties, result copy, collect, schedule,
+thread is exactly the per-step host path: staging, penalties, beams' page copies, result copy, collect, schedule,
 postprocess and delivery. Any read of a tensor's values there is recorded and fails the test.
 """
 
@@ -14,6 +14,7 @@ import traceback
 
 import torch
 
+from llmfx import model_engine
 from llmfx.kv_cache import KvCacheConfig
 from llmfx.llm import LLM
 from llmfx.sampling_params import SamplingParams
@@ -24,6 +25,10 @@ READS = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__index__
 
 def _serve_recording_reads(monkeypatch) -> tuple[list, list[str]]:
     reads: list[str] = []
+    copied: list[int] = []
+    copy_pages = model_engine.copy_pages
+    monkeypatch.setattr(model_engine, "copy_pages", lambda layers, copies: (copied.append(len(copies)),
+                                                                           copy_pages(layers, copies))[1])
 
     def recording(name):
         original = getattr(torch.Tensor, name)
@@ -40,7 +45,9 @@ def _serve_recording_reads(monkeypatch) -> tuple[list, list[str]]:
               SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2, max_tokens=10,
                              ignore_eos=True),
               SamplingParams(logprobs=3, n=2, temperature=0.7, seed=1, max_tokens=8, ignore_eos=True),
-              SamplingParams(stop_token_ids=[1], max_tokens=20)]  # the stand-in samples 1: stops at once
+              SamplingParams(stop_token_ids=[1], max_tokens=20),  # the stand-in samples 1: stops at once
+              # Beams fork onto shared partial pages: the step copies KV pages before it runs.
+              SamplingParams(use_beam_search=True, beam_width=2, n=2, temperature=0.0, max_tokens=6, ignore_eos=True)]
     prompts = [[(5 * i + j) % 90 + 2 for j in range(3 + 11 * i)] for i in range(len(params))]
     with LLM("tiny", device="cpu", max_batch_size=8, max_num_tokens=32,
              kv_cache_config=KvCacheConfig(page_size=4, max_tokens=2048)) as llm:
@@ -48,12 +55,13 @@ def _serve_recording_reads(monkeypatch) -> tuple[list, list[str]]:
         for name in READS:
             monkeypatch.setattr(torch.Tensor, name, recording(name))
         outs = llm.generate(prompts, params, use_tqdm=False)
+    assert copied, "the beams never copied a page: the page-copy path went unchecked"
     return outs, reads
 
 
 def test_the_per_step_host_path_reads_no_tensor_back(monkeypatch):
     outs, reads = _serve_recording_reads(monkeypatch)
-    assert [o.finish_reason for out in outs for o in out.outputs] == ["length"] * 5 + ["stop"]
+    assert [o.finish_reason for out in outs for o in out.outputs] == ["length"] * 5 + ["stop"] + ["length"] * 2
     assert reads == [], reads[0]
 
 
