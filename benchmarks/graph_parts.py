@@ -13,30 +13,13 @@ from pathlib import Path
 import torch
 
 from llmfx.batch import SequenceChunk
+from llmfx.bench import graph_replay_us
 from llmfx.step_inputs import pack
 from llmfx.kv_pool import KVPool
 from llmfx.models import forward
 from llmfx.sampler import PenaltyState, SamplingTensors, sample
 from llmfx.sampling_params import SamplingParams
 from llmfx.weights import load_params, resolve_model
-
-
-def replay_us(fn, iters: int = 200) -> tuple[float, torch.cuda.CUDAGraph]:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters, graph
 
 
 def main() -> None:
@@ -81,7 +64,7 @@ def main() -> None:
             parts = (("forward_us", fwd),) if args.forward_only else (
                 ("forward_us", fwd), ("sampler_us", smp), ("forward_sampler_us", both))
             for name, fn in parts:
-                row[name], graph = replay_us(fn)
+                row[name], graph = graph_replay_us(fn)
             print(json.dumps(row), flush=True)
             rows.append(row)
             if args.trace and batch == int(args.batches.split(",")[0]):

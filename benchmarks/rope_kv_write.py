@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from llmfx.bench import H200_COPY_BYTES_PER_S, Row, print_table, save
+from llmfx.bench import H200_COPY_BYTES_PER_S, Row, graph_replay_us, print_table, save
 from llmfx.ops import apply_rope, rope_write_kv, write_kv
 
 
@@ -100,26 +100,14 @@ def check(layers, rope, positions, slots, compiled_before, compiled_fused) -> fl
 
 def time_us(fn, device: torch.device, iters: int) -> float:
     """Microseconds per call: CUDA-graph replays timed by events on CUDA, a perf_counter loop on CPU."""
+    if device.type == "cuda":
+        return graph_replay_us(fn, iters)[0]
     for _ in range(3):
         fn()
-    if device.type != "cuda":
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - start) * 1e6 / iters
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    start = time.perf_counter()
     for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
+        fn()
+    return (time.perf_counter() - start) * 1e6 / iters
 
 
 def step_floor_us(args, tokens: int, itemsize: int) -> float:

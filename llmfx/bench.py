@@ -219,6 +219,28 @@ def startup(model: str, workdir: Path | None = None) -> list[Row]:
     return rows
 
 
+def graph_replay_us(fn, iters: int = 200) -> tuple[float, torch.cuda.CUDAGraph]:
+    """Microseconds per replay of fn captured as one CUDA graph (after 3 eager warm-up calls), and the graph.
+
+    Replays are timed by CUDA events, so launch overhead is out of the figure, as when serving.
+    """
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters, graph
+
+
 def print_table(rows: list[Row]) -> None:
     """One aligned table: system, batch, metric, value, fraction of the floor."""
     print(f"{'benchmark':<10} {'system':<38} {'batch':>5} {'metric':<24} {'value':>12} {'floor':>7}")
