@@ -7,8 +7,9 @@ Times `step_inputs.fill_batch` (batch 256, all decodes, 64 pages each), a steady
 `ModelEngine.collect` of that batch with the executor's glue around it (the postprocess inputs and
 StepOutput.sampled), `PenaltyState.build` (64 rows, prompts of 100-1024 tokens, outputs of
 1-512, vocab 32000) and `LLM._dispatch` (the front end's per-token delivery: 256 non-streaming
-requests, one token each per step for 64 steps, the last one finishing them; ms per step) from this tree and from the same modules at REV, loaded side by side, in
-alternating rounds so that a busy box slows both alike. Both sides are checked to produce the same
+requests, one token each per step for 64 steps, the last one finishing them; ms per step) from
+this tree and from the same modules at REV, loaded side by side, in alternating rounds so that a
+busy box slows both alike. Both sides are checked to produce the same
 result first.
 """
 

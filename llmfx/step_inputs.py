@@ -90,7 +90,7 @@ def fill_batch(views: StepViews, chunks: Sequence[Chunk], page_size: int, *, tab
         for row, chunk in enumerate(chunks):
             table[row, : len(chunk.pages)] = chunk.pages
     b = len(chunks)
-    # map over attrgetters: C loops, several times faster than generator expressions here.
+    # map over attrgetters: the loops run in C, not as Python generator expressions.
     counts = np.fromiter(map(len, map(_token_ids, chunks)), dtype=np.int64, count=b)
     ends = np.fromiter(map(_start_pos, chunks), dtype=np.int64, count=b) + counts
     num_pages = np.fromiter(map(len, map(_pages, chunks)), dtype=np.int64, count=b)
