@@ -125,12 +125,6 @@ class SequenceState:
         """Prompt plus output tokens, in-flight ones included."""
         return self.num_known_tokens + self.num_inflight
 
-    def finishing(self, limits: SchedulerLimits) -> bool:
-        """True when the in-flight tokens already reach max_tokens or max_seq_len: nothing more to schedule."""
-        outputs = len(self.output_token_ids) + self.num_inflight
-        return self.num_inflight > 0 and (outputs >= self.request.params.max_tokens
-                                          or self.num_tokens >= limits.max_seq_len)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SchedulerState:
@@ -498,12 +492,14 @@ def _plan_running(state: SchedulerState,
     decodes: list[tuple[int, int, int]] = []
     prefills: list[tuple[int, int, int]] = []
     for i, s in enumerate(state.running):
-        # SequenceState.finishing, or a beam with a token in flight, inlined: this runs per sequence per step.
+        # Locals, not properties: this runs per sequence per step.
         inflight, outputs, request = s.num_inflight, len(s.output_token_ids), s.request
         num_tokens = len(request.prompt_token_ids) + outputs + inflight
+        # Nothing to schedule while a token is in flight that already reaches max_tokens or max_seq_len,
+        # or while a beam's is (its next token is chosen once its group's candidates are back).
         if inflight and (s.beam is not None or outputs + inflight >= request.params.max_tokens
                          or num_tokens >= max_seq_len):
-            continue  # its last token is in flight; a beam's next token is chosen once its candidates are back
+            continue
         computed = s.num_computed_tokens
         left = num_tokens - computed
         if left == 1:
