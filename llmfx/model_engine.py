@@ -361,10 +361,7 @@ class ModelEngine:
             return views
         # The host's outputs; a token still in flight is counted on the device (see step_fn).
         seqs = [sequences[s.request_id] for s in batch.seqs]
-        built = PenaltyState.build([s.request.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
-                                   self.cfg.vocab_size, self.device, pad_to=rows)
-        views.prompt_mask.copy_(built.prompt_mask)
-        views.output_counts.copy_(built.output_counts)
+        views.write([s.request.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs])
         self._dirty_penalty_rows = max(self._dirty_penalty_rows, rows)
         return views
 

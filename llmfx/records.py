@@ -4,8 +4,9 @@ A frozen dataclass's generated __init__ sets each field through object.__setattr
 its own frozen __setattr__) and takes keywords: 1.1-1.5 us a record on our CPU box, four times
 per sequence per step. `positional_builder(cls)` returns a function that takes every field
 positionally and stores each through its slot descriptor, which is what the slot assignment does
-underneath anyway: 0.5-1.0 us (benchmarks/records.py, results/2026-11-29-cpu-records.json). The object is the same class, equally frozen afterwards.
-It skips __post_init__, so use it only for records without one.
+underneath anyway: 0.5-1.0 us (benchmarks/records.py, results/2026-11-29-cpu-records.json). The
+object is the same class, equally frozen afterwards. It skips __post_init__, so use it only for
+records without one.
 """
 
 from __future__ import annotations

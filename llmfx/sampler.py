@@ -123,34 +123,43 @@ class PenaltyState:
         *,
         pad_to: int | None = None,
     ) -> PenaltyState:
-        """Host side: copy the token ids once (padding rows: nothing seen) and scatter them on the device."""
+        """A state for these rows, padded with rows that have seen nothing to pad_to rows."""
+        rows = len(prompt_token_ids_per_row) if pad_to is None else pad_to
+        state = PenaltyState(prompt_mask=torch.zeros(rows, vocab_size, dtype=torch.bool, device=device),
+                             output_counts=torch.zeros(rows, vocab_size, dtype=torch.int32, device=device))
+        state.write(prompt_token_ids_per_row, output_token_ids_per_row)
+        return state
+
+    def write(self, prompt_token_ids_per_row: Sequence[Sequence[int]],
+              output_token_ids_per_row: Sequence[Sequence[int]]) -> None:
+        """Overwrite this state in place (rows past the given ones: nothing seen); the engine's static buffers.
+
+        The host copies the ids once, as flat offsets row * V + id (C loops: numpy fromiter, min/max,
+        since this runs every step of a penalized batch), and one pinned copy moves them; the device
+        scatters them into the zeroed tensors. No [B, V] tensor is allocated.
+        """
+        rows, vocab = self.prompt_mask.shape
         n = len(prompt_token_ids_per_row)
         assert len(output_token_ids_per_row) == n, (n, len(output_token_ids_per_row))
-        rows = n if pad_to is None else pad_to
         if rows < n:
-            raise ValueError(f"PenaltyState.build: pad_to must be >= the number of rows {n}, got {pad_to}")
-        prompt_width = max((len(ids) for ids in prompt_token_ids_per_row), default=0)
-        output_width = max((len(ids) for ids in output_token_ids_per_row), default=0)
-        # Id vocab_size is the padding: it lands in an extra column that is dropped. Rows are copied
-        # and checked by C loops (numpy, min/max): this runs every step of a penalized batch.
-        host = np.full((rows, prompt_width + output_width), vocab_size, dtype=np.int64)  # [B, Lp + Lo]
-        for row, (prompt, output) in enumerate(zip(prompt_token_ids_per_row, output_token_ids_per_row)):
-            for ids in (prompt, output):
-                assert not ids or (min(ids) >= 0 and max(ids) < vocab_size), f"token ids must be in [0, {vocab_size})"
-            host[row, : len(prompt)] = prompt
-            host[row, prompt_width : prompt_width + len(output)] = output
-        device = torch.device(device)
-        host = torch.from_numpy(host)
+            raise ValueError(f"PenaltyState: {n} rows of token ids do not fit a state of {rows} rows")
+        flat = [[], []]  # prompt offsets, output offsets
+        for row, histories in enumerate(zip(prompt_token_ids_per_row, output_token_ids_per_row)):
+            for kind, ids in enumerate(histories):
+                ids = np.fromiter(ids, dtype=np.int64, count=len(ids))
+                assert not ids.size or (ids.min() >= 0 and ids.max() < vocab), f"token ids must be in [0, {vocab})"
+                flat[kind].append(ids + row * vocab)
+        prompt_flat, output_flat = (np.concatenate(parts) if parts else np.empty(0, dtype=np.int64) for parts in flat)
+        host = torch.from_numpy(np.concatenate([prompt_flat, output_flat]))
+        device = self.prompt_mask.device
         if device.type == "cuda":
             host = host.pin_memory()
-        ids = host.to(device, non_blocking=True)  # [B, Lp + Lo]; the one host-to-device copy
-        prompt_ids, output_ids = ids[:, :prompt_width], ids[:, prompt_width:]
-        prompt_mask = torch.zeros(rows, vocab_size + 1, dtype=torch.bool, device=device)
-        prompt_mask = prompt_mask.scatter(1, prompt_ids, True)[:, :vocab_size].contiguous()  # [B, V]
-        counts = torch.zeros(rows, vocab_size + 1, dtype=torch.int32, device=device)
-        counts = counts.scatter_add(1, output_ids, torch.ones_like(output_ids, dtype=torch.int32))
-        return PenaltyState(prompt_mask=prompt_mask, output_counts=counts[:, :vocab_size].contiguous())
-
+        offsets = host.to(device, non_blocking=True)  # the one host-to-device copy
+        self.prompt_mask.zero_()
+        self.output_counts.zero_()
+        self.prompt_mask.view(-1).index_fill_(0, offsets[: len(prompt_flat)], True)
+        output_offsets = offsets[len(prompt_flat):]
+        self.output_counts.view(-1).index_add_(0, output_offsets, torch.ones_like(output_offsets, dtype=torch.int32))
 
 def count_tokens(output_counts: Tensor, tokens: Tensor) -> Tensor:
     """Add this step's tokens [B] int64 to output_counts [B, V]; rows whose token is -1 are unchanged."""

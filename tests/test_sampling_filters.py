@@ -23,6 +23,7 @@ from llmfx.sampler import (
     sample,
     score_tokens,
 )
+from llmfx.persistent import TokenTape
 from llmfx.sampling_params import SamplingParams
 
 _P_MIN = 1e-6  # deterministic given the hash, so a tiny p threshold only guards against a wrong distribution
@@ -232,6 +233,27 @@ def test_penalty_state_build_counts_prompt_and_output_and_pads():
     assert state.prompt_mask.tolist() == [[False, True, False, True, False], [False] * 5, [False] * 5]
     assert state.output_counts.dtype == torch.int32
     assert state.output_counts.tolist() == [[1, 0, 2, 0, 0], [0, 0, 0, 1, 0], [0] * 5]
+
+
+histories = st.lists(st.lists(st.integers(0, 6), max_size=9), min_size=1, max_size=4)
+
+
+@given(histories, histories, st.integers(0, 2))
+def test_penalty_state_write_overwrites_in_place_what_a_reference_counts(prompts, outputs, extra_rows):
+    n = min(len(prompts), len(outputs))
+    prompts, outputs = prompts[:n], [TokenTape(o) for o in outputs[:n]]  # output histories arrive as tapes
+    state = PenaltyState.build([[6, 5]] * (n + extra_rows), [[4, 4]] * (n + extra_rows), 7, "cpu")  # stale rows
+    mask, counts = state.prompt_mask.data_ptr(), state.output_counts.data_ptr()
+    state.write(prompts, outputs)
+    assert (state.prompt_mask.data_ptr(), state.output_counts.data_ptr()) == (mask, counts)  # the same buffers
+    rows = list(zip(prompts, outputs)) + [([], [])] * extra_rows  # padding rows: nothing seen
+    assert state.prompt_mask.tolist() == [[t in p for t in range(7)] for p, _ in rows]
+    assert state.output_counts.tolist() == [[list(o).count(t) for t in range(7)] for _, o in rows]
+
+
+def test_penalty_state_refuses_more_rows_than_it_holds():
+    with pytest.raises(ValueError, match="3 rows of token ids do not fit a state of 2 rows"):
+        PenaltyState.build([[1]] * 3, [[]] * 3, 4, "cpu", pad_to=2)
 
 
 def test_count_tokens_adds_one_per_row_and_skips_minus_one():
