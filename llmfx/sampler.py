@@ -286,14 +286,14 @@ def apply_penalties(logits: Tensor, tensors: SamplingTensors, penalties: Penalty
 
 @torch.library.custom_op("llmfx::cumsum_rows", mutates_args=())
 def cumsum_rows(x: Tensor) -> Tensor:
-    """Cumulative sum along the last dim [B, V].
+    """Cumulative sum along the last dim [B, V], in x's dtype.
 
     Opaque to inductor: on the H200 (torch 2.11) the vocabulary-sized scan went through inductor's
     split-scan kernels, which raised "NYI TritonSplitDimKernel reductions" under one of the
     compile settings tried; the plain kernel is cheap here. Kept until the compiled TinyLlama
     step is verified on the GPU without it.
     """
-    return torch.cumsum(x, dim=-1)
+    return torch.cumsum(x, dim=-1, dtype=x.dtype)  # an integer cumsum would otherwise widen to int64
 
 
 @cumsum_rows.register_fake
