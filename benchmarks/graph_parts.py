@@ -2,8 +2,11 @@
 
 For the TinyLlama shape (dummy bf16 weights) and a few decode batch sizes, compiles (inductor, no
 cudagraphs) and captures by hand: the model forward alone, the sampler alone, and forward +
-sampler; replays each and reports microseconds per replay from CUDA events. With --trace, prints
-the CUDA kernels of one forward + sampler replay at the smallest batch, grouped by name.
+sampler; replays each and reports microseconds per replay from CUDA events. The sampler runs as
+the engine runs it for the chosen sampling (without the filters and their vocabulary sort for
+greedy) and, as `sampler_filtering_us`, with the filters, which every batch ran before the variant
+without them existed. With --trace, prints the CUDA kernels of one forward + sampler replay at the
+smallest batch, grouped by name.
 """
 
 import argparse
@@ -55,14 +58,18 @@ def main() -> None:
                                  output_counts=torch.zeros(batch, cfg.vocab_size, dtype=torch.int32, device=device))
         logits = torch.randn(batch, cfg.vocab_size, device=device)
         fwd = torch.compile(lambda: forward(params, cfg, inputs, kv), fullgraph=True, dynamic=False)
-        smp = torch.compile(lambda: sample(logits, tensors, penalties), fullgraph=True, dynamic=False)
-        both = torch.compile(lambda: sample(forward(params, cfg, inputs, kv), tensors, penalties), fullgraph=True,
-                             dynamic=False)
+        smp = torch.compile(lambda: sample(logits, tensors, penalties, filtering=p.filters), fullgraph=True,
+                            dynamic=False)
+        smp_filtering = torch.compile(lambda: sample(logits, tensors, penalties, filtering=True), fullgraph=True,
+                                      dynamic=False)
+        both = torch.compile(lambda: sample(forward(params, cfg, inputs, kv), tensors, penalties, filtering=p.filters),
+                             fullgraph=True, dynamic=False)
         with torch.inference_mode():
             row = {"batch": batch, "sampling": args.sampling}
             row["min_split"] = args.min_split
             parts = (("forward_us", fwd),) if args.forward_only else (
-                ("forward_us", fwd), ("sampler_us", smp), ("forward_sampler_us", both))
+                ("forward_us", fwd), ("sampler_filtering_us", smp_filtering), ("sampler_us", smp),
+                ("forward_sampler_us", both))
             for name, fn in parts:
                 row[name], graph = graph_replay_us(fn)
             print(json.dumps(row), flush=True)

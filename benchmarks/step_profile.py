@@ -89,20 +89,20 @@ def main() -> None:
 
     def on_device(fn):
         """fn, with CUDA events around what it queues (read after the fact)."""
-        def timed(*a):
+        def timed(*a, **kw):
             if not cuda:
-                return fn(*a)
+                return fn(*a, **kw)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            out = fn(*a)
+            out = fn(*a, **kw)
             end.record()
             device_events.append((start, end))
             return out
         return timed
 
     engine._step = timer.wrap("compiled call", on_device(engine._step))
-    for layout, (graph, out) in list(engine._graphs.items()):  # captured by hand: time the replays
-        engine._graphs[layout] = (SimpleNamespace(replay=timer.wrap("graph replay", on_device(graph.replay))), out)
+    for key, (graph, out) in list(engine._graphs.items()):  # captured by hand: time the replays
+        engine._graphs[key] = (SimpleNamespace(replay=timer.wrap("graph replay", on_device(graph.replay))), out)
     ids = iter(range(10**9))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
     rows = []

@@ -7,8 +7,11 @@ tokens into. Inputs arrive through one buffer and one copy (llmfx.step_inputs), 
 through one tensor and one copy. On CUDA the step is compiled and replayed as a CUDA graph per
 bucket, captured by hand around the unpacking of the input buffer and the compiled step (a replay
 copies nothing: every input has a fixed address) or recorded by inductor (mode="reduce-overhead",
-which copies the unpacked inputs into its own buffers at each replay). Warm-up compiles and
-records every bucket; afterwards a recompile raises.
+which copies the unpacked inputs into its own buffers at each replay). The step is compiled in
+two halves, model and sampler; the sampler half has two variants, with the top-k/top-p/min-p
+filters or, for a batch none of whose requests filters, without them (and without their
+vocabulary sort), so a bucket of SORT_FREE_MIN_ROWS rows or more has two graphs. Warm-up compiles
+and records them all; afterwards a recompile raises.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ log = logging.getLogger(__name__)
 
 OUT_COLUMNS = 3 + 2 * TOP_LOGPROBS  # a step's packed output [B, OUT_COLUMNS]: token, logprob, rank, top-20 ids, logprobs
 GRAPH_CAPTURES = ("manual", "inductor")
+# Batches of at least this many rows that filter nothing run the sampler without its vocabulary sort.
+# Below, sorting measured as fast or faster on the H200 (benchmarks/top_ranked.py: 46 vs 69 us at
+# 1 row, 77 vs 81 at 8; 197 vs 118 at 64), so small buckets keep one graph, the sorting one.
+SORT_FREE_MIN_ROWS = 64
 
 
 def check_graph_capture(value: str, field: str = "graph_capture") -> None:
@@ -113,22 +120,39 @@ class InFlight:
 
 
 def step_fn(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inputs: ForwardBatch, sampling: SamplingTensors,
-            gather_rows: Tensor, penalties: PenaltyState, token_pool: Tensor) -> Tensor:
+            gather_rows: Tensor, penalties: PenaltyState, token_pool: Tensor, *, filtering: bool = True) -> Tensor:
     """One step on the device: gather placeholder tokens, forward, sample, store tokens.
 
     gather_rows [T]: the token-pool row of a placeholder token, else -1. kv and token_pool
-    [max_batch] are written in place (DONATED). Returns [B, OUT_COLUMNS] float64: one tensor, so the
-    host needs one copy, and rows, so the host's [:B] slice of it is contiguous.
+    [max_batch] are written in place (DONATED). filtering=False: no row filters (sample's promise).
+    Returns [B, OUT_COLUMNS] float64: one tensor, so the host needs one copy, and rows, so the
+    host's [:B] slice of it is contiguous.
     """
+    logits, unseen = forward_step(params, cfg, kv, inputs, gather_rows, token_pool)
+    return sample_step(logits, unseen, sampling, penalties, token_pool, filtering)
+
+
+def forward_step(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inputs: ForwardBatch, gather_rows: Tensor,
+                 token_pool: Tensor) -> tuple[Tensor, Tensor]:
+    """step_fn's model half: (logits [B, V], unseen [B]: each row's placeholder token, else -1)."""
     placeholder = gather_rows >= 0  # [T]: the token is the pool's, sampled by the previous step
     token_ids = torch.where(placeholder, token_pool[gather_rows.clamp(min=0)], inputs.token_ids)  # [T]
     inputs = dataclasses.replace(inputs, token_ids=token_ids)
-    # A placeholder is an output token the host's penalty counts have not seen yet.
     last = inputs.logits_indices  # [B]
-    unseen = torch.where(placeholder[last], token_ids[last], -1)  # [B]
+    # A placeholder is an output token the host's penalty counts have not seen yet.
+    return forward(params, cfg, inputs, kv), torch.where(placeholder[last], token_ids[last], -1)
+
+
+def sample_step(logits: Tensor, unseen: Tensor, sampling: SamplingTensors, penalties: PenaltyState, token_pool: Tensor,
+                filtering: bool) -> Tensor:
+    """step_fn's sampler half: sample, store the tokens in token_pool, pack the [B, OUT_COLUMNS] result.
+
+    Compiled apart from the model so that its two variants (filtering or not) share one compiled
+    forward; `filtering` is a constant the compiled function is specialized on.
+    """
     penalties = PenaltyState(prompt_mask=penalties.prompt_mask,
                              output_counts=count_tokens(penalties.output_counts, unseen))
-    out = sample(forward(params, cfg, inputs, kv), sampling, penalties)
+    out = sample(logits, sampling, penalties, filtering=filtering)
     token_pool[: out.tokens.shape[0]].copy_(out.tokens)
     return torch.cat([out.tokens.unsqueeze(1).double(), out.logprobs.unsqueeze(1).double(),
                       out.ranks.unsqueeze(1).double(), out.topk_ids.double(), out.topk_logprobs.double()], dim=1)
@@ -170,7 +194,8 @@ class ModelEngine:
         self._penalty_counts = torch.zeros(rows, cfg.vocab_size, dtype=torch.int32, device=self.device)
         self._penalty_views: dict[int, PenaltyState] = {}
         self._dirty_penalty_rows = 0
-        self._graphs: dict[StepLayout, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        # One graph per bucket and sampler variant (filtering or not), when captured by hand.
+        self._graphs: dict[tuple[StepLayout, bool], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
 
     def peak_activation_bytes(self) -> int:
         """Device memory the largest buckets need beyond weights, measured by running them eagerly (CUDA only)."""
@@ -214,23 +239,27 @@ class ModelEngine:
                 torch._dynamo.mark_static_address(tensor)
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle() if self._graphs_by_hand else None
-        for key in keys:  # decode sizes ascending, then token counts: size 1 compiles apart (0/1 specialization)
+        # Decode sizes ascending, then token counts: size 1 compiles apart (0/1 specialization).
+        variants = [(key, filtering) for key in keys for filtering in (True, False)
+                    if filtering or key.num_seqs >= SORT_FREE_MIN_ROWS]
+        for key, filtering in variants:
             args = (self.params, self.cfg, layers, *self._padding_args(key))
             if self._graphs_by_hand:
                 for _ in range(2):  # compile (automatic dynamic shapes may recompile once), then settle
-                    self._step(*args)
+                    self._step(*args, filtering=filtering)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):  # unpacking the staged inputs included
                     out = self._step(self.params, self.cfg, layers,
-                                     *self._step_args(self._layout_of(key), self._penalties_of(key.num_seqs)))
-                self._graphs[self._layout_of(key)] = (graph, out)
+                                     *self._step_args(self._layout_of(key), self._penalties_of(key.num_seqs)),
+                                     filtering=filtering)
+                self._graphs[self._layout_of(key), filtering] = (graph, out)
             else:
                 for _ in range(3):  # cudagraph trees: warm-up run, then record, then replay
-                    self._step(*args)
+                    self._step(*args, filtering=filtering)
         if self._cuda:
             torch.cuda.synchronize(self.device)
-        log.info("compiled and captured %d buckets (%s) in %.1f s", len(keys), self.engine_cfg.graph_capture,
-                 time.perf_counter() - start)
+        log.info("compiled and captured %d graphs for %d buckets (%s) in %.1f s", len(variants), len(keys),
+                 self.engine_cfg.graph_capture, time.perf_counter() - start)
 
     def launch(self, kv: KVPool, batch: ScheduledBatch, sequences: Mapping[int, SequenceState]) -> tuple[KVPool, InFlight]:
         """Queue the batch on the device and return at once; kv is DONATED. Raises StepFailed with the live kv."""
@@ -245,14 +274,17 @@ class ModelEngine:
                 ids = [s.request_id for s in batch.seqs]
                 facts = self._stage(layout, batch, ids, sequences, parity)
                 penalties = self._penalties(layout.num_seqs, batch, sequences, facts.penalized)
+                filtering = facts.filtering or layout.num_seqs < SORT_FREE_MIN_ROWS
                 if self._graphs_by_hand:
-                    graph, out = self._graphs[layout]
+                    graph, out = self._graphs[layout, filtering]
                     graph.replay()
                 elif self.engine_cfg.compile:
                     with torch.compiler.set_stance("fail_on_recompile"):
-                        out = self._step(self.params, self.cfg, layers, *self._step_args(layout, penalties))
+                        out = self._step(self.params, self.cfg, layers, *self._step_args(layout, penalties),
+                                         filtering=filtering)
                 else:
-                    out = self._step(self.params, self.cfg, layers, *self._step_args(layout, penalties))
+                    out = self._step(self.params, self.cfg, layers, *self._step_args(layout, penalties),
+                                     filtering=filtering)
                 # Copy the results out before the next replay overwrites the graph's outputs. The
                 # destination must be contiguous: into a strided one, a non-blocking copy lands in a
                 # temporary that is read back at once, before the device has written it.
@@ -402,7 +434,17 @@ class ModelEngine:
         options = {"triton.cudagraphs": trees, **dict(self.engine_cfg.inductor_options)}
         # dynamic=None: the first two sizes compile, after which one shape-generic graph serves every
         # bucket (automatic dynamic shapes); CUDA graphs are still recorded per bucket size.
-        return torch.compile(step_fn, options=options, fullgraph=True, dynamic=self.engine_cfg.compile_dynamic)
+        model_half, sampler_half = (torch.compile(fn, options=options, fullgraph=True,
+                                                  dynamic=self.engine_cfg.compile_dynamic)
+                                    for fn in (forward_step, sample_step))
+
+        def compiled_step(params, cfg, kv, inputs, sampling, gather_rows, penalties, token_pool, *, filtering=True):
+            if trees:  # a new step: the sampler half reads the model half's outputs of this step only
+                torch.compiler.cudagraph_mark_step_begin()
+            logits, unseen = model_half(params, cfg, kv, inputs, gather_rows, token_pool)
+            return sampler_half(logits, unseen, sampling, penalties, token_pool, filtering)
+
+        return compiled_step
 
 
 def _cudagraph_thread_state() -> None:

@@ -341,11 +341,14 @@ def filter_threshold(sorted_scaled: Tensor, tensors: SamplingTensors) -> Tensor:
     return sorted_scaled.gather(1, last)  # [B, 1]
 
 
-def sample(logits: Tensor, tensors: SamplingTensors, penalties: PenaltyState | None = None) -> SampleOutput:
+def sample(logits: Tensor, tensors: SamplingTensors, penalties: PenaltyState | None = None, *,
+           filtering: bool = True) -> SampleOutput:
     """Sample one token per row from logits [B, V] (any float dtype), no host sync; see the module doc.
 
     Logprobs, ranks and top-20 are of log_softmax(penalized logits / T) (T = 1 for greedy rows),
     i.e. after penalties and temperature, BEFORE top-k/top-p/min-p. penalties=None means none.
+    filtering=False promises that no row filters (see SamplingParams.filters): the filters, and the
+    vocabulary sort they need, are skipped. The result is the same as with filtering=True.
     """
     assert logits.dim() == 2, f"logits must be [B, V], got shape {tuple(logits.shape)}"
     batch, vocab = logits.shape
@@ -359,18 +362,43 @@ def sample(logits: Tensor, tensors: SamplingTensors, penalties: PenaltyState | N
     sampled_row = temperature > 0  # [B]
     safe_t = torch.where(sampled_row, temperature, torch.ones_like(temperature))  # [B]
     scaled = scores / safe_t.unsqueeze(1)  # [B, V]; greedy rows: scores exactly
-    sorted_scaled, sorted_ids = torch.sort(scaled, dim=-1, descending=True, stable=True)  # [B, V] each
-    kept = scaled >= filter_threshold(sorted_scaled, tensors)  # [B, V]
-    noisy = scaled.masked_fill(~kept, float("-inf")) + gumbel_noise(tensors.seed, tensors.position, vocab)  # [B, V]
+    if filtering:
+        sorted_scaled, sorted_ids = torch.sort(scaled, dim=-1, descending=True, stable=True)  # [B, V] each
+        kept = scaled >= filter_threshold(sorted_scaled, tensors)  # [B, V]
+        candidates = scaled.masked_fill(~kept, float("-inf"))  # [B, V]
+        top_values, top_ids = sorted_scaled[:, :TOP_LOGPROBS], sorted_ids[:, :TOP_LOGPROBS]
+    else:
+        candidates = scaled  # what filter_threshold keeps of a row that filters nothing
+        top_values, top_ids = top_ranked(scaled, TOP_LOGPROBS)
+    noisy = candidates + gumbel_noise(tensors.seed, tensors.position, vocab)  # [B, V]
     tokens = argmax_rows(torch.where(sampled_row.unsqueeze(1), noisy, scaled))  # [B]; one argmax for both kinds
-    return _with_logprobs(scaled, tokens, sorted_scaled[:, :TOP_LOGPROBS], sorted_ids[:, :TOP_LOGPROBS])
+    return _with_logprobs(scaled, tokens, top_values, top_ids)
+
+
+def top_ranked(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest of each row of values [B, V] float32, ties lower id first: (values, ids) [B, min(k, V)].
+
+    The first k of a stable descending sort, found by torch.topk instead of sorting the row: topk's
+    order among equal values is unspecified, so it ranks an int64 key that orders by value, then
+    by id ascending. The key is the float's bits made monotonic (negative floats' magnitude bits
+    flipped; -0.0 is taken as 0.0, which it equals) in the high half and V - 1 - id in the low half.
+    On the H200 this beats the sort from 64 rows up (benchmarks/top_ranked.py).
+    """
+    assert values.dtype == torch.float32, values.dtype
+    vocab = values.shape[1]
+    k = min(k, vocab)
+    bits = torch.where(values == 0, 0.0, values).view(torch.int32)  # [B, V]
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()  # [B, V], same order as the floats
+    ids = torch.arange(vocab, device=values.device, dtype=torch.int64)
+    keys = ordered * (1 << 32) + (vocab - 1 - ids)  # [B, V]; never overflows: |ordered| <= 2**31
+    top_ids = (vocab - 1) - (keys.topk(k, dim=-1).values & _M32)  # [B, k]
+    return values.gather(1, top_ids), top_ids
 
 
 def score_tokens(logits: Tensor, token_ids: Tensor) -> SampleOutput:
     """Logprob, rank and top-20 of given tokens under log_softmax(logits) [T, V] (prompt logprobs)."""
     scores = logits.float()  # [T, V]
-    top_values, top_ids = torch.topk(scores, min(TOP_LOGPROBS, scores.shape[1]), dim=-1)  # [T, <=20]
-    return _with_logprobs(scores, token_ids, top_values, top_ids)
+    return _with_logprobs(scores, token_ids, *top_ranked(scores, TOP_LOGPROBS))
 
 
 def _with_logprobs(scaled: Tensor, tokens: Tensor, top_values: Tensor, top_ids: Tensor) -> SampleOutput:

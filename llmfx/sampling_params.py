@@ -143,6 +143,11 @@ class SamplingParams:
         """True when the request takes the argmax token at every step."""
         return self.temperature == 0.0
 
+    @property
+    def filters(self) -> bool:
+        """True when a top-k, top-p or min-p filter may narrow what is sampled (never for greedy requests)."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0)
+
 
 def _check_int(params: SamplingParams, name: str, *, minimum: int, maximum: int | None = None,
                none_ok: bool = False) -> None:

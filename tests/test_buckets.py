@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from llmfx.buckets import BucketKey, default_decode_sizes, make_buckets
 from llmfx.kv_pool import KVPool
 from llmfx.llm import LLM
-from llmfx.model_engine import EngineConfig, ModelEngine
+from llmfx import model_engine
+from llmfx.model_engine import EngineConfig, ModelEngine, step_fn
 from llmfx.sampling_params import SamplingParams
 from llmfx.scheduler import Request, ScheduledBatch, ScheduledSeq, SequenceState
 from llmfx.weights import load_params, resolve_model
@@ -92,8 +93,9 @@ def test_compiled_step_serves_every_bucket_without_recompiling_after_warmup():
     # execute() runs under fail_on_recompile: any recompile after warm-up raises instead of passing.
     compiled = _mixed_then_decode(*_engine(True, make_buckets(4, 32, [1, 2, 4])))
     assert compiled == exact
-    # Shape-generic after the first sizes: a handful of graphs for all seven buckets.
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before <= 3
+    # Shape-generic after the first sizes: at most 3 graphs each for the model half and for each of the
+    # sampler half's two variants (filtering or not), for all seven buckets.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before <= 3 + 2 * 3
 
 
 def test_bucket_key_is_hashable_for_graph_tables():
@@ -128,3 +130,36 @@ def test_results_land_in_a_contiguous_pinned_slice():
     kv, inflight = engine.launch(kv, ScheduledBatch(seqs=seqs), requests)
     assert inflight.host.shape[0] == 4 and inflight.host.is_contiguous()
     assert set(engine.collect(inflight).sampled) == {0, 1, 2}
+
+
+@pytest.mark.parametrize(("min_rows", "params", "expected"), [
+    (64, SamplingParams(temperature=0.0), True),  # a small batch keeps the sorting sampler
+    (1, SamplingParams(temperature=0.0), False),
+    (1, SamplingParams(temperature=0.8, seed=1), False),
+    (1, SamplingParams(temperature=0.0, top_k=3), False),  # greedy rows ignore their filters
+    (1, SamplingParams(temperature=0.8, top_p=0.9), True),
+    (1, SamplingParams(temperature=0.8, min_p=0.1), True),
+])
+def test_a_batch_runs_the_sort_free_sampler_only_when_no_row_filters_and_it_is_large_enough(
+        monkeypatch, min_rows, params, expected):
+    monkeypatch.setattr(model_engine, "SORT_FREE_MIN_ROWS", min_rows)
+    engine, kv = _engine(False, None)
+    calls, step = [], engine._step
+    engine._step = lambda *args, filtering: calls.append(filtering) or step(*args, filtering=filtering)
+    requests = {i: SequenceState(request=Request(request_id=i, prompt_token_ids=(5,), params=p))
+                for i, p in enumerate([SamplingParams(temperature=0.0), params])}
+    seqs = tuple(ScheduledSeq(request_id=i, token_ids=(3,), start_pos=0, pages=(1 + i,), sample=True) for i in range(2))
+    engine.execute(kv, ScheduledBatch(seqs=seqs), requests)
+    assert calls == [expected]
+
+
+def test_warmup_compiles_the_sort_free_sampler_only_for_large_enough_buckets(monkeypatch):
+    monkeypatch.setattr(model_engine, "SORT_FREE_MIN_ROWS", 2)
+    source = resolve_model("tiny")
+    engine = ModelEngine(load_params(source), source.config, EngineConfig(
+        page_size=4, seed=0, max_pages_per_seq=16, buckets=make_buckets(4, 32, [1, 2, 4]), compile=True))
+    variants = []  # (rows, filtering) of each step warm-up runs; the eager step stands in for the compiled one
+    engine._step = lambda *args, filtering: variants.append((args[3].logits_indices.shape[0], filtering)) or step_fn(
+        *args, filtering=filtering)
+    engine.warmup(KVPool.allocate(source.config, 40, 4, torch.float32, "cpu"))
+    assert set(variants) == {(1, True), (2, True), (2, False), (4, True), (4, False)}

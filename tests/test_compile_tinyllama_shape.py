@@ -22,7 +22,7 @@ from torch._inductor.scheduler import Scheduler  # noqa: E402
 
 from llmfx.buckets import BucketKey  # noqa: E402
 from llmfx.kv_pool import KVPool  # noqa: E402
-from llmfx.model_engine import EngineConfig, ModelEngine, step_fn  # noqa: E402
+from llmfx.model_engine import EngineConfig, ModelEngine, forward_step, sample_step  # noqa: E402
 from llmfx.ops import rope_table  # noqa: E402
 from llmfx.presets import preset  # noqa: E402
 from llmfx.weights import dummy_params  # noqa: E402
@@ -56,18 +56,26 @@ def engine():
     return eng, kv
 
 
+@pytest.mark.parametrize("filtering", [True, False])
 @pytest.mark.parametrize("dynamic", [False, None])
 @pytest.mark.parametrize("num_seqs", [1, 8])
-def test_step_fuses_with_triton_codegen(engine, num_seqs, dynamic):
+def test_step_fuses_with_triton_codegen(engine, num_seqs, dynamic, filtering):
     eng, kv = engine
-    args = eng._padding_args(BucketKey(num_tokens=num_seqs, num_seqs=num_seqs, decode=True))
+    inputs, sampling, gather_rows, penalties, token_pool = eng._padding_args(
+        BucketKey(num_tokens=num_seqs, num_seqs=num_seqs, decode=True))
+    logits = torch.randn(num_seqs, eng.cfg.vocab_size, dtype=torch.bfloat16)
+    unseen = torch.full((num_seqs,), -1, dtype=torch.int64)
+    # Each half as the engine compiles it, with inductor's Triton codegen; each is stopped after fusion.
+    halves = ((forward_step, (eng.params, eng.cfg, kv, inputs, gather_rows, token_pool)),
+              (sample_step, (logits, unseen, sampling, penalties, token_pool, filtering)))
     torch._dynamo.reset()
-    compiled = torch.compile(step_fn, options={"cpu_backend": "triton"}, fullgraph=True, dynamic=dynamic)
     try:
-        with torch.inference_mode(), mock.patch.object(Scheduler, "codegen", _stop):
-            compiled(eng.params, eng.cfg, kv, *args)
-    except Exception as err:  # noqa: BLE001
-        if not _reached(err, _FusionDone):
-            raise
+        for fn, args in halves:
+            compiled = torch.compile(fn, options={"cpu_backend": "triton"}, fullgraph=True, dynamic=dynamic)
+            with pytest.raises(Exception) as stopped, torch.inference_mode(), \
+                    mock.patch.object(Scheduler, "codegen", _stop):
+                compiled(*args)
+            if not _reached(stopped.value, _FusionDone):
+                raise stopped.value
     finally:
         torch._dynamo.reset()

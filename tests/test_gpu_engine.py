@@ -9,6 +9,7 @@ from llmfx.buckets import make_buckets
 from llmfx.kv_cache import KvCacheConfig
 from llmfx.kv_pool import KVPool
 from llmfx.llm import LLM
+from llmfx import model_engine
 from llmfx.model_engine import EngineConfig, ModelEngine, step_fn
 from llmfx.sampling_params import SamplingParams
 from llmfx.scheduler import Request, ScheduledBatch, ScheduledSeq, SequenceState
@@ -38,25 +39,31 @@ def test_cuda_graph_buckets_equal_the_eager_path_without_skips(hf_checkpoint):
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == skips_before == 0
 
 
-def test_graphs_captured_by_hand_equal_inductors_and_the_eager_path(hf_checkpoint):
+def test_graphs_captured_by_hand_equal_inductors_and_the_eager_path(hf_checkpoint, monkeypatch):
+    monkeypatch.setattr(model_engine, "SORT_FREE_MIN_ROWS", 4)  # buckets 4 and 8 get both sampler variants
     _, path = hf_checkpoint("llama")
     assert _serve(path, cuda_graph_capture="manual") == _serve(path, enforce_eager=True)
     with LLM(path, skip_tokenizer_init=True, dtype="float32", device="cuda", max_batch_size=8, max_num_tokens=64,
              kv_cache_config=KvCacheConfig(page_size=4, max_tokens=4096), cuda_graph_capture="manual") as llm:
         engine = llm._engine
         captured = set(engine._graphs)
-        assert captured == {engine._layout_of(k) for k in engine.engine_cfg.buckets.all_keys()}
+        assert captured == {(engine._layout_of(k), filtering) for k in engine.engine_cfg.buckets.all_keys()
+                            for filtering in (True, False) if filtering or k.num_seqs >= 4}
+        assert any(not filtering for _, filtering in captured)
         llm.generate(MIXED, GREEDY, use_tqdm=False)
         assert set(engine._graphs) == captured  # serving replays; it never captures
 
 
 @pytest.mark.parametrize("capture", ["manual", "inductor"])
-def test_every_compiled_step_equals_the_eager_step_on_the_same_inputs(hf_checkpoint, capture):
+def test_every_compiled_step_equals_the_eager_step_on_the_same_inputs(hf_checkpoint, capture, monkeypatch):
     # Stricter than comparing finished outputs: after each replay, step_fn runs eagerly on the very
     # inputs the graph read (same staged buffer, KV pool and token pool), and every sampled token
-    # must match. Seeded sampled rows make the noise path count, not only the argmax.
+    # must match. Seeded sampled rows make the noise path count, not only the argmax. The eager step
+    # always filters: once the short top-p requests finish, the graphs run the sampler without the
+    # filters, which must sample the same tokens.
+    monkeypatch.setattr(model_engine, "SORT_FREE_MIN_ROWS", 1)  # every bucket has both sampler variants
     _, path = hf_checkpoint("qwen2")
-    compared = []
+    compared, variants = [], set()
     with LLM(path, skip_tokenizer_init=True, dtype="float32", device="cuda", max_batch_size=8, max_num_tokens=64,
              kv_cache_config=KvCacheConfig(page_size=4, max_tokens=4096), cuda_graph_capture=capture,
              disable_overlap_scheduler=True) as llm:
@@ -70,17 +77,52 @@ def test_every_compiled_step_equals_the_eager_step_on_the_same_inputs(hf_checkpo
             n = len(batch.seqs)
             graph_tokens = inflight.host[:n, 0].tolist()
             layout = engine._layout(batch)
+            variants.add(any(sequences[s.request_id].request.params.filters for s in batch.seqs))
             with torch.inference_mode():
                 eager = step_fn(engine.params, engine.cfg, layers,
-                                *engine._step_args(layout, engine._penalties_of(layout.num_seqs)))
+                                *engine._step_args(layout, engine._penalties_of(layout.num_seqs)), filtering=True)
             compared.append((layout, graph_tokens, eager[:n, 0].tolist()))
             return kv, inflight
 
         engine.launch = launch_and_compare
+        top_p = SamplingParams(temperature=0.9, top_p=0.8, seed=5, max_tokens=6, ignore_eos=True, detokenize=False)
         llm.generate(MIXED, [GREEDY, SamplingParams(temperature=0.8, seed=3, max_tokens=40, ignore_eos=True,
-                                                    detokenize=False)] * 5, use_tqdm=False)
+                                                    detokenize=False), GREEDY, top_p, GREEDY] * 2, use_tqdm=False)
     assert len({layout for layout, _, _ in compared}) >= 3  # decode and mixed buckets both ran
+    assert variants == {True, False}  # both sampler variants ran
     assert [(layout, graph) for layout, graph, _ in compared] == [(layout, eager) for layout, _, eager in compared]
+
+
+def test_launch_never_synchronizes_with_the_device(hf_checkpoint, monkeypatch):
+    monkeypatch.setattr(model_engine, "SORT_FREE_MIN_ROWS", 1)
+    # torch raises on any synchronizing call (item, tolist, pageable copy, nonzero) while the guard is
+    # on; the requests cover both sampler variants, penalties (their scatter) and beams (page copies).
+    _, path = hf_checkpoint("llama")
+    params = [GREEDY, SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=40, ignore_eos=True,
+                                     detokenize=False),
+              SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5, max_tokens=40,
+                             ignore_eos=True, detokenize=False),
+              SamplingParams(use_beam_search=True, beam_width=3, n=2, temperature=0.0, max_tokens=40, ignore_eos=True,
+                             detokenize=False), GREEDY]
+    launched = []
+    with LLM(path, skip_tokenizer_init=True, dtype="float32", device="cuda", max_batch_size=16, max_num_tokens=64,
+             kv_cache_config=KvCacheConfig(page_size=4, max_tokens=4096)) as llm:
+        engine = llm._engine
+        launch = engine.launch
+
+        def guarded_launch(kv, batch, sequences):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                result = launch(kv, batch, sequences)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            launched.append(bool(batch.page_copies))
+            return result
+
+        engine.launch = guarded_launch
+        outs = llm.generate(MIXED, params * 2, use_tqdm=False)
+    assert all(o.finish_reason == "length" for out in outs for o in out.outputs), [o.outputs[0].error for o in outs]
+    assert len(launched) >= 40 and any(launched)  # every step guarded, beams' page copies among them
 
 
 @pytest.mark.parametrize("enforce_eager", [False, True])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import fields
 
@@ -22,6 +23,7 @@ from llmfx.sampler import (
     filter_threshold,
     sample,
     score_tokens,
+    top_ranked,
 )
 from llmfx.persistent import TokenTape
 from llmfx.sampling_params import SamplingParams
@@ -185,6 +187,57 @@ def test_filtered_frequencies_match_the_renormalized_truncated_softmax(params):
     expected = truncated[mask] * n
     stat = float(((counts[mask] - expected) ** 2 / expected).sum())
     assert len(allowed) > 1 and chi2.sf(stat, df=len(allowed) - 1) > _P_MIN
+
+
+@settings(max_examples=80, deadline=None)
+@given(batches(), st.booleans())
+def test_skipping_the_filters_changes_nothing_when_no_row_filters(batch, masked):
+    # The engine passes filtering=False when no row's SamplingParams.filters; greedy rows keep their
+    # filter settings here, since filters are documented to have no effect on them.
+    logits, params, prompts, outputs = batch
+    params = [p if not p.filters else dataclasses.replace(p, top_k=0, top_p=1.0, min_p=0.0) for p in params]
+    if masked:  # -inf logits (masked tokens) tie with each other and must rank last, lower id first
+        logits[:, 1::3] = float("-inf")
+    penalties = PenaltyState.build(prompts, outputs, logits.shape[1], "cpu")
+    tensors = _build(params, list(range(len(params))))
+    full = sample(logits, tensors, penalties)
+    fast = sample(logits, tensors, penalties, filtering=False)
+    for f in fields(SampleOutput):
+        assert torch.equal(getattr(fast, f.name), getattr(full, f.name)), f.name
+
+
+def test_without_filtering_the_vocabulary_is_not_sorted(monkeypatch):
+    logits = torch.randn(4, 50)
+    tensors = _build([SamplingParams(temperature=t) for t in (0.0, 0.7, 1.0, 0.0)])
+    expected = sample(logits, tensors)
+    monkeypatch.setattr(torch, "sort", lambda *a, **k: pytest.fail("sorted the vocabulary"))
+    assert torch.equal(sample(logits, tensors, filtering=False).topk_ids, expected.topk_ids)
+
+
+def test_a_filtering_row_needs_the_filters():
+    # The promise filtering=False makes is load-bearing: a top-k=1 row sampled without it strays from the argmax.
+    n = 64
+    logits = torch.randn(1, 50).expand(n, -1)
+    tensors = _build([SamplingParams(temperature=1.0, top_k=1)] * n, list(range(n)))
+    assert SamplingParams(temperature=1.0, top_k=1).filters
+    assert set(sample(logits, tensors).tokens.tolist()) == {int(logits[0].argmax())}
+    assert len(set(sample(logits, tensors, filtering=False).tokens.tolist())) > 1
+
+
+finite_or_not = st.one_of(st.sampled_from([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), 1e-45, -1e-45]),
+                          st.floats(-1e6, 1e6, width=32))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 3).flatmap(lambda rows: st.integers(1, 45).flatmap(
+    lambda vocab: st.lists(st.lists(finite_or_not, min_size=vocab, max_size=vocab), min_size=rows, max_size=rows))),
+    st.integers(1, 50))
+def test_top_ranked_is_the_head_of_a_stable_descending_sort(rows, k):
+    values = torch.tensor(rows, dtype=torch.float32)
+    top_values, top_ids = top_ranked(values, k)
+    sorted_values, sorted_ids = torch.sort(values, dim=-1, descending=True, stable=True)
+    assert torch.equal(top_ids, sorted_ids[:, :k])
+    assert torch.equal(top_values, sorted_values[:, :k])
 
 
 # --- penalties --------------------------------------------------------------------------------------
@@ -364,7 +417,14 @@ def test_compiled_sample_with_filters_and_penalties_equals_eager():
     tensors = _build(params, list(range(rows)))
     penalties = PenaltyState.build(histories[0], histories[1], vocab, "cpu")
     eager = sample(logits, tensors, penalties)
-    compiled = torch.compile(sample, fullgraph=True)(logits, tensors, penalties)
+    compiled = torch.compile(sample, fullgraph=True)
+    _assert_same_sample(compiled(logits, tensors, penalties), eager)
+    unfiltered = [dataclasses.replace(p, top_k=0, top_p=1.0, min_p=0.0) for p in params]
+    tensors = _build(unfiltered, list(range(rows)))
+    _assert_same_sample(compiled(logits, tensors, penalties, filtering=False), sample(logits, tensors, penalties))
+
+
+def _assert_same_sample(compiled: SampleOutput, eager: SampleOutput) -> None:
     for name in ("tokens", "ranks", "topk_ids"):
         assert torch.equal(getattr(compiled, name), getattr(eager, name)), name
     assert torch.allclose(compiled.logprobs, eager.logprobs, atol=1e-5)

@@ -14,7 +14,8 @@ from llmfx.step_inputs import StepLayout, StepStager, fill_batch, fill_sampling,
 
 PAGE, MAX_PAGES, ROWS = 4, 6, 5
 PARAMS = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=11, logprobs=2),
-          SamplingParams(temperature=1.3, min_p=0.1, repetition_penalty=1.2, presence_penalty=0.5)]
+          SamplingParams(temperature=1.3, min_p=0.1, repetition_penalty=1.2, presence_penalty=0.5),
+          SamplingParams(temperature=0.9, seed=4), SamplingParams(temperature=0.0, top_k=3, top_p=0.5)]
 
 
 def _reference(layout, chunks, params, ids, gather, engine_seed):
@@ -82,6 +83,8 @@ def test_stager_matches_a_fresh_fill_every_step(steps, pad, data):
             torch.testing.assert_close(getattr(staged, name), getattr(expected, name), rtol=0, atol=0, msg=name)
         assert facts.top_rows == tuple(row for row, rid in enumerate(ids) if params[rid].logprobs is not None)
         assert facts.penalized == any(params[rid].repetition_penalty != 1.0 or params[rid].presence_penalty
+                                      for rid in ids)
+        assert facts.filtering == any(params[rid].temperature > 0 and (params[rid].top_k > 0 or params[rid].min_p > 0)
                                       for rid in ids)
 
 
