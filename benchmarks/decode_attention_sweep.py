@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from llmfx.bench import H200_COPY_BYTES_PER_S, graph_replay_us
+from llmfx.bench import H200_COPY_BYTES_PER_S, graph_replay_us, save_rows
 from llmfx.ops.triton_attention import _tuning, paged_attention_decode
 
 
@@ -74,9 +74,7 @@ def main() -> None:
         base = next(r for r in timed if r["shipped"])
         print(f"batch {batch}: shipped {base['us']:.1f} us; best", json.dumps(timed[0]))
     if args.save:
-        args.save.mkdir(parents=True, exist_ok=True)
-        Path(args.save, "decode-attention-sweep.json").write_text(json.dumps(
-            {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+        save_rows(args.save, "decode-attention-sweep.json", rows)
 
 
 if __name__ == "__main__":

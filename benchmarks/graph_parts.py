@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from llmfx.batch import SequenceChunk
-from llmfx.bench import graph_replay_us
+from llmfx.bench import graph_replay_us, save_rows
 from llmfx.step_inputs import pack
 from llmfx.kv_pool import KVPool
 from llmfx.models import forward
@@ -84,9 +84,8 @@ def main() -> None:
                 if args.save:
                     Path(args.save, f"graph_parts_trace_b{batch}.txt").write_text(table)
     if args.save:
-        Path(args.save, f"graph_parts-{args.sampling}-split{args.min_split}.json").write_text(json.dumps(
-            {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
-             "context": args.context, "rows": rows}, indent=1))
+        save_rows(Path(args.save), f"graph_parts-{args.sampling}-split{args.min_split}.json", rows, model=args.model,
+                  context=args.context)
 
 
 if __name__ == "__main__":

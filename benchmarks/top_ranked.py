@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from llmfx.bench import graph_replay_us
+from llmfx.bench import graph_replay_us, save_rows
 from llmfx.sampler import TOP_LOGPROBS, cumsum_rows, top_ranked
 
 
@@ -59,9 +59,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.save:
-        args.save.mkdir(parents=True, exist_ok=True)
-        Path(args.save, "top-ranked.json").write_text(json.dumps(
-            {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+        save_rows(args.save, "top-ranked.json", rows)
 
 
 if __name__ == "__main__":

@@ -250,6 +250,18 @@ def print_table(rows: list[Row]) -> None:
               f"{r.value:>12.3f} {frac:>7}")
 
 
+def save_rows(directory: Path, name: str, rows: list[dict], **fields) -> Path:
+    """Write directory/name: a kernel benchmark's free-form rows with the GPU, torch and commit they ran on."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / name
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "commit": commit, **fields, "rows": rows},
+                              indent=1))
+    return out
+
+
 def save(rows: list[Row], directory: Path, tag: str = "", extra: dict | None = None) -> Path:
     """Write benchmarks/results/<date>-<gpu><tag>.json with the environment, extra's fields and every figure."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmfx.bench import offline_workload, warmup_prompts
+from llmfx.bench import offline_workload, save_rows, warmup_prompts
 
 
 @given(st.integers(2, 300))
@@ -80,3 +80,11 @@ def test_step_profile_runs_without_the_overlap_scheduler(tmp_path):
 def test_step_profile_refuses_a_token_budget_the_decodes_would_use_up():
     done = run_step_profile("--batches", "8", "--max-num-tokens", "8")
     assert done.returncode == 2 and "--max-num-tokens must exceed the largest batch (8)" in done.stderr
+
+
+def test_kernel_benchmark_rows_are_saved_with_where_they_ran(tmp_path):
+    rows = [{"batch": 1, "us": 2.5}]
+    path = save_rows(tmp_path / "out", "sweep.json", rows, context=1024)
+    saved = json.loads(path.read_text())
+    assert saved["rows"] == rows and saved["context"] == 1024 and saved["torch"] == torch.__version__
+    assert saved["gpu"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu") and saved["commit"]
