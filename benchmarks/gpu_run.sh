@@ -9,6 +9,8 @@
 #   dynamic  step_profile at batch 1 / 64 / 136 / 256, context 1024: one shape-generic graph vs one per bucket
 #   busy     step_profile at batch 64, context 1024: GPU busy with the overlap scheduler on and off
 #   ropekv   the fused rope + KV-write kernel: its GPU tests and the decoder's parity tests, then its benchmark
+#   ab       served steps (step_profile, batch 64 / 256, context 1024) of this tree and of the tree in $BASELINE
+#            (e.g. `git archive REV | tar -x -C .device/base`, carried), each with its own compile cache
 # Logs and results go to $OUT (the device tool brings them back).
 set -uo pipefail
 OUT=${OUT:-/tmp/llmfx-out}
@@ -40,6 +42,13 @@ for stage in "$@"; do
     ropekv) python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_rope_kv.py tests/test_gpu.py 2>&1 \
               | tee "$OUT/ropekv_tests.log" | tail -8
             python3 benchmarks/rope_kv_write.py --save "$OUT" 2>&1 | tee "$OUT/ropekv.log" | tail -30 ;;
+    ab) [ -d "${BASELINE:-}" ] || { echo "ab needs BASELINE=<a tree of the base revision>"; continue; }
+        for tree in "$PWD" "$BASELINE"; do
+          name=$([ "$tree" = "$PWD" ] && echo new || echo base)
+          (cd "$tree" && PYTHONPATH="$tree" TORCHINDUCTOR_CACHE_DIR=/tmp/llmfx-inductor-$name python3 \
+             benchmarks/step_profile.py --batches 64,256 --context 1024 --steps 100 --max-num-tokens 2048 \
+             --save "$OUT" --tag=-ab-$name 2>&1 | tee -a "$OUT/ab.log" | grep '^{')
+        done ;;
     *) echo "unknown stage $stage" ;;
   esac
   echo "== $stage took $(( $(date +%s) - start )) s"
