@@ -10,8 +10,8 @@ copies nothing: every input has a fixed address) or recorded by inductor (mode="
 which copies the unpacked inputs into its own buffers at each replay). The step is compiled in
 two halves, model and sampler; the sampler half has two variants, with the top-k/top-p/min-p
 filters or, for a batch none of whose requests filters, without them (and without their
-vocabulary sort), so a bucket of SORT_FREE_MIN_ROWS rows or more has two graphs. Warm-up compiles
-and records them all; afterwards a recompile raises.
+vocabulary sort), so a bucket of SORT_FREE_MIN_ROWS[device] rows or more has two graphs.
+Warm-up compiles and records them all; afterwards a recompile raises.
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ log = logging.getLogger(__name__)
 
 OUT_COLUMNS = 3 + 2 * TOP_LOGPROBS  # a step's packed output [B, OUT_COLUMNS]: token, logprob, rank, top-20 ids, logprobs
 GRAPH_CAPTURES = ("manual", "inductor")
-# Batches of at least this many rows that filter nothing run the sampler without its vocabulary sort.
-# Below, sorting measured as fast or faster on the H200 (benchmarks/top_ranked.py: 46 vs 69 us at
-# 1 row, 77 vs 81 at 8; 197 vs 118 at 64), so small buckets keep one graph, the sorting one.
-SORT_FREE_MIN_ROWS = 64
+# Per device type: batches of at least this many rows that filter nothing run the sampler without its
+# vocabulary sort. On the H200, below 64 rows sorting measured as fast or faster (benchmarks/top_ranked.py:
+# 46 vs 69 us at 1 row, 77 vs 81 at 8; 197 vs 118 at 64), so small buckets keep one graph, the sorting
+# one. On the CPU the sort-free sampler is faster from one row up (benchmarks/sampler_variants.py).
+SORT_FREE_MIN_ROWS = {"cuda": 64, "cpu": 1}
 
 
 def check_graph_capture(value: str, field: str = "graph_capture") -> None:
@@ -173,6 +174,7 @@ class ModelEngine:
         self.device = params["embed"].device
         self._cuda = self.device.type == "cuda"
         self._graphs_by_hand = engine_cfg.compile and self._cuda and engine_cfg.graph_capture == "manual"
+        self._sort_free_min_rows = SORT_FREE_MIN_ROWS.get(self.device.type, 1)
         self._step = self._compiled_step() if engine_cfg.compile else step_fn
         self._warm = False
         self._stager = StepStager(page_size=engine_cfg.page_size, max_pages=engine_cfg.max_pages_per_seq,
@@ -241,7 +243,7 @@ class ModelEngine:
         pool = torch.cuda.graph_pool_handle() if self._graphs_by_hand else None
         # Decode sizes ascending, then token counts: size 1 compiles apart (0/1 specialization).
         variants = [(key, filtering) for key in keys for filtering in (True, False)
-                    if filtering or key.num_seqs >= SORT_FREE_MIN_ROWS]
+                    if filtering or key.num_seqs >= self._sort_free_min_rows]
         for key, filtering in variants:
             args = (self.params, self.cfg, layers, *self._padding_args(key))
             if self._graphs_by_hand:
@@ -274,7 +276,7 @@ class ModelEngine:
                 ids = [s.request_id for s in batch.seqs]
                 facts = self._stage(layout, batch, ids, sequences, parity)
                 penalties = self._penalties(layout.num_seqs, batch, sequences, facts.penalized)
-                filtering = facts.filtering or layout.num_seqs < SORT_FREE_MIN_ROWS
+                filtering = facts.filtering or layout.num_seqs < self._sort_free_min_rows
                 if self._graphs_by_hand:
                     graph, out = self._graphs[layout, filtering]
                     graph.replay()

@@ -88,3 +88,12 @@ def test_kernel_benchmark_rows_are_saved_with_where_they_ran(tmp_path):
     saved = json.loads(path.read_text())
     assert saved["rows"] == rows and saved["context"] == 1024 and saved["torch"] == torch.__version__
     assert saved["gpu"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu") and saved["commit"]
+
+
+def test_sampler_variants_benchmark_runs_on_cpu(tmp_path):
+    main = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" / "sampler_variants.py"))["main"]
+    main(["--device", "cpu", "--batches", "1,3", "--vocab", "50", "--rounds", "2", "--iters", "2", "--save",
+          str(tmp_path)])
+    rows = json.loads((tmp_path / "sampler-variants-cpu.json").read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    assert all(r["sorting_ms"] > 0 and r["sort_free_ms"] > 0 and len(r["sort_free_round_ms"]) == 2 for r in rows)

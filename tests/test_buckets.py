@@ -142,7 +142,7 @@ def test_results_land_in_a_contiguous_pinned_slice():
 ])
 def test_a_batch_runs_the_sort_free_sampler_only_when_no_row_filters_and_it_is_large_enough(
         monkeypatch, min_rows, params, expected):
-    monkeypatch.setattr(model_engine, "SORT_FREE_MIN_ROWS", min_rows)
+    monkeypatch.setitem(model_engine.SORT_FREE_MIN_ROWS, "cpu", min_rows)
     engine, kv = _engine(False, None)
     calls, step = [], engine._step
     engine._step = lambda *args, filtering: calls.append(filtering) or step(*args, filtering=filtering)
@@ -154,7 +154,7 @@ def test_a_batch_runs_the_sort_free_sampler_only_when_no_row_filters_and_it_is_l
 
 
 def test_warmup_compiles_the_sort_free_sampler_only_for_large_enough_buckets(monkeypatch):
-    monkeypatch.setattr(model_engine, "SORT_FREE_MIN_ROWS", 2)
+    monkeypatch.setitem(model_engine.SORT_FREE_MIN_ROWS, "cpu", 2)
     source = resolve_model("tiny")
     engine = ModelEngine(load_params(source), source.config, EngineConfig(
         page_size=4, seed=0, max_pages_per_seq=16, buckets=make_buckets(4, 32, [1, 2, 4]), compile=True))
@@ -163,3 +163,14 @@ def test_warmup_compiles_the_sort_free_sampler_only_for_large_enough_buckets(mon
         *args, filtering=filtering)
     engine.warmup(KVPool.allocate(source.config, 40, 4, torch.float32, "cpu"))
     assert set(variants) == {(1, True), (2, True), (2, False), (4, True), (4, False)}
+
+
+def test_the_cpu_runs_the_sort_free_sampler_from_one_row():
+    # Measured on the CPU box (benchmarks/sampler_variants.py); the H200 keeps sorting below 64 rows.
+    engine, kv = _engine(False, None)
+    calls, step = [], engine._step
+    engine._step = lambda *args, filtering: calls.append(filtering) or step(*args, filtering=filtering)
+    requests = {0: SequenceState(request=Request(request_id=0, prompt_token_ids=(5,), params=SamplingParams()))}
+    engine.execute(kv, ScheduledBatch(seqs=(ScheduledSeq(request_id=0, token_ids=(3,), start_pos=0, pages=(1,),
+                                                         sample=True),)), requests)
+    assert calls == [False]

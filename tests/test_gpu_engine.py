@@ -40,7 +40,7 @@ def test_cuda_graph_buckets_equal_the_eager_path_without_skips(hf_checkpoint):
 
 
 def test_graphs_captured_by_hand_equal_inductors_and_the_eager_path(hf_checkpoint, monkeypatch):
-    monkeypatch.setattr(model_engine, "SORT_FREE_MIN_ROWS", 4)  # buckets 4 and 8 get both sampler variants
+    monkeypatch.setitem(model_engine.SORT_FREE_MIN_ROWS, "cuda", 4)  # buckets 4 and 8 get both sampler variants
     _, path = hf_checkpoint("llama")
     assert _serve(path, cuda_graph_capture="manual") == _serve(path, enforce_eager=True)
     with LLM(path, skip_tokenizer_init=True, dtype="float32", device="cuda", max_batch_size=8, max_num_tokens=64,
@@ -61,7 +61,7 @@ def test_every_compiled_step_equals_the_eager_step_on_the_same_inputs(hf_checkpo
     # must match. Seeded sampled rows make the noise path count, not only the argmax. The eager step
     # always filters: once the short top-p requests finish, the graphs run the sampler without the
     # filters, which must sample the same tokens.
-    monkeypatch.setattr(model_engine, "SORT_FREE_MIN_ROWS", 1)  # every bucket has both sampler variants
+    monkeypatch.setitem(model_engine.SORT_FREE_MIN_ROWS, "cuda", 1)  # every bucket has both sampler variants
     _, path = hf_checkpoint("qwen2")
     compared, variants = [], set()
     with LLM(path, skip_tokenizer_init=True, dtype="float32", device="cuda", max_batch_size=8, max_num_tokens=64,
@@ -94,7 +94,7 @@ def test_every_compiled_step_equals_the_eager_step_on_the_same_inputs(hf_checkpo
 
 
 def test_launch_never_synchronizes_with_the_device(hf_checkpoint, monkeypatch):
-    monkeypatch.setattr(model_engine, "SORT_FREE_MIN_ROWS", 1)
+    monkeypatch.setitem(model_engine.SORT_FREE_MIN_ROWS, "cuda", 1)
     # torch raises on any synchronizing call (item, tolist, pageable copy, nonzero) while the guard is
     # on; the requests cover both sampler variants, penalties (their scatter) and beams (page copies).
     _, path = hf_checkpoint("llama")
