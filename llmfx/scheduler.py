@@ -188,6 +188,21 @@ _scheduled_seq = positional_builder(ScheduledSeq)  # request_id, token_ids, star
 _token_event = positional_builder(TokenEvent)  # request_id, new_token_ids, finish_reason, stop_reason, hypotheses
 
 
+_PLACEHOLDER_ONLY = (PLACEHOLDER,)
+# token -> (token,), shared by every step's decode chunks and token events: one tuple per vocabulary entry instead
+# of two new ones per sequence per step. Every new tuple counts toward the cyclic GC's next collection; a cached
+# tuple of ints is untracked by the first collection that sees it and costs the collector nothing after that.
+_ONE_TOKEN: dict[int, tuple[int]] = {}
+
+
+def one_token(token: int) -> tuple[int]:
+    """(token,), the same tuple object for equal tokens."""
+    t = _ONE_TOKEN.get(token)
+    if t is None:
+        t = _ONE_TOKEN[token] = (token,)
+    return t
+
+
 def new_scheduler_state(pool: PagePool) -> SchedulerState:
     """An idle scheduler over a page pool."""
     return SchedulerState(pool=pool)
@@ -489,8 +504,11 @@ def _plan_running(state: SchedulerState,
     whether any starved for pages."""
     ps, budget, available = limits.page_size, limits.max_num_tokens, num_available(state.pool)
     max_seq_len = limits.max_seq_len
-    decodes: list[tuple[int, int, int]] = []
+    # Decodes are planned as they are met, in running order, so they come before every prefill.
+    plan: list[tuple[int, int, int, bool]] = []
     prefills: list[tuple[int, int, int]] = []
+    num_decodes = new_pages = 0
+    copied: dict[int, int] = {}
     for i, s in enumerate(state.running):
         # Locals, not properties: this runs per sequence per step.
         inflight, outputs, request = s.num_inflight, len(s.output_token_ids), s.request
@@ -502,24 +520,21 @@ def _plan_running(state: SchedulerState,
             continue
         computed = s.num_computed_tokens
         left = num_tokens - computed
-        if left == 1:
-            decodes.append((i, computed, len(s.pages)))
-        elif left > 1:
+        if left > 1:
             prefills.append((i, computed, left))
-    plan: list[tuple[int, int, int, bool]] = []
-    new_pages = 0
-    copied: dict[int, int] = {}
-    for i, computed, num_pages in decodes:
-        s = state.running[i]
+            continue
+        if left < 1:
+            continue
+        num_decodes += 1
         source = None if s.beam is None else _copy_source(state.pool, s, ps, copied)
-        need = 1 if computed == num_pages * ps or source is not None else 0
+        need = 1 if computed == len(s.pages) * ps or source is not None else 0
         if need > available or budget == 0:
             continue
         if source is not None:
             copied[source] = copied.get(source, 0) + 1
         plan.append((i, 1, need, source is not None))
         budget, available, new_pages = budget - 1, available - need, new_pages + need
-    stalled = len(plan) < len(decodes) and budget > 0
+    stalled = len(plan) < num_decodes and budget > 0
     for i, computed, left in prefills:
         num_pages = len(state.running[i].pages)
         # Running prefills are always chunkable: a non-chunked prompt ran whole at admission.
@@ -530,7 +545,8 @@ def _plan_running(state: SchedulerState,
         need = pages_for_tokens(computed + n, ps) - num_pages
         plan.append((i, n, need, False))
         budget, available, new_pages = budget - n, available - need, new_pages + need
-    plan.sort()
+    if prefills:
+        plan.sort()
     return plan, new_pages, stalled
 
 
@@ -613,9 +629,16 @@ def schedule(
 
 def _scheduled(seq: SequenceState, n: int, pages: tuple[int, ...]) -> ScheduledSeq:
     start, request = seq.num_computed_tokens, seq.request
-    return _scheduled_seq(request.request_id if seq.beam is None else seq.beam.seq_id,
-                          token_slice(seq, start, start + n), start, pages,
-                          start + n == len(request.prompt_token_ids) + len(seq.output_token_ids) + seq.num_inflight)
+    prompt, output = request.prompt_token_ids, seq.output_token_ids
+    p, known = len(prompt), len(prompt) + len(output)
+    if n != 1:
+        token_ids = token_slice(seq, start, start + n)
+    elif start >= known:  # a decode under overlap
+        token_ids = _PLACEHOLDER_ONLY
+    else:  # a decode (or a one-token chunk) takes the shared tuple of its token
+        token_ids = one_token(output[start - p] if start >= p else prompt[start])
+    return _scheduled_seq(request.request_id if seq.beam is None else seq.beam.seq_id, token_ids, start, pages,
+                          start + n == known + seq.num_inflight)
 
 
 def _stop_token(request: Request, token: int, num_out: int) -> tuple[str, int | None] | None:
@@ -678,10 +701,10 @@ def postprocess(
         running[i] = _sequence(s.request, output, s.num_computed_tokens, s.pages, s.num_inflight - 1, None)
         stop = _stop(s.request, token, len(output), max_seq_len)
         if stop is None:
-            events.append(_token_event(ss.request_id, (token,), None, None, ()))
+            events.append(_token_event(ss.request_id, one_token(token), None, None, ()))
         else:
             finished.add(i)
-            events.append(_token_event(ss.request_id, (token,), stop[0], stop[1], ()))
+            events.append(_token_event(ss.request_id, one_token(token), stop[0], stop[1], ()))
     pool = register_pages(state.pool, to_register)
     if finished:
         pool = release(pool, (p for i in sorted(finished) for p in reversed(running[i].pages)))

@@ -22,6 +22,7 @@ from llmfx.scheduler import (
     abort,
     has_work,
     new_scheduler_state,
+    one_token,
     postprocess,
     schedule,
     token_slice,
@@ -347,6 +348,20 @@ def test_a_token_prefix_slices_like_the_tokens_it_stands_for(prompt, out, inflig
     assert len(view) == len(tokens) and view[start:stop] == tokens[start:stop] and tuple(view) == tokens
     if tokens:
         assert view[start % len(tokens)] == tokens[start % len(tokens)] and view[-1] == tokens[-1]
+
+
+@given(token=st.integers(-2**70, 2**70))
+def test_one_token_is_the_one_tuple_shared_by_equal_tokens(token):
+    t = one_token(token)
+    assert t == (token,) and type(t) is tuple and one_token(int(str(token))) is t
+
+
+def test_decode_chunks_and_token_events_share_their_token_tuple():
+    lim, cfg = limits(), SchedulerConfig()
+    state, batch = schedule(state_for(lim), (req(1, [1, 2, 3], max_tokens=5),), lim, cfg)  # the whole prompt
+    state, events = postprocess(state, batch, {1: 7}, lim)
+    _, batch = schedule(state, (), lim, cfg)
+    assert events[0].new_token_ids == (7,) and batch.seqs[0].token_ids is events[0].new_token_ids
 
 
 # --- abort ---
