@@ -189,18 +189,20 @@ _token_event = positional_builder(TokenEvent)  # request_id, new_token_ids, fini
 
 
 _PLACEHOLDER_ONLY = (PLACEHOLDER,)
-# token -> (token,), shared by every step's decode chunks and token events: one tuple per vocabulary entry instead
-# of two new ones per sequence per step. Every new tuple counts toward the cyclic GC's next collection; a cached
-# tuple of ints is untracked by the first collection that sees it and costs the collector nothing after that.
-_ONE_TOKEN: dict[int, tuple[int]] = {}
 
 
-def one_token(token: int) -> tuple[int]:
-    """(token,), the same tuple object for equal tokens."""
-    t = _ONE_TOKEN.get(token)
-    if t is None:
-        t = _ONE_TOKEN[token] = (token,)
-    return t
+class _TokenTuples(dict):
+    """token -> (token,), filled on first use; a hit is one C-level lookup, no Python frame."""
+
+    def __missing__(self, token: int) -> tuple[int]:
+        t = self[token] = (token,)
+        return t
+
+
+# one_token(token) -> (token,), the same tuple object for equal tokens. Decode chunks and token events share these:
+# one tuple per vocabulary entry instead of two new ones per sequence per step. Every new tuple counts toward the
+# cyclic GC's next collection; a cached tuple of ints is untracked by the first collection that sees it.
+one_token = _TokenTuples().__getitem__
 
 
 def new_scheduler_state(pool: PagePool) -> SchedulerState:
