@@ -3,10 +3,12 @@
 PERF.md's target is <= 0.5 ms, hidden under a ~2 ms GPU step. No model runs: sampled tokens are a
 fixed function of the request, so this times exactly the scheduler's pure functions the executor
 calls every step. Prints the median over many steps (and over `--repeats` fresh runs: this box's
-timings vary ~1.5x from process to process); `--save DIR` writes a results JSON.
+timings vary ~1.5x from process to process); `--gc` adds the cyclic GC's time and collections per
+step (through gc.callbacks; the medians hide most of it); `--save DIR` writes a results JSON.
 """
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -29,8 +31,27 @@ def fill_prefix_cache(state, limits, cfg, num_pages: int, context: int):
     return state
 
 
+class GcTimer:
+    """Time and count the cyclic GC's collections per generation while installed in gc.callbacks."""
+
+    def __init__(self) -> None:
+        self.seconds, self.collections, self._start = [0.0] * 3, [0] * 3, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._start
+            self.collections[info["generation"]] += 1
+
+    def per_step(self, steps: int) -> dict[str, float]:
+        out = {"gc_ms": sum(self.seconds) / steps * 1e3}
+        out.update({f"gc_gen{g}_per_step": self.collections[g] / steps for g in range(3)})
+        return out
+
+
 def measure(batch: int, context: int, steps: int, policy: str, cached_pages: int = 0,
-            num_pages: int | None = None) -> dict[str, float]:
+            num_pages: int | None = None, time_gc: bool = False) -> dict[str, float]:
     limits = SchedulerLimits(max_batch_size=batch, max_num_tokens=8192, max_seq_len=context + steps + 64, page_size=16)
     cfg = SchedulerConfig(capacity_scheduler_policy=policy)
     pages = batch * (context + steps + 64) // 16 + 1 + cached_pages
@@ -49,6 +70,9 @@ def measure(batch: int, context: int, steps: int, policy: str, cached_pages: int
         state, _ = postprocess(state, b, {s.request_id: 1 for s in b.seqs if s.sample}, limits)
         state, b = schedule(state, (), limits, cfg)
     sched_t, post_t = [], []
+    timer = GcTimer()
+    if time_gc:
+        gc.callbacks.append(timer)
     for _ in range(steps):
         t0 = time.perf_counter()
         state, _ = postprocess(state, b, {s.request_id: 5 for s in b.seqs if s.sample}, limits)
@@ -57,7 +81,11 @@ def measure(batch: int, context: int, steps: int, policy: str, cached_pages: int
         t2 = time.perf_counter()
         post_t.append(t1 - t0)
         sched_t.append(t2 - t1)
-    return {"schedule_ms": statistics.median(sched_t) * 1e3, "postprocess_ms": statistics.median(post_t) * 1e3}
+    out = {"schedule_ms": statistics.median(sched_t) * 1e3, "postprocess_ms": statistics.median(post_t) * 1e3}
+    if time_gc:
+        gc.callbacks.remove(timer)
+        out.update(timer.per_step(steps))
+    return out
 
 
 if __name__ == "__main__":
@@ -70,11 +98,12 @@ if __name__ == "__main__":
     parser.add_argument("--num-pages", type=int, default=None,
                         help="KV pool size (default: just enough; the H200 serves TinyLlama from ~363k pages)")
     parser.add_argument("--repeats", type=int, default=1, help="fresh runs; each figure is the median over them")
+    parser.add_argument("--gc", action="store_true", help="also time the cyclic GC's collections per step")
     parser.add_argument("--save", default=None)
     args = parser.parse_args()
-    runs = [measure(args.batch, args.context, args.steps, args.policy, args.cached_pages, args.num_pages)
+    runs = [measure(args.batch, args.context, args.steps, args.policy, args.cached_pages, args.num_pages, args.gc)
             for _ in range(args.repeats)]
-    steps = [sum(r.values()) for r in runs]
+    steps = [r["schedule_ms"] + r["postprocess_ms"] for r in runs]
     rows = [bench.Row(benchmark="host_step", system="llmfx scheduler", batch=args.batch, metric=k,
                       value=statistics.median(r[k] for r in runs)) for k in runs[0]]
     rows.append(bench.Row(benchmark="host_step", system="llmfx scheduler", batch=args.batch, metric="step_ms",
