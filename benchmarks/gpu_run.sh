@@ -9,6 +9,7 @@
 #   dynamic  step_profile at batch 1 / 64 / 136 / 256, context 1024: one shape-generic graph vs one per bucket
 #   busy     step_profile at batch 64, context 1024: GPU busy with the overlap scheduler on and off
 #   ropekv   the fused rope + KV-write kernel: its GPU tests and the decoder's parity tests, then its benchmark
+#   gc       offline without peers, as is and with gc.freeze() before the timed run (GC time and full collections reported)
 #   ab       served steps (step_profile, batch 64 / 256, context 1024) of this tree and of the tree in $BASELINE
 #            (e.g. `git archive REV | tar -x -C .device/base`, carried), each with its own compile cache
 # Logs and results go to $OUT (the device tool brings them back).
@@ -42,6 +43,10 @@ for stage in "$@"; do
     ropekv) python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_rope_kv.py tests/test_gpu.py 2>&1 \
               | tee "$OUT/ropekv_tests.log" | tail -8
             python3 benchmarks/rope_kv_write.py --save "$OUT" 2>&1 | tee "$OUT/ropekv.log" | tail -30 ;;
+    gc) for f in "" --gc-freeze; do
+          llmfx bench offline --workdir $work --no-peers $f --save "$OUT" --tag=-offline-gc${f:+-freeze} 2>&1 \
+            | tee -a "$OUT/gc.log" | tail -6
+        done ;;
     ab) [ -d "${BASELINE:-}" ] || { echo "ab needs BASELINE=<a tree of the base revision>"; continue; }
         for tree in "$PWD" "$BASELINE"; do
           name=$([ "$tree" = "$PWD" ] && echo new || echo base)

@@ -31,25 +31,6 @@ def fill_prefix_cache(state, limits, cfg, num_pages: int, context: int):
     return state
 
 
-class GcTimer:
-    """Time and count the cyclic GC's collections per generation while installed in gc.callbacks."""
-
-    def __init__(self) -> None:
-        self.seconds, self.collections, self._start = [0.0] * 3, [0] * 3, 0.0
-
-    def __call__(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._start = time.perf_counter()
-        else:
-            self.seconds[info["generation"]] += time.perf_counter() - self._start
-            self.collections[info["generation"]] += 1
-
-    def per_step(self, steps: int) -> dict[str, float]:
-        out = {"gc_ms": sum(self.seconds) / steps * 1e3}
-        out.update({f"gc_gen{g}_per_step": self.collections[g] / steps for g in range(3)})
-        return out
-
-
 def measure(batch: int, context: int, steps: int, policy: str, cached_pages: int = 0,
             num_pages: int | None = None, time_gc: bool = False) -> dict[str, float]:
     limits = SchedulerLimits(max_batch_size=batch, max_num_tokens=8192, max_seq_len=context + steps + 64, page_size=16)
@@ -70,7 +51,7 @@ def measure(batch: int, context: int, steps: int, policy: str, cached_pages: int
         state, _ = postprocess(state, b, {s.request_id: 1 for s in b.seqs if s.sample}, limits)
         state, b = schedule(state, (), limits, cfg)
     sched_t, post_t = [], []
-    timer = GcTimer()
+    timer = bench.GcTimer()
     if time_gc:
         gc.callbacks.append(timer)
     for _ in range(steps):

@@ -6,6 +6,7 @@ Scripts in benchmarks/ and `llmfx bench ...` call `run(name, ...)`. Every run pr
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -149,9 +150,33 @@ def warmup_prompts(prompts: list[list[int]], vocab_size: int) -> list[list[int]]
     return [[(t + 1) % vocab_size for t in p] for p in prompts]
 
 
+class GcTimer:
+    """Time and count the cyclic GC's collections per generation while installed in gc.callbacks."""
+
+    def __init__(self) -> None:
+        self.seconds, self.collections, self._start = [0.0] * 3, [0] * 3, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._start
+            self.collections[info["generation"]] += 1
+
+    def per_step(self, steps: int) -> dict[str, float]:
+        out = {"gc_ms": sum(self.seconds) / steps * 1e3}
+        out.update({f"gc_gen{g}_per_step": self.collections[g] / steps for g in range(3)})
+        return out
+
+
 def offline(model: str, num_requests: int = 256, peers: bool = True, peer_requests: int = 32,
-            workdir: Path | None = None, **llm_kwargs) -> list[Row]:
-    """Output and total tokens/s over wall time for the offline workload, after one untimed warm-up run."""
+            workdir: Path | None = None, gc_freeze: bool = False, **llm_kwargs) -> list[Row]:
+    """Output and total tokens/s over wall time for the offline workload, after one untimed warm-up run.
+
+    Also reports the cyclic GC's time and full collections during the timed run (every thread's).
+    gc_freeze: before the timed run, move every live object to the GC's permanent generation
+    (gc.freeze, as an application may choose to), so full collections skip torch and the model.
+    """
     from llmfx.llm import LLM
     from llmfx.sampling_params import SamplingParams
 
@@ -165,15 +190,28 @@ def offline(model: str, num_requests: int = 256, peers: bool = True, peer_reques
     vocab = preset(model).vocab_size
     with LLM(path, skip_tokenizer_init=True, dtype="bfloat16", max_seq_len=2048 + 64, **llm_kwargs) as llm:
         llm.generate(warmup_prompts(prompts, vocab), params, use_tqdm=False)
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - start
+        if gc_freeze:
+            gc.collect()
+            gc.freeze()
+        timer = GcTimer()
+        gc.callbacks.append(timer)
+        try:
+            start = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            elapsed = time.perf_counter() - start
+        finally:
+            gc.callbacks.remove(timer)
+            if gc_freeze:
+                gc.unfreeze()
         preemptions = llm.scheduler_state.num_preemptions
     rows = [Row(benchmark="offline", system="llmfx", batch=num_requests, metric="output_tokens_per_s",
                 value=out_tokens / elapsed, floor_fraction=floor_s / elapsed),
             Row(benchmark="offline", system="llmfx", batch=num_requests, metric="total_tokens_per_s",
                 value=all_tokens / elapsed),
-            Row(benchmark="offline", system="llmfx", batch=num_requests, metric="preemptions", value=preemptions)]
+            Row(benchmark="offline", system="llmfx", batch=num_requests, metric="preemptions", value=preemptions),
+            Row(benchmark="offline", system="llmfx", batch=num_requests, metric="gc_s", value=sum(timer.seconds)),
+            Row(benchmark="offline", system="llmfx", batch=num_requests, metric="gc_full_collections",
+                value=timer.collections[2])]
     if peers:
         rows += _hf_offline(path, work[:peer_requests])
     return rows

@@ -66,6 +66,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer-requests", type=int, default=32, help="offline: requests given to transformers")
     p.add_argument("--disable-overlap-scheduler", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile, no CUDA graphs")
+    p.add_argument("--gc-freeze", action="store_true", help="offline: gc.freeze() before the timed run")
     p.add_argument("--workdir", default=None, help="where the dummy checkpoint is saved (reused if present)")
     p.add_argument("--save", default=None, help="write results JSON into this folder (e.g. benchmarks/results)")
     p.add_argument("--tag", default="", help="suffix of the results file name")
@@ -84,7 +85,7 @@ def _bench(args: argparse.Namespace) -> int:
         rows = bench.latency(args.model, batches, peers=not args.no_peers, workdir=workdir, **knobs)
     elif args.benchmark == "offline":
         rows = bench.offline(args.model, args.num_requests, peers=not args.no_peers, peer_requests=args.peer_requests,
-                             workdir=workdir, **knobs)
+                             workdir=workdir, gc_freeze=args.gc_freeze, **knobs)
     else:
         rows = bench.startup(args.model, workdir=workdir)
     bench.print_table(rows)

@@ -97,3 +97,39 @@ def test_sampler_variants_benchmark_runs_on_cpu(tmp_path):
     rows = json.loads((tmp_path / "sampler-variants-cpu.json").read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 3]
     assert all(r["sorting_ms"] > 0 and r["sort_free_ms"] > 0 and len(r["sort_free_round_ms"]) == 2 for r in rows)
+
+
+def test_gc_timer_counts_collections_per_generation():
+    import gc
+
+    from llmfx.bench import GcTimer
+
+    timer = GcTimer()
+    gc.callbacks.append(timer)
+    try:
+        gc.collect(0)
+        gc.collect(2)
+    finally:
+        gc.callbacks.remove(timer)
+    assert timer.collections[0] >= 1 and timer.collections[2] >= 1 and all(s >= 0 for s in timer.seconds)
+    assert timer.per_step(2)["gc_gen2_per_step"] == timer.collections[2] / 2
+
+
+@pytest.mark.parametrize("gc_freeze", [False, True])
+def test_offline_reports_gc_and_leaves_nothing_frozen(monkeypatch, tmp_path, gc_freeze):
+    import gc
+
+    from llmfx import bench
+
+    from llmfx.llm import LLM
+
+    frozen_during = []  # the GC's permanent generation size at each generate call: warm-up, then timed
+    generate = LLM.generate
+    monkeypatch.setattr(LLM, "generate", lambda self, *a, **k: frozen_during.append(gc.get_freeze_count())
+                        or generate(self, *a, **k))
+    monkeypatch.setattr(bench, "offline_workload", lambda vocab, n: [([3, 1, 4, 1, 5], 3)] * n)
+    before = gc.get_freeze_count()
+    rows = {r.metric: r.value for r in bench.offline("tiny", 2, peers=False, workdir=tmp_path, gc_freeze=gc_freeze)}
+    assert rows["output_tokens_per_s"] > 0 and rows["gc_s"] >= 0 and rows["gc_full_collections"] >= 0
+    assert frozen_during[0] == before and (frozen_during[1] > before) == gc_freeze
+    assert gc.get_freeze_count() == before  # unfrozen after the timed run
