@@ -1,9 +1,11 @@
-"""The sampler with the filters' vocabulary sort against without it, per batch size, on either device.
+"""The sampler's variants per batch size, on either device: with the filters' sort, without it, and without noise.
 
     python benchmarks/sampler_variants.py --device cpu --save benchmarks/results
     python benchmarks/sampler_variants.py --device cuda --save benchmarks/results
 
-Greedy rows over a TinyLlama-sized vocabulary: both variants give the same output (checked before
+Greedy rows over a TinyLlama-sized vocabulary: `sorting` is the general sampler, `sort_free` skips
+the filters' sort (filtering=False), `greedy` also skips the Gumbel noise (noise=False, which the
+eager engine path takes for a greedy-only batch). All give the same output (checked before
 timing); only the cost differs. On CUDA each variant is compiled and replayed as a CUDA graph
 (launch overhead out); on the CPU it runs eagerly, as the engine's CPU path does, the two variants
 alternating so that the box's drift hits both, and the figure is the median of the rounds' medians.
@@ -48,22 +50,23 @@ def main(argv: list[str] | None = None) -> None:
         logits = torch.randn(batch, args.vocab, device=args.device, generator=gen)
         tensors = SamplingTensors.build([SamplingParams(temperature=0.0)] * batch, [1] * batch, [3] * batch,
                                         args.device)
+        variants = {"sorting": {}, "sort_free": {"filtering": False}, "greedy": {"filtering": False, "noise": False}}
         expected = sample(logits, tensors)
-        got = sample(logits, tensors, filtering=False)
-        assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.topk_ids, expected.topk_ids)
+        for variant in variants.values():
+            got = sample(logits, tensors, **variant)
+            assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.topk_ids, expected.topk_ids)
         row = {"batch": batch, "vocab": args.vocab, "device": args.device}
         if args.device == "cuda":
-            for name, filtering in (("sorting_us", True), ("sort_free_us", False)):
-                compiled = torch.compile(lambda f=filtering: sample(logits, tensors, filtering=f), fullgraph=True,
-                                         dynamic=False)
-                row[name], _ = graph_replay_us(compiled)
+            for name, variant in variants.items():
+                compiled = torch.compile(lambda v=variant: sample(logits, tensors, **v), fullgraph=True, dynamic=False)
+                row[f"{name}_us"], _ = graph_replay_us(compiled)
         else:
-            sorting, sort_free = [], []
+            rounds = {name: [] for name in variants}
             for _ in range(args.rounds):  # alternate, one round each
-                sorting.append(cpu_ms(lambda: sample(logits, tensors), args.iters))
-                sort_free.append(cpu_ms(lambda: sample(logits, tensors, filtering=False), args.iters))
-            row["sorting_ms"], row["sort_free_ms"] = statistics.median(sorting), statistics.median(sort_free)
-            row["sorting_round_ms"], row["sort_free_round_ms"] = sorting, sort_free
+                for name, variant in variants.items():
+                    rounds[name].append(cpu_ms(lambda v=variant: sample(logits, tensors, **v), args.iters))
+            for name, times in rounds.items():
+                row[f"{name}_ms"], row[f"{name}_round_ms"] = statistics.median(times), times
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("round_ms")}), flush=True)
         rows.append(row)
     if args.save:

@@ -121,16 +121,18 @@ class InFlight:
 
 
 def step_fn(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inputs: ForwardBatch, sampling: SamplingTensors,
-            gather_rows: Tensor, penalties: PenaltyState, token_pool: Tensor, *, filtering: bool = True) -> Tensor:
+            gather_rows: Tensor, penalties: PenaltyState, token_pool: Tensor, *, filtering: bool = True,
+            noise: bool = True) -> Tensor:
     """One step on the device: gather placeholder tokens, forward, sample, store tokens.
 
     gather_rows [T]: the token-pool row of a placeholder token, else -1. kv and token_pool
-    [max_batch] are written in place (DONATED). filtering=False: no row filters (sample's promise).
+    [max_batch] are written in place (DONATED). filtering=False: no row filters; noise=False: every
+    row is greedy (sample's promises).
     Returns [B, OUT_COLUMNS] float64: one tensor, so the host needs one copy, and rows, so the
     host's [:B] slice of it is contiguous.
     """
     logits, unseen = forward_step(params, cfg, kv, inputs, gather_rows, token_pool)
-    return sample_step(logits, unseen, sampling, penalties, token_pool, filtering)
+    return sample_step(logits, unseen, sampling, penalties, token_pool, filtering, noise)
 
 
 def forward_step(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inputs: ForwardBatch, gather_rows: Tensor,
@@ -145,7 +147,7 @@ def forward_step(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inpu
 
 
 def sample_step(logits: Tensor, unseen: Tensor, sampling: SamplingTensors, penalties: PenaltyState, token_pool: Tensor,
-                filtering: bool) -> Tensor:
+                filtering: bool, noise: bool = True) -> Tensor:
     """step_fn's sampler half: sample, store the tokens in token_pool, pack the [B, OUT_COLUMNS] result.
 
     Compiled apart from the model so that its two variants (filtering or not) share one compiled
@@ -153,7 +155,7 @@ def sample_step(logits: Tensor, unseen: Tensor, sampling: SamplingTensors, penal
     """
     penalties = PenaltyState(prompt_mask=penalties.prompt_mask,
                              output_counts=count_tokens(penalties.output_counts, unseen))
-    out = sample(logits, sampling, penalties, filtering=filtering)
+    out = sample(logits, sampling, penalties, filtering=filtering, noise=noise)
     token_pool[: out.tokens.shape[0]].copy_(out.tokens)
     return torch.cat([out.tokens.unsqueeze(1).double(), out.logprobs.unsqueeze(1).double(),
                       out.ranks.unsqueeze(1).double(), out.topk_ids.double(), out.topk_logprobs.double()], dim=1)
@@ -284,9 +286,9 @@ class ModelEngine:
                     with torch.compiler.set_stance("fail_on_recompile"):
                         out = self._step(self.params, self.cfg, layers, *self._step_args(layout, penalties),
                                          filtering=filtering)
-                else:
+                else:  # eager: a greedy-only batch also skips the noise (compiled, that would be one more graph)
                     out = self._step(self.params, self.cfg, layers, *self._step_args(layout, penalties),
-                                     filtering=filtering)
+                                     filtering=filtering, noise=facts.sampled)
                 # Copy the results out before the next replay overwrites the graph's outputs. The
                 # destination must be contiguous: into a strided one, a non-blocking copy lands in a
                 # temporary that is read back at once, before the device has written it.

@@ -342,13 +342,14 @@ def filter_threshold(sorted_scaled: Tensor, tensors: SamplingTensors) -> Tensor:
 
 
 def sample(logits: Tensor, tensors: SamplingTensors, penalties: PenaltyState | None = None, *,
-           filtering: bool = True) -> SampleOutput:
+           filtering: bool = True, noise: bool = True) -> SampleOutput:
     """Sample one token per row from logits [B, V] (any float dtype), no host sync; see the module doc.
 
     Logprobs, ranks and top-20 are of log_softmax(penalized logits / T) (T = 1 for greedy rows),
     i.e. after penalties and temperature, BEFORE top-k/top-p/min-p. penalties=None means none.
-    filtering=False promises that no row filters (see SamplingParams.filters): the filters, and the
-    vocabulary sort they need, are skipped. The result is the same as with filtering=True.
+    Two promises skip work and change no result: filtering=False, that no row filters (see
+    SamplingParams.filters), skips the filters and the vocabulary sort they need; noise=False, that
+    every row is greedy, skips the Gumbel noise (a hash per vocabulary entry).
     """
     assert logits.dim() == 2, f"logits must be [B, V], got shape {tuple(logits.shape)}"
     batch, vocab = logits.shape
@@ -370,8 +371,11 @@ def sample(logits: Tensor, tensors: SamplingTensors, penalties: PenaltyState | N
     else:
         candidates = scaled  # what filter_threshold keeps of a row that filters nothing
         top_values, top_ids = top_ranked(scaled, TOP_LOGPROBS)
-    noisy = candidates + gumbel_noise(tensors.seed, tensors.position, vocab)  # [B, V]
-    tokens = argmax_rows(torch.where(sampled_row.unsqueeze(1), noisy, scaled))  # [B]; one argmax for both kinds
+    if noise:
+        noisy = candidates + gumbel_noise(tensors.seed, tensors.position, vocab)  # [B, V]
+        tokens = argmax_rows(torch.where(sampled_row.unsqueeze(1), noisy, scaled))  # [B]; one argmax for both kinds
+    else:
+        tokens = argmax_rows(scaled)  # [B]; what a greedy row takes above
     return _with_logprobs(scaled, tokens, top_values, top_ids)
 
 

@@ -129,6 +129,7 @@ class StagedFacts:
     top_rows: tuple[int, ...]  # rows whose top-20 is read back: for their logprobs, or as their beam's candidates
     penalized: bool  # some row applies a repetition, presence or frequency penalty
     filtering: bool  # some row samples through a top-k, top-p or min-p filter (the sampler's sort)
+    sampled: bool  # some row samples (temperature > 0); else every row is greedy
 
 
 class StepStager:
@@ -153,6 +154,7 @@ class StepStager:
         self._wants_top = np.zeros(slots, dtype=bool)
         self._penalized = np.zeros(slots, dtype=bool)
         self._filters = np.zeros(slots, dtype=bool)
+        self._sampled = np.zeros(slots, dtype=bool)
         self._last_row = np.full(slots, -1, dtype=np.int64)  # the slot's row in the previous fill
         self._slots: dict[int, int] = {}  # request id -> slot
         self._sent: dict[int, tuple[int, ...]] = {}  # request id -> the pages its table row holds
@@ -180,7 +182,8 @@ class StepStager:
         self._last_row[slots[:b]] = np.arange(b)
         mine = slots[:b]
         return StagedFacts(top_rows=tuple(np.flatnonzero(self._wants_top[mine]).tolist()),
-                           penalized=bool(self._penalized[mine].any()), filtering=bool(self._filters[mine].any()))
+                           penalized=bool(self._penalized[mine].any()), filtering=bool(self._filters[mine].any()),
+                           sampled=bool(self._sampled[mine].any()))
 
     def _update_slots(self, chunks: Sequence[Chunk], request_ids: Sequence[int],
                       params_of: Callable[[int], SamplingParams]) -> list[int]:
@@ -213,6 +216,7 @@ class StepStager:
         self._wants_top[slot] = p.logprobs is not None or p.use_beam_search
         self._penalized[slot] = p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
         self._filters[slot] = p.filters
+        self._sampled[slot] = not p.greedy
 
 
 def host_buffer(size: int, *, pinned: bool) -> Tensor:

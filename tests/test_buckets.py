@@ -145,7 +145,7 @@ def test_a_batch_runs_the_sort_free_sampler_only_when_no_row_filters_and_it_is_l
     monkeypatch.setitem(model_engine.SORT_FREE_MIN_ROWS, "cpu", min_rows)
     engine, kv = _engine(False, None)
     calls, step = [], engine._step
-    engine._step = lambda *args, filtering: calls.append(filtering) or step(*args, filtering=filtering)
+    engine._step = lambda *args, filtering, **kw: calls.append(filtering) or step(*args, filtering=filtering, **kw)
     requests = {i: SequenceState(request=Request(request_id=i, prompt_token_ids=(5,), params=p))
                 for i, p in enumerate([SamplingParams(temperature=0.0), params])}
     seqs = tuple(ScheduledSeq(request_id=i, token_ids=(3,), start_pos=0, pages=(1 + i,), sample=True) for i in range(2))
@@ -169,8 +169,21 @@ def test_the_cpu_runs_the_sort_free_sampler_from_one_row():
     # Measured on the CPU box (benchmarks/sampler_variants.py); the H200 keeps sorting below 64 rows.
     engine, kv = _engine(False, None)
     calls, step = [], engine._step
-    engine._step = lambda *args, filtering: calls.append(filtering) or step(*args, filtering=filtering)
+    engine._step = lambda *args, filtering, **kw: calls.append(filtering) or step(*args, filtering=filtering, **kw)
     requests = {0: SequenceState(request=Request(request_id=0, prompt_token_ids=(5,), params=SamplingParams()))}
     engine.execute(kv, ScheduledBatch(seqs=(ScheduledSeq(request_id=0, token_ids=(3,), start_pos=0, pages=(1,),
                                                          sample=True),)), requests)
     assert calls == [False]
+
+
+@pytest.mark.parametrize(("temperatures", "noise"), [((0.0, 0.0), False), ((0.0, 0.7), True)])
+def test_the_eager_step_skips_the_noise_only_for_a_greedy_batch(temperatures, noise):
+    engine, kv = _engine(False, None)
+    calls, step = [], engine._step
+    engine._step = lambda *args, **variant: calls.append(variant["noise"]) or step(*args, **variant)
+    requests = {i: SequenceState(request=Request(request_id=i, prompt_token_ids=(5,),
+                                                 params=SamplingParams(temperature=t, seed=1)))
+                for i, t in enumerate(temperatures)}
+    seqs = tuple(ScheduledSeq(request_id=i, token_ids=(3,), start_pos=0, pages=(1 + i,), sample=True) for i in range(2))
+    engine.execute(kv, ScheduledBatch(seqs=seqs), requests)
+    assert calls == [noise]

@@ -206,6 +206,29 @@ def test_skipping_the_filters_changes_nothing_when_no_row_filters(batch, masked)
         assert torch.equal(getattr(fast, f.name), getattr(full, f.name)), f.name
 
 
+@settings(max_examples=60, deadline=None)
+@given(batches(), st.booleans())
+def test_skipping_the_noise_changes_nothing_when_every_row_is_greedy(batch, filtering):
+    logits, params, prompts, outputs = batch
+    params = [dataclasses.replace(p, temperature=0.0) for p in params]  # filters stay: greedy rows ignore them
+    penalties = PenaltyState.build(prompts, outputs, logits.shape[1], "cpu")
+    tensors = _build(params, list(range(len(params))))
+    full = sample(logits, tensors, penalties)
+    fast = sample(logits, tensors, penalties, filtering=filtering, noise=False)
+    for f in fields(SampleOutput):
+        assert torch.equal(getattr(fast, f.name), getattr(full, f.name)), f.name
+
+
+def test_without_noise_no_hash_is_computed(monkeypatch):
+    import llmfx.sampler
+
+    logits = torch.randn(3, 40)
+    tensors = _build([SamplingParams(temperature=0.0)] * 3)
+    expected = sample(logits, tensors)
+    monkeypatch.setattr(llmfx.sampler, "gumbel_noise", lambda *a: pytest.fail("drew noise for a greedy batch"))
+    assert torch.equal(sample(logits, tensors, noise=False).tokens, expected.tokens)
+
+
 def test_without_filtering_the_vocabulary_is_not_sorted(monkeypatch):
     logits = torch.randn(4, 50)
     tensors = _build([SamplingParams(temperature=t) for t in (0.0, 0.7, 1.0, 0.0)])

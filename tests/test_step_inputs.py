@@ -86,6 +86,7 @@ def test_stager_matches_a_fresh_fill_every_step(steps, pad, data):
                                       for rid in ids)
         assert facts.filtering == any(params[rid].temperature > 0 and (params[rid].top_k > 0 or params[rid].min_p > 0)
                                       for rid in ids)
+        assert facts.sampled == any(params[rid].temperature > 0 for rid in ids)
 
 
 def test_unpack_gives_the_model_and_sampler_their_dtypes():

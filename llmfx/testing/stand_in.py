@@ -13,7 +13,7 @@ def instant_step(max_rows: int, token: int = 1):
     out[:, 0] = token
     out[:, 2] = 1  # rank
 
-    def step(params, cfg, kv, inputs, sampling, gather_rows, penalties, token_pool, *, filtering=True):
+    def step(params, cfg, kv, inputs, sampling, gather_rows, penalties, token_pool, **variant):
         return out[: inputs.logits_indices.shape[0]]
 
     return step
