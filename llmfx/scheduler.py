@@ -188,9 +188,6 @@ _scheduled_seq = positional_builder(ScheduledSeq)  # request_id, token_ids, star
 _token_event = positional_builder(TokenEvent)  # request_id, new_token_ids, finish_reason, stop_reason, hypotheses
 
 
-_PLACEHOLDER_ONLY = (PLACEHOLDER,)
-
-
 class _TokenTuples(dict):
     """token -> (token,), filled on first use; a hit is one C-level lookup, no Python frame."""
 
@@ -199,9 +196,10 @@ class _TokenTuples(dict):
         return t
 
 
-# one_token(token) -> (token,), the same tuple object for equal tokens. Decode chunks and token events share these:
-# one tuple per vocabulary entry instead of two new ones per sequence per step. Every new tuple counts toward the
-# cyclic GC's next collection; a cached tuple of ints is untracked by the first collection that sees it.
+# one_token(token) -> (token,), the same tuple object for equal tokens. Decode chunks (token_slice) and token
+# events share these: one tuple per vocabulary entry instead of two new ones per sequence per step. Every new
+# tuple counts toward the cyclic GC's next collection; a cached tuple of ints is untracked by the first
+# collection that sees it.
 one_token = _TokenTuples().__getitem__
 
 
@@ -320,7 +318,9 @@ def token_slice(seq: SequenceState, start: int, stop: int) -> tuple[int, ...]:
     prompt, output = seq.request.prompt_token_ids, seq.output_token_ids
     p = len(prompt)
     known = p + len(output)
-    if stop > known:  # a decode under overlap: its one token is still in flight
+    if stop == start + 1 and stop <= known:  # a decode's token: its interned tuple, no new object
+        return one_token(output[start - p] if start >= p else prompt[start])
+    if stop > known:  # a decode under overlap: its one token is still in flight ((x,) * 1 is x: no new object)
         tail = (PLACEHOLDER,) * (stop - max(start, known))
         return tail if start >= known else token_slice(seq, start, known) + tail
     if stop <= p:
@@ -631,16 +631,9 @@ def schedule(
 
 def _scheduled(seq: SequenceState, n: int, pages: tuple[int, ...]) -> ScheduledSeq:
     start, request = seq.num_computed_tokens, seq.request
-    prompt, output = request.prompt_token_ids, seq.output_token_ids
-    p, known = len(prompt), len(prompt) + len(output)
-    if n != 1:
-        token_ids = token_slice(seq, start, start + n)
-    elif start >= known:  # a decode under overlap
-        token_ids = _PLACEHOLDER_ONLY
-    else:  # a decode (or a one-token chunk) takes the shared tuple of its token
-        token_ids = one_token(output[start - p] if start >= p else prompt[start])
-    return _scheduled_seq(request.request_id if seq.beam is None else seq.beam.seq_id, token_ids, start, pages,
-                          start + n == known + seq.num_inflight)
+    known = len(request.prompt_token_ids) + len(seq.output_token_ids)
+    return _scheduled_seq(request.request_id if seq.beam is None else seq.beam.seq_id,
+                          token_slice(seq, start, start + n), start, pages, start + n == known + seq.num_inflight)
 
 
 def _stop_token(request: Request, token: int, num_out: int) -> tuple[str, int | None] | None:
