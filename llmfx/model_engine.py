@@ -17,6 +17,7 @@ Warm-up compiles and records them all; afterwards a recompile raises.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -198,7 +199,7 @@ class ModelEngine:
         self._penalty_counts = torch.zeros(rows, cfg.vocab_size, dtype=torch.int32, device=self.device)
         self._penalty_views: dict[int, PenaltyState] = {}
         self._dirty_penalty_rows = 0
-        # One graph per bucket and sampler variant (filtering or not), when captured by hand.
+        # One graph per bucket and sampler variant (filtering or not; compiled steps always draw noise), by hand.
         self._graphs: dict[tuple[StepLayout, bool], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
 
     def peak_activation_bytes(self) -> int:
@@ -243,23 +244,25 @@ class ModelEngine:
                 torch._dynamo.mark_static_address(tensor)
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle() if self._graphs_by_hand else None
-        # Decode sizes ascending, then token counts: size 1 compiles apart (0/1 specialization).
-        variants = [(key, filtering) for key in keys for filtering in (True, False)
-                    if filtering or key.num_seqs >= self._sort_free_min_rows]
-        for key, filtering in variants:
+        # Decode sizes ascending, then token counts: size 1 compiles apart (0/1 specialization). Every
+        # sampler variant a batch of the bucket can get, from every combination of the facts that pick it.
+        variants = [(key, variant) for key in keys for variant in dict.fromkeys(
+            self._sampler_variant(filtering, sampled, key.num_seqs)
+            for filtering, sampled in ((True, True), (False, True), (False, False)))]
+        for key, (filtering, noise) in variants:
             args = (self.params, self.cfg, layers, *self._padding_args(key))
             if self._graphs_by_hand:
                 for _ in range(2):  # compile (automatic dynamic shapes may recompile once), then settle
-                    self._step(*args, filtering=filtering)
+                    self._step(*args, filtering=filtering, noise=noise)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):  # unpacking the staged inputs included
                     out = self._step(self.params, self.cfg, layers,
                                      *self._step_args(self._layout_of(key), self._penalties_of(key.num_seqs)),
-                                     filtering=filtering)
+                                     filtering=filtering, noise=noise)
                 self._graphs[self._layout_of(key), filtering] = (graph, out)
             else:
                 for _ in range(3):  # cudagraph trees: warm-up run, then record, then replay
-                    self._step(*args, filtering=filtering)
+                    self._step(*args, filtering=filtering, noise=noise)
         if self._cuda:
             torch.cuda.synchronize(self.device)
         log.info("compiled and captured %d graphs for %d buckets (%s) in %.1f s", len(variants), len(keys),
@@ -278,17 +281,15 @@ class ModelEngine:
                 ids = [s.request_id for s in batch.seqs]
                 facts = self._stage(layout, batch, ids, sequences, parity)
                 penalties = self._penalties(layout.num_seqs, batch, sequences, facts.penalized)
-                filtering = facts.filtering or layout.num_seqs < self._sort_free_min_rows
+                filtering, noise = self._sampler_variant(facts.filtering, facts.sampled, layout.num_seqs)
                 if self._graphs_by_hand:
                     graph, out = self._graphs[layout, filtering]
                     graph.replay()
-                elif self.engine_cfg.compile:
-                    with torch.compiler.set_stance("fail_on_recompile"):
+                else:
+                    compiled = self.engine_cfg.compile
+                    with torch.compiler.set_stance("fail_on_recompile") if compiled else contextlib.nullcontext():
                         out = self._step(self.params, self.cfg, layers, *self._step_args(layout, penalties),
-                                         filtering=filtering)
-                else:  # eager: a greedy-only batch also skips the noise (compiled, that would be one more graph)
-                    out = self._step(self.params, self.cfg, layers, *self._step_args(layout, penalties),
-                                     filtering=filtering, noise=facts.sampled)
+                                         filtering=filtering, noise=noise)
                 # Copy the results out before the next replay overwrites the graph's outputs. The
                 # destination must be contiguous: into a strided one, a non-blocking copy lands in a
                 # temporary that is read back at once, before the device has written it.
@@ -333,6 +334,14 @@ class ModelEngine:
         """launch then collect: one step run to completion."""
         kv, inflight = self.launch(kv, batch, sequences)
         return kv, self.collect(inflight)
+
+    def _sampler_variant(self, filtering: bool, sampled: bool, num_seqs: int) -> tuple[bool, bool]:
+        """(filtering, noise) the sampler runs with for a batch of num_seqs rows with these facts.
+
+        The sort is skipped only from SORT_FREE_MIN_ROWS rows (measured per device); the noise only
+        on the eager path: compiled, a noise-free variant would be a third graph per bucket (unmeasured).
+        """
+        return filtering or num_seqs < self._sort_free_min_rows, sampled or self.engine_cfg.compile
 
     def _layout_of(self, key: BucketKey) -> StepLayout:
         return StepLayout(num_tokens=key.num_tokens, num_seqs=key.num_seqs, max_pages=self.engine_cfg.max_pages_per_seq)
@@ -442,11 +451,12 @@ class ModelEngine:
                                                   dynamic=self.engine_cfg.compile_dynamic)
                                     for fn in (forward_step, sample_step))
 
-        def compiled_step(params, cfg, kv, inputs, sampling, gather_rows, penalties, token_pool, *, filtering=True):
+        def compiled_step(params, cfg, kv, inputs, sampling, gather_rows, penalties, token_pool, *, filtering=True,
+                          noise=True):
             if trees:  # a new step: the sampler half reads the model half's outputs of this step only
                 torch.compiler.cudagraph_mark_step_begin()
             logits, unseen = model_half(params, cfg, kv, inputs, gather_rows, token_pool)
-            return sampler_half(logits, unseen, sampling, penalties, token_pool, filtering)
+            return sampler_half(logits, unseen, sampling, penalties, token_pool, filtering, noise)
 
         return compiled_step
 

@@ -158,11 +158,12 @@ def test_warmup_compiles_the_sort_free_sampler_only_for_large_enough_buckets(mon
     source = resolve_model("tiny")
     engine = ModelEngine(load_params(source), source.config, EngineConfig(
         page_size=4, seed=0, max_pages_per_seq=16, buckets=make_buckets(4, 32, [1, 2, 4]), compile=True))
-    variants = []  # (rows, filtering) of each step warm-up runs; the eager step stands in for the compiled one
-    engine._step = lambda *args, filtering: variants.append((args[3].logits_indices.shape[0], filtering)) or step_fn(
-        *args, filtering=filtering)
+    variants = []  # (rows, filtering, noise) of each step warm-up runs; the eager step stands in for the compiled one
+    engine._step = lambda *args, filtering, noise: variants.append(
+        (args[3].logits_indices.shape[0], filtering, noise)) or step_fn(*args, filtering=filtering, noise=noise)
     engine.warmup(KVPool.allocate(source.config, 40, 4, torch.float32, "cpu"))
-    assert set(variants) == {(1, True), (2, True), (2, False), (4, True), (4, False)}
+    # Compiled steps always draw the noise: no noise-free variant is compiled.
+    assert set(variants) == {(1, True, True), (2, True, True), (2, False, True), (4, True, True), (4, False, True)}
 
 
 def test_the_cpu_runs_the_sort_free_sampler_from_one_row():
