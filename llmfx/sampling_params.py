@@ -144,6 +144,11 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def penalized(self) -> bool:
+        """True when a repetition, presence or frequency penalty changes the logits."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def filters(self) -> bool:
         """True when a top-k, top-p or min-p filter may narrow what is sampled (never for greedy requests)."""
         return not self.greedy and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0)

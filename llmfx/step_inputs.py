@@ -214,7 +214,7 @@ class StepStager:
     def _admit(self, slot: int, rid: int, p: SamplingParams) -> None:
         self._sampling[slot] = sampling_row(p, request_seed(p.seed, self.engine_seed, rid), 0)
         self._wants_top[slot] = p.logprobs is not None or p.use_beam_search
-        self._penalized[slot] = p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+        self._penalized[slot] = p.penalized
         self._filters[slot] = p.filters
         self._sampled[slot] = not p.greedy
 
