@@ -78,3 +78,25 @@ def test_a_tensor_read_on_the_step_path_is_caught(monkeypatch):
     monkeypatch.setattr(ModelEngine, "collect", collect_reading_back)
     _, reads = _serve_recording_reads(monkeypatch)
     assert reads and all(r.startswith("Tensor.tolist") for r in reads)
+
+
+def test_the_sampler_reads_no_tensor_back_in_any_variant(monkeypatch):
+    # On the GPU the sampler runs inside a CUDA graph, where a read would fail the capture; on the
+    # eager path (CPU, enforce_eager) it would stall the step. Every variant the engine picks, with penalties.
+    from llmfx.sampler import PenaltyState, SamplingTensors, sample
+
+    logits = torch.randn(4, 50)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, seed=2, top_p=0.9, top_k=5),
+              SamplingParams(temperature=0.7, min_p=0.1, repetition_penalty=1.2), SamplingParams(temperature=1.0)]
+    tensors = SamplingTensors.build(params, [1, 2, 3, 4], [7, 7, 7, 7], "cpu")
+    penalties = PenaltyState.build([[1, 2]] * 4, [[3]] * 4, 50, "cpu")
+    reads: list[str] = []
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _o=original, **k: (
+            reads.append(_n), _o(self, *a, **k))[1])
+    for filtering, noise in ((True, True), (False, True), (False, False), (True, False)):
+        sample(logits, tensors, penalties, filtering=filtering, noise=noise)
+    penalties.write([[4]] * 4, [[5, 6]] * 4)
+    monkeypatch.undo()
+    assert reads == []
