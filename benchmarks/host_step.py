@@ -32,7 +32,8 @@ def fill_prefix_cache(state, limits, cfg, num_pages: int, context: int):
 
 
 def measure(batch: int, context: int, steps: int, policy: str, cached_pages: int = 0,
-            num_pages: int | None = None, time_gc: bool = False) -> dict[str, float]:
+            num_pages: int | None = None, time_gc: bool = False, gc_freeze: bool = False,
+            gc_threshold: int | None = None) -> dict[str, float]:
     limits = SchedulerLimits(max_batch_size=batch, max_num_tokens=8192, max_seq_len=context + steps + 64, page_size=16)
     cfg = SchedulerConfig(capacity_scheduler_policy=policy)
     pages = batch * (context + steps + 64) // 16 + 1 + cached_pages
@@ -54,6 +55,12 @@ def measure(batch: int, context: int, steps: int, policy: str, cached_pages: int
     timer = bench.GcTimer()
     if time_gc:
         gc.callbacks.append(timer)
+    if gc_freeze:  # the application's choice, measured: live objects move to the permanent generation
+        gc.collect()
+        gc.freeze()
+    thresholds = gc.get_threshold()
+    if gc_threshold is not None:
+        gc.set_threshold(gc_threshold, *thresholds[1:])
     for _ in range(steps):
         t0 = time.perf_counter()
         state, _ = postprocess(state, b, {s.request_id: 5 for s in b.seqs if s.sample}, limits)
@@ -62,7 +69,11 @@ def measure(batch: int, context: int, steps: int, policy: str, cached_pages: int
         t2 = time.perf_counter()
         post_t.append(t1 - t0)
         sched_t.append(t2 - t1)
-    out = {"schedule_ms": statistics.median(sched_t) * 1e3, "postprocess_ms": statistics.median(post_t) * 1e3}
+    gc.set_threshold(*thresholds)
+    if gc_freeze:
+        gc.unfreeze()
+    out = {"schedule_ms": statistics.median(sched_t) * 1e3, "postprocess_ms": statistics.median(post_t) * 1e3,
+           "mean_step_ms": (sum(sched_t) + sum(post_t)) / steps * 1e3}
     if time_gc:
         gc.callbacks.remove(timer)
         out.update(timer.per_step(steps))
@@ -80,10 +91,13 @@ if __name__ == "__main__":
                         help="KV pool size (default: just enough; the H200 serves TinyLlama from ~363k pages)")
     parser.add_argument("--repeats", type=int, default=1, help="fresh runs; each figure is the median over them")
     parser.add_argument("--gc", action="store_true", help="also time the cyclic GC's collections per step")
+    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() before the timed steps")
+    parser.add_argument("--gc-threshold", type=int, default=None, help="the GC's gen-0 threshold for the timed steps")
     parser.add_argument("--save", default=None)
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
     args = parser.parse_args()
-    runs = [measure(args.batch, args.context, args.steps, args.policy, args.cached_pages, args.num_pages, args.gc)
-            for _ in range(args.repeats)]
+    runs = [measure(args.batch, args.context, args.steps, args.policy, args.cached_pages, args.num_pages, args.gc,
+                    args.gc_freeze, args.gc_threshold) for _ in range(args.repeats)]
     steps = [r["schedule_ms"] + r["postprocess_ms"] for r in runs]
     rows = [bench.Row(benchmark="host_step", system="llmfx scheduler", batch=args.batch, metric=k,
                       value=statistics.median(r[k] for r in runs)) for k in runs[0]]
@@ -96,4 +110,4 @@ if __name__ == "__main__":
     if args.save:
         from pathlib import Path
         pool = "" if args.num_pages is None else f"-pool{args.num_pages}"
-        print(f"saved {bench.save(rows, Path(args.save), f'-host-step-b{args.batch}-cached{args.cached_pages}{pool}')}")
+        print(f"saved {bench.save(rows, Path(args.save), f'-host-step-b{args.batch}-cached{args.cached_pages}{pool}{args.tag}')}")
