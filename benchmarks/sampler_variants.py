@@ -1,12 +1,14 @@
-"""The sampler's variants per batch size, on either device: with the filters' sort, without it, and without noise.
+"""The sampler's variants per batch size, on either device: with the filters' sort, without it, without noise, lean.
 
     python benchmarks/sampler_variants.py --device cpu --save benchmarks/results
     python benchmarks/sampler_variants.py --device cuda --save benchmarks/results
 
 Greedy rows over a TinyLlama-sized vocabulary: `sorting` is the general sampler, `sort_free` skips
 the filters' sort (filtering=False), `greedy` also skips the Gumbel noise (noise=False, which the
-eager engine path takes for a greedy-only batch). All give the same output (checked before
-timing); only the cost differs. On CUDA each variant is compiled and replayed as a CUDA graph
+eager engine path takes for a greedy-only batch), `lean` skips the sort and the top-20
+(top_logprobs=False: what a compiled batch without filters, logprobs or beams runs). All give the
+same tokens, logprobs and ranks (checked before timing; the top-20 too, except lean's, which has
+none); only the cost differs. On CUDA each variant is compiled and replayed as a CUDA graph
 (launch overhead out); on the CPU it runs eagerly, as the engine's CPU path does, the two variants
 alternating so that the box's drift hits both, and the figure is the median of the rounds' medians.
 """
@@ -50,14 +52,19 @@ def main(argv: list[str] | None = None) -> None:
         logits = torch.randn(batch, args.vocab, device=args.device, generator=gen)
         tensors = SamplingTensors.build([SamplingParams(temperature=0.0)] * batch, [1] * batch, [3] * batch,
                                         args.device)
-        variants = {"sorting": {}, "sort_free": {"filtering": False}, "greedy": {"filtering": False, "noise": False}}
+        variants = {"sorting": {}, "sort_free": {"filtering": False}, "greedy": {"filtering": False, "noise": False},
+                    "lean": {"filtering": False, "top_logprobs": False}}
         expected = sample(logits, tensors)
         for variant in variants.values():
             got = sample(logits, tensors, **variant)
-            assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.topk_ids, expected.topk_ids)
+            assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.ranks, expected.ranks)
+            assert torch.equal(got.logprobs, expected.logprobs)
+            assert torch.equal(got.topk_ids, expected.topk_ids if variant.get("top_logprobs", True)
+                               else torch.full_like(expected.topk_ids, -1))
         row = {"batch": batch, "vocab": args.vocab, "device": args.device}
         if args.device == "cuda":
             for name, variant in variants.items():
+                torch._dynamo.reset()  # one lambda code object across variants and batches: compile each afresh
                 compiled = torch.compile(lambda v=variant: sample(logits, tensors, **v), fullgraph=True, dynamic=False)
                 row[f"{name}_us"], _ = graph_replay_us(compiled)
         else:

@@ -174,8 +174,8 @@ class SampleOutput:
     tokens: Tensor  # [B] int64
     logprobs: Tensor  # [B] float32, logprob of tokens
     ranks: Tensor  # [B] int64, 1 + the number of tokens strictly more likely (ties share the best rank)
-    topk_ids: Tensor  # [B, 20] int64, most likely first (ties: lower id first); -1 pads when V < 20
-    topk_logprobs: Tensor  # [B, 20] float32, descending; -inf pads when V < 20
+    topk_ids: Tensor  # [B, 20] int64, most likely first (ties: lower id first); -1 pads when V < 20 (all when skipped)
+    topk_logprobs: Tensor  # [B, 20] float32, descending; -inf pads where ids are -1
 
 
 def request_seed(params_seed: int | None, engine_seed: int, request_id: int) -> int:
@@ -342,14 +342,16 @@ def filter_threshold(sorted_scaled: Tensor, tensors: SamplingTensors) -> Tensor:
 
 
 def sample(logits: Tensor, tensors: SamplingTensors, penalties: PenaltyState | None = None, *,
-           filtering: bool = True, noise: bool = True) -> SampleOutput:
+           filtering: bool = True, noise: bool = True, top_logprobs: bool = True) -> SampleOutput:
     """Sample one token per row from logits [B, V] (any float dtype), no host sync; see the module doc.
 
     Logprobs, ranks and top-20 are of log_softmax(penalized logits / T) (T = 1 for greedy rows),
     i.e. after penalties and temperature, BEFORE top-k/top-p/min-p. penalties=None means none.
     Two promises skip work and change no result: filtering=False, that no row filters (see
     SamplingParams.filters), skips the filters and the vocabulary sort they need; noise=False, that
-    every row is greedy, skips the Gumbel noise (a hash per vocabulary entry).
+    every row is greedy, skips the Gumbel noise (a hash per vocabulary entry). top_logprobs=False
+    skips the top-20: every row's ids come back -1 and logprobs -inf, as for an empty vocabulary;
+    tokens, logprobs and ranks are unchanged.
     """
     assert logits.dim() == 2, f"logits must be [B, V], got shape {tuple(logits.shape)}"
     batch, vocab = logits.shape
@@ -363,14 +365,17 @@ def sample(logits: Tensor, tensors: SamplingTensors, penalties: PenaltyState | N
     sampled_row = temperature > 0  # [B]
     safe_t = torch.where(sampled_row, temperature, torch.ones_like(temperature))  # [B]
     scaled = scores / safe_t.unsqueeze(1)  # [B, V]; greedy rows: scores exactly
+    top_values, top_ids = scaled[:, :0], torch.zeros(batch, 0, dtype=torch.int64, device=scaled.device)  # [B, 0]
     if filtering:
         sorted_scaled, sorted_ids = torch.sort(scaled, dim=-1, descending=True, stable=True)  # [B, V] each
         kept = scaled >= filter_threshold(sorted_scaled, tensors)  # [B, V]
         candidates = scaled.masked_fill(~kept, float("-inf"))  # [B, V]
-        top_values, top_ids = sorted_scaled[:, :TOP_LOGPROBS], sorted_ids[:, :TOP_LOGPROBS]
+        if top_logprobs:  # the sort's head: free
+            top_values, top_ids = sorted_scaled[:, :TOP_LOGPROBS], sorted_ids[:, :TOP_LOGPROBS]
     else:
         candidates = scaled  # what filter_threshold keeps of a row that filters nothing
-        top_values, top_ids = top_ranked(scaled, TOP_LOGPROBS)
+        if top_logprobs:
+            top_values, top_ids = top_ranked(scaled, TOP_LOGPROBS)
     if noise:
         noisy = candidates + gumbel_noise(tensors.seed, tensors.position, vocab)  # [B, V]
         tokens = argmax_rows(torch.where(sampled_row.unsqueeze(1), noisy, scaled))  # [B]; one argmax for both kinds
@@ -408,7 +413,7 @@ def score_tokens(logits: Tensor, token_ids: Tensor) -> SampleOutput:
 def _with_logprobs(scaled: Tensor, tokens: Tensor, top_values: Tensor, top_ids: Tensor) -> SampleOutput:
     lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # [B, 1]
     token_value = scaled.gather(1, tokens.unsqueeze(1))  # [B, 1]
-    missing = TOP_LOGPROBS - top_ids.shape[1]  # > 0 only when V < 20
+    missing = TOP_LOGPROBS - top_ids.shape[1]  # > 0 only when V < 20 or the top-20 was skipped
     return SampleOutput(
         tokens=tokens,
         logprobs=(token_value - lse).squeeze(1),

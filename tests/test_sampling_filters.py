@@ -219,6 +219,38 @@ def test_skipping_the_noise_changes_nothing_when_every_row_is_greedy(batch, filt
         assert torch.equal(getattr(fast, f.name), getattr(full, f.name)), f.name
 
 
+@settings(max_examples=60, deadline=None)
+@given(batches(), st.booleans(), st.booleans())
+def test_skipping_the_top_20_changes_nothing_else(batch, filtering, masked):
+    # The engine passes top_logprobs=False when no row reads its top-20 (no logprobs, no beams).
+    logits, params, prompts, outputs = batch
+    if not filtering:
+        params = [p if not p.filters else dataclasses.replace(p, top_k=0, top_p=1.0, min_p=0.0) for p in params]
+    if masked:
+        logits[:, 1::3] = float("-inf")
+    penalties = PenaltyState.build(prompts, outputs, logits.shape[1], "cpu")
+    tensors = _build(params, list(range(len(params))))
+    full = sample(logits, tensors, penalties)
+    lean = sample(logits, tensors, penalties, filtering=filtering, top_logprobs=False)
+    for name in ("tokens", "logprobs", "ranks"):
+        assert torch.equal(getattr(lean, name), getattr(full, name)), name
+    assert lean.topk_ids.shape == full.topk_ids.shape and (lean.topk_ids == -1).all()
+    assert lean.topk_logprobs.shape == full.topk_logprobs.shape and (lean.topk_logprobs == float("-inf")).all()
+
+
+def test_without_the_top_20_nothing_is_ranked(monkeypatch):
+    import llmfx.sampler
+
+    logits = torch.randn(4, 50)
+    tensors = _build([SamplingParams(temperature=t) for t in (0.0, 0.7, 1.0, 0.0)])
+    expected = sample(logits, tensors)
+    monkeypatch.setattr(llmfx.sampler, "top_ranked", lambda *a: pytest.fail("ranked the top-20"))
+    monkeypatch.setattr(torch, "sort", lambda *a, **k: pytest.fail("sorted the vocabulary"))
+    monkeypatch.setattr(torch, "topk", lambda *a, **k: pytest.fail("took a topk"))
+    monkeypatch.setattr(torch.Tensor, "topk", lambda *a, **k: pytest.fail("took a topk"))
+    assert torch.equal(sample(logits, tensors, filtering=False, top_logprobs=False).tokens, expected.tokens)
+
+
 def test_without_noise_no_hash_is_computed(monkeypatch):
     import llmfx.sampler
 
@@ -445,6 +477,8 @@ def test_compiled_sample_with_filters_and_penalties_equals_eager():
     unfiltered = [dataclasses.replace(p, top_k=0, top_p=1.0, min_p=0.0) for p in params]
     tensors = _build(unfiltered, list(range(rows)))
     _assert_same_sample(compiled(logits, tensors, penalties, filtering=False), sample(logits, tensors, penalties))
+    _assert_same_sample(compiled(logits, tensors, penalties, filtering=False, top_logprobs=False),
+                        sample(logits, tensors, penalties, top_logprobs=False))
 
 
 def _assert_same_sample(compiled: SampleOutput, eager: SampleOutput) -> None:

@@ -9,6 +9,7 @@ postprocess and delivery. Any read of a tensor's values there is recorded and fa
 
 from __future__ import annotations
 
+import itertools
 import threading
 import traceback
 
@@ -95,8 +96,8 @@ def test_the_sampler_reads_no_tensor_back_in_any_variant(monkeypatch):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _o=original, **k: (
             reads.append(_n), _o(self, *a, **k))[1])
-    for filtering, noise in ((True, True), (False, True), (False, False), (True, False)):
-        sample(logits, tensors, penalties, filtering=filtering, noise=noise)
+    for filtering, noise, top in itertools.product((True, False), repeat=3):
+        sample(logits, tensors, penalties, filtering=filtering, noise=noise, top_logprobs=top)
     penalties.write([[4]] * 4, [[5, 6]] * 4)
     monkeypatch.undo()
     assert reads == []
