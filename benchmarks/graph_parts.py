@@ -3,8 +3,8 @@
 For the TinyLlama shape (dummy bf16 weights) and a few decode batch sizes, compiles (inductor, no
 cudagraphs) and captures by hand: the model forward alone, the sampler alone, and forward +
 sampler; replays each and reports microseconds per replay from CUDA events. The sampler runs as
-the engine runs it for the chosen sampling (without the filters and their vocabulary sort for
-greedy) and, as `sampler_filtering_us`, with the filters, which every batch ran before the variant
+the engine runs it for the chosen sampling (for greedy without logprobs: without the filters,
+their vocabulary sort and the top-20) and, as `sampler_filtering_us`, with the filters, which every batch ran before the variant
 without them existed. With --trace, prints the CUDA kernels of one forward + sampler replay at the
 smallest batch, grouped by name.
 """
@@ -58,12 +58,12 @@ def main() -> None:
                                  output_counts=torch.zeros(batch, cfg.vocab_size, dtype=torch.int32, device=device))
         logits = torch.randn(batch, cfg.vocab_size, device=device)
         fwd = torch.compile(lambda: forward(params, cfg, inputs, kv), fullgraph=True, dynamic=False)
-        smp = torch.compile(lambda: sample(logits, tensors, penalties, filtering=p.filters), fullgraph=True,
-                            dynamic=False)
+        smp = torch.compile(lambda: sample(logits, tensors, penalties, filtering=p.filters, top_logprobs=p.filters),
+                            fullgraph=True, dynamic=False)
         smp_filtering = torch.compile(lambda: sample(logits, tensors, penalties, filtering=True), fullgraph=True,
                                       dynamic=False)
-        both = torch.compile(lambda: sample(forward(params, cfg, inputs, kv), tensors, penalties, filtering=p.filters),
-                             fullgraph=True, dynamic=False)
+        both = torch.compile(lambda: sample(forward(params, cfg, inputs, kv), tensors, penalties, filtering=p.filters,
+                                            top_logprobs=p.filters), fullgraph=True, dynamic=False)
         with torch.inference_mode():
             row = {"batch": batch, "sampling": args.sampling}
             row["min_split"] = args.min_split

@@ -5,13 +5,15 @@ synchronization point. A decode token the host has not seen yet (the overlap sch
 placeholder) is gathered on the device from the token pool, which every step writes its sampled
 tokens into. Inputs arrive through one buffer and one copy (llmfx.step_inputs), results leave
 through one tensor and one copy. On CUDA the step is compiled and replayed as a CUDA graph per
-bucket, captured by hand around the unpacking of the input buffer and the compiled step (a replay
-copies nothing: every input has a fixed address) or recorded by inductor (mode="reduce-overhead",
-which copies the unpacked inputs into its own buffers at each replay). The step is compiled in
-two halves, model and sampler; the sampler half has two variants, with the top-k/top-p/min-p
-filters or, for a batch none of whose requests filters, without them (and without their
-vocabulary sort), so a bucket of SORT_FREE_MIN_ROWS[device] rows or more has two graphs.
-Warm-up compiles and records them all; afterwards a recompile raises.
+bucket, captured by hand (a replay copies nothing: every input has a fixed address) or recorded
+by inductor (mode="reduce-overhead", which copies the unpacked inputs into its own buffers at
+each replay). The step is compiled in two halves, model and sampler. The sampler half has
+variants (SamplerVariant): with the top-k/top-p/min-p filters and their vocabulary sort, or
+without them for a batch none of whose requests filters, and then with or without the top-20
+for a batch some or none of whose requests reads it (logprobs, beams). Captured by hand, a bucket
+has one graph of the model half (the unpacking of the input buffer included) and one small graph
+per sampler variant, replayed one after the other. Warm-up compiles and records them all;
+afterwards a recompile raises.
 """
 
 from __future__ import annotations
@@ -44,11 +46,19 @@ log = logging.getLogger(__name__)
 
 OUT_COLUMNS = 3 + 2 * TOP_LOGPROBS  # a step's packed output [B, OUT_COLUMNS]: token, logprob, rank, top-20 ids, logprobs
 GRAPH_CAPTURES = ("manual", "inductor")
-# Per device type: batches of at least this many rows that filter nothing run the sampler without its
-# vocabulary sort. On the H200, below 64 rows sorting measured as fast or faster (benchmarks/top_ranked.py:
-# 46 vs 69 us at 1 row, 77 vs 81 at 8; 197 vs 118 at 64), so small buckets keep one graph, the sorting
-# one. On the CPU the sort-free sampler is faster from one row up (benchmarks/sampler_variants.py).
-SORT_FREE_MIN_ROWS = {"cuda": 64, "cpu": 1}
+# Per device type: a batch that filters nothing but reads the top-20 takes it from a topk (sampler.top_ranked)
+# from this many rows, and from the filters' vocabulary sort below. The whole sampler on the H200
+# (benchmarks/sampler_variants.py, greedy rows): sort vs topk 81 vs 90 us at 1 row, 149 vs 100 at 2, 887 vs
+# 404 at 256. On the CPU the topk is faster from one row up.
+SORT_FREE_MIN_ROWS = {"cuda": 2, "cpu": 1}
+
+
+class SamplerVariant(NamedTuple):
+    """The promises one step's sampler runs under (llmfx.sampler.sample); each is a graph of its own."""
+
+    filtering: bool  # some row filters: sort the vocabulary (and take the top-20 from the sort's head)
+    noise: bool  # some row samples: draw the Gumbel noise (compiled steps always do)
+    top_logprobs: bool  # some row reads its top-20 (logprobs, beams), or the sort gives it anyway
 
 
 def check_graph_capture(value: str, field: str = "graph_capture") -> None:
@@ -123,17 +133,17 @@ class InFlight:
 
 def step_fn(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inputs: ForwardBatch, sampling: SamplingTensors,
             gather_rows: Tensor, penalties: PenaltyState, token_pool: Tensor, *, filtering: bool = True,
-            noise: bool = True) -> Tensor:
+            noise: bool = True, top_logprobs: bool = True) -> Tensor:
     """One step on the device: gather placeholder tokens, forward, sample, store tokens.
 
     gather_rows [T]: the token-pool row of a placeholder token, else -1. kv and token_pool
     [max_batch] are written in place (DONATED). filtering=False: no row filters; noise=False: every
-    row is greedy (sample's promises).
+    row is greedy; top_logprobs=False: no row reads its top-20 (sample's promises).
     Returns [B, OUT_COLUMNS] float64: one tensor, so the host needs one copy, and rows, so the
     host's [:B] slice of it is contiguous.
     """
     logits, unseen = forward_step(params, cfg, kv, inputs, gather_rows, token_pool)
-    return sample_step(logits, unseen, sampling, penalties, token_pool, filtering, noise)
+    return sample_step(logits, unseen, sampling, penalties, token_pool, filtering, noise, top_logprobs)
 
 
 def forward_step(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inputs: ForwardBatch, gather_rows: Tensor,
@@ -148,15 +158,15 @@ def forward_step(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inpu
 
 
 def sample_step(logits: Tensor, unseen: Tensor, sampling: SamplingTensors, penalties: PenaltyState, token_pool: Tensor,
-                filtering: bool, noise: bool = True) -> Tensor:
+                filtering: bool, noise: bool = True, top_logprobs: bool = True) -> Tensor:
     """step_fn's sampler half: sample, store the tokens in token_pool, pack the [B, OUT_COLUMNS] result.
 
-    Compiled apart from the model so that its two variants (filtering or not) share one compiled
-    forward; `filtering` is a constant the compiled function is specialized on.
+    Compiled apart from the model so that its variants share one compiled forward; `filtering`,
+    `noise` and `top_logprobs` are constants the compiled function is specialized on.
     """
     penalties = PenaltyState(prompt_mask=penalties.prompt_mask,
                              output_counts=count_tokens(penalties.output_counts, unseen))
-    out = sample(logits, sampling, penalties, filtering=filtering, noise=noise)
+    out = sample(logits, sampling, penalties, filtering=filtering, noise=noise, top_logprobs=top_logprobs)
     token_pool[: out.tokens.shape[0]].copy_(out.tokens)
     return torch.cat([out.tokens.unsqueeze(1).double(), out.logprobs.unsqueeze(1).double(),
                       out.ranks.unsqueeze(1).double(), out.topk_ids.double(), out.topk_logprobs.double()], dim=1)
@@ -178,7 +188,10 @@ class ModelEngine:
         self._cuda = self.device.type == "cuda"
         self._graphs_by_hand = engine_cfg.compile and self._cuda and engine_cfg.graph_capture == "manual"
         self._sort_free_min_rows = SORT_FREE_MIN_ROWS.get(self.device.type, 1)
-        self._step = self._compiled_step() if engine_cfg.compile else step_fn
+        # Recorded by inductor's cudagraph trees, which need to be told where each step begins.
+        self._trees = engine_cfg.compile and self._cuda and not self._graphs_by_hand
+        self._forward_half, self._sampler_half = self._compiled_halves() if engine_cfg.compile else (forward_step,
+                                                                                                     sample_step)
         self._warm = False
         self._stager = StepStager(page_size=engine_cfg.page_size, max_pages=engine_cfg.max_pages_per_seq,
                                   max_rows=engine_cfg.max_batch_size, engine_seed=engine_cfg.seed,
@@ -191,7 +204,9 @@ class ModelEngine:
         self._device_views: dict[StepLayout, StepViews] = {}  # cached: a graph's inputs keep their addresses
         self._reserve_inputs(size)
         self._host_out = [torch.zeros(rows, OUT_COLUMNS, dtype=torch.float64, pin_memory=self._cuda) for _ in range(2)]
-        self._parity = 0  # which pinned input/output pair the next launch uses
+        # Each output buffer's "copy landed" event, re-recorded when the buffer is reused (its step is collected).
+        self._ready = [torch.cuda.Event() for _ in range(2)] if self._cuda else None
+        self._parity = 0  # which pinned input/output pair and event the next launch uses
         # The second donated buffer: the last sampled token of each row of the previous step.
         self._token_pool = torch.zeros(engine_cfg.max_batch_size, dtype=torch.int64, device=self.device)
         # Penalty inputs: zero except while a penalized batch runs; views per row count are cached.
@@ -199,8 +214,9 @@ class ModelEngine:
         self._penalty_counts = torch.zeros(rows, cfg.vocab_size, dtype=torch.int32, device=self.device)
         self._penalty_views: dict[int, PenaltyState] = {}
         self._dirty_penalty_rows = 0
-        # One graph per bucket and sampler variant (filtering or not; compiled steps always draw noise), by hand.
-        self._graphs: dict[tuple[StepLayout, bool], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        # Captured by hand: the model half's graph per bucket, and the sampler half's per bucket and variant.
+        self._forward_graphs: dict[StepLayout, torch.cuda.CUDAGraph] = {}
+        self._sampler_graphs: dict[tuple[StepLayout, SamplerVariant], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
 
     def peak_activation_bytes(self) -> int:
         """Device memory the largest buckets need beyond weights, measured by running them eagerly (CUDA only)."""
@@ -234,7 +250,7 @@ class ModelEngine:
 
     def _compile_and_capture(self, layers: tuple[LayerKV, ...]) -> None:
         keys = self.engine_cfg.buckets.all_keys()
-        if self._cuda and not self._graphs_by_hand:
+        if self._trees:
             _cudagraph_thread_state()
         static = [self._token_pool, *_tensors(self.params), *(t for layer in layers for t in layer)]
         for key in keys:  # create every bucket's penalty views once, so each graph reads fixed addresses
@@ -243,30 +259,50 @@ class ModelEngine:
             for tensor in static:
                 torch._dynamo.mark_static_address(tensor)
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle() if self._graphs_by_hand else None
-        # Decode sizes ascending, then token counts: size 1 compiles apart (0/1 specialization). Every
-        # sampler variant a batch of the bucket can get, from every combination of the facts that pick it.
-        variants = [(key, variant) for key in keys for variant in dict.fromkeys(
-            self._sampler_variant(filtering, sampled, key.num_seqs)
-            for filtering, sampled in ((True, True), (False, True), (False, False)))]
-        for key, (filtering, noise) in variants:
-            args = (self.params, self.cfg, layers, *self._padding_args(key))
+        pool = torch.cuda.graph_pool_handle() if self._graphs_by_hand else None  # one pool: graphs replay in turn
+        num_variants = 0
+        # Decode sizes ascending, then token counts: size 1 compiles apart (0/1 specialization).
+        for key in keys:
+            args = self._padding_args(key)
+            variants = self.sampler_variants(key.num_seqs)
+            num_variants += len(variants)
             if self._graphs_by_hand:
-                for _ in range(2):  # compile (automatic dynamic shapes may recompile once), then settle
-                    self._step(*args, filtering=filtering, noise=noise)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):  # unpacking the staged inputs included
-                    out = self._step(self.params, self.cfg, layers,
-                                     *self._step_args(self._layout_of(key), self._penalties_of(key.num_seqs)),
-                                     filtering=filtering, noise=noise)
-                self._graphs[self._layout_of(key), filtering] = (graph, out)
-            else:
-                for _ in range(3):  # cudagraph trees: warm-up run, then record, then replay
-                    self._step(*args, filtering=filtering, noise=noise)
+                self._capture(key, layers, args, variants, pool)
+                continue
+            for variant in variants:
+                for _ in range(3):  # compile; with cudagraph trees, warm-up run, then record, then replay
+                    self._step(layers, *args, variant)
         if self._cuda:
             torch.cuda.synchronize(self.device)
-        log.info("compiled and captured %d graphs for %d buckets (%s) in %.1f s", len(variants), len(keys),
+        log.info("compiled and captured %d buckets with %d sampler variants (%s) in %.1f s", len(keys), num_variants,
                  self.engine_cfg.graph_capture, time.perf_counter() - start)
+
+    def _capture(self, key: BucketKey, layers: tuple[LayerKV, ...], args: tuple, variants: tuple[SamplerVariant, ...],
+                 pool) -> None:
+        """Compile and capture bucket key's model-half graph, then one sampler-half graph per variant."""
+        inputs, sampling, gather_rows, penalties, token_pool = args
+        for _ in range(2):  # compile (automatic dynamic shapes may recompile once), then settle
+            self._forward_half(self.params, self.cfg, layers, inputs, gather_rows, token_pool)
+        layout = self._layout_of(key)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):  # unpacking the staged inputs included
+            inputs, sampling, gather_rows, penalties, token_pool = self._step_args(layout, penalties)
+            logits, unseen = self._forward_half(self.params, self.cfg, layers, inputs, gather_rows, token_pool)
+        graph.replay()  # the sampler's warm-up runs read real values (a token id indexes the penalty counts)
+        self._forward_graphs[layout] = graph
+        for variant in variants:
+            for _ in range(2):
+                self._sampler_half(logits, unseen, sampling, penalties, token_pool, *variant)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._sampler_half(logits, unseen, sampling, penalties, token_pool, *variant)
+            self._sampler_graphs[layout, variant] = (graph, out)
+
+    def sampler_variants(self, num_seqs: int) -> tuple[SamplerVariant, ...]:
+        """Every sampler variant a batch of num_seqs rows can run with: those warm-up compiles and captures."""
+        return tuple(dict.fromkeys(self._sampler_variant(filtering, sampled, top, num_seqs)
+                                   for filtering in (True, False) for sampled in (True, False)
+                                   for top in (True, False)))
 
     def launch(self, kv: KVPool, batch: ScheduledBatch, sequences: Mapping[int, SequenceState]) -> tuple[KVPool, InFlight]:
         """Queue the batch on the device and return at once; kv is DONATED. Raises StepFailed with the live kv."""
@@ -281,23 +317,21 @@ class ModelEngine:
                 ids = [s.request_id for s in batch.seqs]
                 facts = self._stage(layout, batch, ids, sequences, parity)
                 penalties = self._penalties(layout.num_seqs, batch, sequences, facts.penalized)
-                filtering, noise = self._sampler_variant(facts.filtering, facts.sampled, layout.num_seqs)
+                variant = self._sampler_variant(facts.filtering, facts.sampled, bool(facts.top_rows), layout.num_seqs)
                 if self._graphs_by_hand:
-                    graph, out = self._graphs[layout, filtering]
-                    graph.replay()
+                    out = self._replay(layout, variant)
                 else:
                     compiled = self.engine_cfg.compile
                     with torch.compiler.set_stance("fail_on_recompile") if compiled else contextlib.nullcontext():
-                        out = self._step(self.params, self.cfg, layers, *self._step_args(layout, penalties),
-                                         filtering=filtering, noise=noise)
+                        out = self._step(layers, *self._step_args(layout, penalties), variant)
                 # Copy the results out before the next replay overwrites the graph's outputs. The
                 # destination must be contiguous: into a strided one, a non-blocking copy lands in a
                 # temporary that is read back at once, before the device has written it.
                 host = self._grow_host_out(parity, layout.num_seqs)[: layout.num_seqs]
                 host.copy_(out, non_blocking=True)
                 ready = None
-                if self._cuda:
-                    ready = torch.cuda.Event()
+                if self._ready is not None:
+                    ready = self._ready[parity]
                     ready.record()
         except Exception as err:
             # The pool is intact apart from this batch's rows, whose requests the caller fails.
@@ -335,13 +369,31 @@ class ModelEngine:
         kv, inflight = self.launch(kv, batch, sequences)
         return kv, self.collect(inflight)
 
-    def _sampler_variant(self, filtering: bool, sampled: bool, num_seqs: int) -> tuple[bool, bool]:
-        """(filtering, noise) the sampler runs with for a batch of num_seqs rows with these facts.
+    def _replay(self, layout: StepLayout, variant: SamplerVariant) -> Tensor:
+        """Replay the graphs captured by hand for a step of this layout and sampler variant; their packed output."""
+        self._forward_graphs[layout].replay()
+        graph, out = self._sampler_graphs[layout, variant]
+        graph.replay()
+        return out
 
-        The sort is skipped only from SORT_FREE_MIN_ROWS rows (measured per device); the noise only
-        on the eager path: compiled, a noise-free variant would be a third graph per bucket (unmeasured).
+    def _step(self, layers: tuple[LayerKV, ...], inputs: ForwardBatch, sampling: SamplingTensors, gather_rows: Tensor,
+              penalties: PenaltyState, token_pool: Tensor, variant: SamplerVariant) -> Tensor:
+        """step_fn through the engine's halves (compiled or not), for the paths that do not replay graphs by hand."""
+        if self._trees:  # a new step: the sampler half reads the model half's outputs of this step only
+            torch.compiler.cudagraph_mark_step_begin()
+        logits, unseen = self._forward_half(self.params, self.cfg, layers, inputs, gather_rows, token_pool)
+        return self._sampler_half(logits, unseen, sampling, penalties, token_pool, *variant)
+
+    def _sampler_variant(self, filtering: bool, sampled: bool, top_logprobs: bool, num_seqs: int) -> SamplerVariant:
+        """The sampler variant a batch of num_seqs rows with these facts runs with.
+
+        A batch that reads the top-20 takes it from the sort below SORT_FREE_MIN_ROWS rows (measured
+        per device), so the sort's variant gives the top-20 always. Only the eager path skips the noise
+        (compiled, the noise-free variant measured 2-22 us faster on the H200: not worth a graph each).
         """
-        return filtering or num_seqs < self._sort_free_min_rows, sampled or self.engine_cfg.compile
+        filtering = filtering or (top_logprobs and num_seqs < self._sort_free_min_rows)
+        return SamplerVariant(filtering=filtering, noise=sampled or self.engine_cfg.compile,
+                              top_logprobs=top_logprobs or filtering)
 
     def _layout_of(self, key: BucketKey) -> StepLayout:
         return StepLayout(num_tokens=key.num_tokens, num_seqs=key.num_seqs, max_pages=self.engine_cfg.max_pages_per_seq)
@@ -434,7 +486,7 @@ class ModelEngine:
         self._device_in[: layout.size].copy_(host[: layout.size])
         return self._step_args(layout, self._penalties_of(key.num_seqs))
 
-    def _compiled_step(self):
+    def _compiled_halves(self):
         buckets = self.engine_cfg.buckets
         assert buckets is not None, "compiling needs buckets"
         # Headroom over the bucket count; after warm-up any recompile is an error.
@@ -443,22 +495,11 @@ class ModelEngine:
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
         # mode="reduce-overhead" is the option triton.cudagraphs; spelled out so more options can join it.
-        trees = self._cuda and not self._graphs_by_hand
-        options = {"triton.cudagraphs": trees, **dict(self.engine_cfg.inductor_options)}
+        options = {"triton.cudagraphs": self._trees, **dict(self.engine_cfg.inductor_options)}
         # dynamic=None: the first two sizes compile, after which one shape-generic graph serves every
         # bucket (automatic dynamic shapes); CUDA graphs are still recorded per bucket size.
-        model_half, sampler_half = (torch.compile(fn, options=options, fullgraph=True,
-                                                  dynamic=self.engine_cfg.compile_dynamic)
-                                    for fn in (forward_step, sample_step))
-
-        def compiled_step(params, cfg, kv, inputs, sampling, gather_rows, penalties, token_pool, *, filtering=True,
-                          noise=True):
-            if trees:  # a new step: the sampler half reads the model half's outputs of this step only
-                torch.compiler.cudagraph_mark_step_begin()
-            logits, unseen = model_half(params, cfg, kv, inputs, gather_rows, token_pool)
-            return sampler_half(logits, unseen, sampling, penalties, token_pool, filtering, noise)
-
-        return compiled_step
+        return tuple(torch.compile(fn, options=options, fullgraph=True, dynamic=self.engine_cfg.compile_dynamic)
+                     for fn in (forward_step, sample_step))
 
 
 def _cudagraph_thread_state() -> None:

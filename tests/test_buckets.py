@@ -11,7 +11,7 @@ from llmfx.buckets import BucketKey, default_decode_sizes, make_buckets
 from llmfx.kv_pool import KVPool
 from llmfx.llm import LLM
 from llmfx import model_engine
-from llmfx.model_engine import EngineConfig, ModelEngine, step_fn
+from llmfx.model_engine import EngineConfig, ModelEngine, SamplerVariant, step_fn
 from llmfx.sampling_params import SamplingParams
 from llmfx.scheduler import Request, ScheduledBatch, ScheduledSeq, SequenceState
 from llmfx.weights import load_params, resolve_model
@@ -94,8 +94,8 @@ def test_compiled_step_serves_every_bucket_without_recompiling_after_warmup():
     compiled = _mixed_then_decode(*_engine(True, make_buckets(4, 32, [1, 2, 4])))
     assert compiled == exact
     # Shape-generic after the first sizes: at most 3 graphs each for the model half and for each of the
-    # sampler half's two variants (filtering or not), for all seven buckets.
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before <= 3 + 2 * 3
+    # sampler half's three variants (sort, sort-free, lean), for all seven buckets.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before <= 3 + 3 * 3
 
 
 def test_bucket_key_is_hashable_for_graph_tables():
@@ -132,56 +132,62 @@ def test_results_land_in_a_contiguous_pinned_slice():
     assert set(engine.collect(inflight).sampled) == {0, 1, 2}
 
 
+def _variant_of_a_step(engine, kv, params: list[SamplingParams]):
+    """The SamplerVariant the engine runs one decode step of requests with these params with."""
+    calls, step = [], engine._step
+    engine._step = lambda *args: calls.append(args[-1]) or step(*args)
+    requests = {i: SequenceState(request=Request(request_id=i, prompt_token_ids=(5,), params=p))
+                for i, p in enumerate(params)}
+    seqs = tuple(ScheduledSeq(request_id=i, token_ids=(3,), start_pos=0, pages=(1 + i,), sample=True)
+                 for i in range(len(params)))
+    engine.execute(kv, ScheduledBatch(seqs=seqs), requests)
+    assert len(calls) == 1
+    return calls[0]
+
+
+GREEDY_LOGPROBS = SamplingParams(temperature=0.0, logprobs=2)
+BEAM = SamplingParams(temperature=0.0, use_beam_search=True, beam_width=2)
+
+
 @pytest.mark.parametrize(("min_rows", "params", "expected"), [
-    (64, SamplingParams(temperature=0.0), True),  # a small batch keeps the sorting sampler
-    (1, SamplingParams(temperature=0.0), False),
-    (1, SamplingParams(temperature=0.8, seed=1), False),
-    (1, SamplingParams(temperature=0.0, top_k=3), False),  # greedy rows ignore their filters
-    (1, SamplingParams(temperature=0.8, top_p=0.9), True),
-    (1, SamplingParams(temperature=0.8, min_p=0.1), True),
+    # (filtering, noise, top_logprobs); the other row is greedy without logprobs
+    (64, SamplingParams(temperature=0.0), (False, False, False)),  # nothing to sort or rank, at any size
+    (64, GREEDY_LOGPROBS, (True, False, True)),  # a small batch takes its top-20 from the sort
+    (1, GREEDY_LOGPROBS, (False, False, True)),
+    (1, BEAM, (False, False, True)),  # beams choose among their top-20
+    (1, SamplingParams(temperature=0.8, seed=1), (False, True, False)),
+    (1, SamplingParams(temperature=0.0, top_k=3), (False, False, False)),  # greedy rows ignore their filters
+    (1, SamplingParams(temperature=0.8, top_p=0.9), (True, True, True)),  # the sort gives the top-20 anyway
+    (1, SamplingParams(temperature=0.8, min_p=0.1), (True, True, True)),
 ])
-def test_a_batch_runs_the_sort_free_sampler_only_when_no_row_filters_and_it_is_large_enough(
-        monkeypatch, min_rows, params, expected):
+def test_a_batch_runs_the_sampler_variant_its_requests_allow(monkeypatch, min_rows, params, expected):
     monkeypatch.setitem(model_engine.SORT_FREE_MIN_ROWS, "cpu", min_rows)
     engine, kv = _engine(False, None)
-    calls, step = [], engine._step
-    engine._step = lambda *args, filtering, **kw: calls.append(filtering) or step(*args, filtering=filtering, **kw)
-    requests = {i: SequenceState(request=Request(request_id=i, prompt_token_ids=(5,), params=p))
-                for i, p in enumerate([SamplingParams(temperature=0.0), params])}
-    seqs = tuple(ScheduledSeq(request_id=i, token_ids=(3,), start_pos=0, pages=(1 + i,), sample=True) for i in range(2))
-    engine.execute(kv, ScheduledBatch(seqs=seqs), requests)
-    assert calls == [expected]
+    assert _variant_of_a_step(engine, kv, [SamplingParams(temperature=0.0), params]) == SamplerVariant(*expected)
 
 
-def test_warmup_compiles_the_sort_free_sampler_only_for_large_enough_buckets(monkeypatch):
+def test_warmup_compiles_every_variant_a_bucket_can_run(monkeypatch):
     monkeypatch.setitem(model_engine.SORT_FREE_MIN_ROWS, "cpu", 2)
     source = resolve_model("tiny")
     engine = ModelEngine(load_params(source), source.config, EngineConfig(
         page_size=4, seed=0, max_pages_per_seq=16, buckets=make_buckets(4, 32, [1, 2, 4]), compile=True))
-    variants = []  # (rows, filtering, noise) of each step warm-up runs; the eager step stands in for the compiled one
-    engine._step = lambda *args, filtering, noise: variants.append(
-        (args[3].logits_indices.shape[0], filtering, noise)) or step_fn(*args, filtering=filtering, noise=noise)
+    variants = set()  # (rows, variant) of each step warm-up runs; the eager halves stand in for the compiled ones
+    engine._forward_half, engine._sampler_half = model_engine.forward_step, model_engine.sample_step
+    step = engine._step
+    engine._step = lambda layers, inputs, *args: variants.add((inputs.logits_indices.shape[0], args[-1])) or step(
+        layers, inputs, *args)
     engine.warmup(KVPool.allocate(source.config, 40, 4, torch.float32, "cpu"))
-    # Compiled steps always draw the noise: no noise-free variant is compiled.
-    assert set(variants) == {(1, True, True), (2, True, True), (2, False, True), (4, True, True), (4, False, True)}
-
-
-def test_the_cpu_runs_the_sort_free_sampler_from_one_row():
-    # Measured on the CPU box (benchmarks/sampler_variants.py); the H200 keeps sorting below 64 rows.
-    engine, kv = _engine(False, None)
-    calls, step = [], engine._step
-    engine._step = lambda *args, filtering, **kw: calls.append(filtering) or step(*args, filtering=filtering, **kw)
-    requests = {0: SequenceState(request=Request(request_id=0, prompt_token_ids=(5,), params=SamplingParams()))}
-    engine.execute(kv, ScheduledBatch(seqs=(ScheduledSeq(request_id=0, token_ids=(3,), start_pos=0, pages=(1,),
-                                                         sample=True),)), requests)
-    assert calls == [False]
+    sort, sort_free, lean = SamplerVariant(True, True, True), SamplerVariant(False, True, True), SamplerVariant(
+        False, True, False)  # compiled steps always draw the noise
+    assert variants == {(1, sort), (1, lean)} | {(rows, v) for rows in (2, 4) for v in (sort, sort_free, lean)}
+    assert engine.sampler_variants(1) == (sort, lean)
 
 
 @pytest.mark.parametrize(("temperatures", "noise"), [((0.0, 0.0), False), ((0.0, 0.7), True)])
 def test_the_eager_step_skips_the_noise_only_for_a_greedy_batch(temperatures, noise):
     engine, kv = _engine(False, None)
     calls, step = [], engine._step
-    engine._step = lambda *args, **variant: calls.append(variant["noise"]) or step(*args, **variant)
+    engine._step = lambda *args: calls.append(args[-1].noise) or step(*args)
     requests = {i: SequenceState(request=Request(request_id=i, prompt_token_ids=(5,),
                                                  params=SamplingParams(temperature=t, seed=1)))
                 for i, t in enumerate(temperatures)}

@@ -10,7 +10,7 @@ from llmfx.kv_cache import KvCacheConfig
 from llmfx.kv_pool import KVPool
 from llmfx.llm import LLM
 from llmfx import model_engine
-from llmfx.model_engine import EngineConfig, ModelEngine, step_fn
+from llmfx.model_engine import EngineConfig, ModelEngine, SamplerVariant, step_fn
 from llmfx.sampling_params import SamplingParams
 from llmfx.scheduler import Request, ScheduledBatch, ScheduledSeq, SequenceState
 from llmfx.weights import load_params, resolve_model
@@ -40,56 +40,62 @@ def test_cuda_graph_buckets_equal_the_eager_path_without_skips(hf_checkpoint):
 
 
 def test_graphs_captured_by_hand_equal_inductors_and_the_eager_path(hf_checkpoint, monkeypatch):
-    monkeypatch.setitem(model_engine.SORT_FREE_MIN_ROWS, "cuda", 4)  # buckets 4 and 8 get both sampler variants
+    monkeypatch.setitem(model_engine.SORT_FREE_MIN_ROWS, "cuda", 4)  # buckets 4 and 8 get all three sampler variants
     _, path = hf_checkpoint("llama")
     assert _serve(path, cuda_graph_capture="manual") == _serve(path, enforce_eager=True)
     with LLM(path, skip_tokenizer_init=True, dtype="float32", device="cuda", max_batch_size=8, max_num_tokens=64,
              kv_cache_config=KvCacheConfig(page_size=4, max_tokens=4096), cuda_graph_capture="manual") as llm:
         engine = llm._engine
-        captured = set(engine._graphs)
-        assert captured == {(engine._layout_of(k), filtering) for k in engine.engine_cfg.buckets.all_keys()
-                            for filtering in (True, False) if filtering or k.num_seqs >= 4}
-        assert any(not filtering for _, filtering in captured)
+        keys = engine.engine_cfg.buckets.all_keys()
+        forward, sampler = set(engine._forward_graphs), set(engine._sampler_graphs)
+        assert forward == {engine._layout_of(k) for k in keys}
+        assert sampler == {(engine._layout_of(k), v) for k in keys for v in engine.sampler_variants(k.num_seqs)}
+        assert {len(engine.sampler_variants(k.num_seqs)) for k in keys} == {2, 3}
         llm.generate(MIXED, GREEDY, use_tqdm=False)
-        assert set(engine._graphs) == captured  # serving replays; it never captures
+        assert (set(engine._forward_graphs), set(engine._sampler_graphs)) == (forward, sampler)  # never captures
 
 
 @pytest.mark.parametrize("capture", ["manual", "inductor"])
 def test_every_compiled_step_equals_the_eager_step_on_the_same_inputs(hf_checkpoint, capture, monkeypatch):
     # Stricter than comparing finished outputs: after each replay, step_fn runs eagerly on the very
-    # inputs the graph read (same staged buffer, KV pool and token pool), and every sampled token
-    # must match. Seeded sampled rows make the noise path count, not only the argmax. The eager step
-    # always filters: once the short top-p requests finish, the graphs run the sampler without the
-    # filters, which must sample the same tokens.
-    monkeypatch.setitem(model_engine.SORT_FREE_MIN_ROWS, "cuda", 1)  # every bucket has both sampler variants
+    # inputs the graph read (same staged buffer, KV pool and token pool), and every sampled token,
+    # and the top-20 where the variant computes it, must match. Seeded sampled rows make the noise
+    # path count, not only the argmax. The eager step always filters and ranks: once the short top-p
+    # request finishes, the graphs run the sampler without the filters (top-20 by topk), and once
+    # the logprobs request finishes, without the top-20 too; each must sample the same tokens.
+    monkeypatch.setitem(model_engine.SORT_FREE_MIN_ROWS, "cuda", 1)  # every bucket has all three variants
     _, path = hf_checkpoint("qwen2")
     compared, variants = [], set()
     with LLM(path, skip_tokenizer_init=True, dtype="float32", device="cuda", max_batch_size=8, max_num_tokens=64,
              kv_cache_config=KvCacheConfig(page_size=4, max_tokens=4096), cuda_graph_capture=capture,
              disable_overlap_scheduler=True) as llm:
         engine = llm._engine
-        launch = engine.launch
+        launch, choose = engine.launch, engine._sampler_variant
+        chosen = []
+        engine._sampler_variant = lambda *args: chosen.append(choose(*args)) or chosen[-1]
 
         def launch_and_compare(kv, batch, sequences):
             layers = kv.layers
             kv, inflight = launch(kv, batch, sequences)
             torch.cuda.synchronize()
-            n = len(batch.seqs)
-            graph_tokens = inflight.host[:n, 0].tolist()
+            n, variant = len(batch.seqs), chosen[-1]
+            variants.add(variant)
+            columns = [0, *range(3, 8)] if variant.top_logprobs else [0]  # the token, then the top-5 ids
             layout = engine._layout(batch)
-            variants.add(any(sequences[s.request_id].request.params.filters for s in batch.seqs))
             with torch.inference_mode():
                 eager = step_fn(engine.params, engine.cfg, layers,
                                 *engine._step_args(layout, engine._penalties_of(layout.num_seqs)), filtering=True)
-            compared.append((layout, graph_tokens, eager[:n, 0].tolist()))
+            compared.append((layout, inflight.host[:n, columns].tolist(), eager[:n, columns].cpu().tolist()))
             return kv, inflight
 
         engine.launch = launch_and_compare
         top_p = SamplingParams(temperature=0.9, top_p=0.8, seed=5, max_tokens=6, ignore_eos=True, detokenize=False)
+        logprobs = SamplingParams(temperature=0.0, logprobs=3, max_tokens=14, ignore_eos=True, detokenize=False)
         llm.generate(MIXED, [GREEDY, SamplingParams(temperature=0.8, seed=3, max_tokens=40, ignore_eos=True,
-                                                    detokenize=False), GREEDY, top_p, GREEDY] * 2, use_tqdm=False)
+                                                    detokenize=False), logprobs, top_p, GREEDY] * 2, use_tqdm=False)
     assert len({layout for layout, _, _ in compared}) >= 3  # decode and mixed buckets both ran
-    assert variants == {True, False}  # both sampler variants ran
+    assert variants == {SamplerVariant(True, True, True), SamplerVariant(False, True, True),
+                        SamplerVariant(False, True, False)}  # sort, sort-free, lean
     assert [(layout, graph) for layout, graph, _ in compared] == [(layout, eager) for layout, _, eager in compared]
 
 
