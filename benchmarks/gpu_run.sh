@@ -10,7 +10,7 @@
 #   busy     step_profile at batch 64, context 1024: GPU busy with the overlap scheduler on and off
 #   ropekv   the fused rope + KV-write kernel: its GPU tests and the decoder's parity tests, then its benchmark
 #   gc       offline without peers, as is and with gc.freeze() before the timed run (GC time and full collections reported)
-#   ab       served steps (step_profile, batch 64 / 256, context 1024) of this tree and of the tree in $BASELINE
+#   ab       served steps (step_profile, batch 64 / 256 or $AB_BATCHES, context 1024) of this tree and of the tree in $BASELINE
 #            (e.g. `git archive REV | tar -x -C .device/base`, carried), each with its own compile cache
 # Logs and results go to $OUT (the device tool brings them back).
 set -uo pipefail
@@ -23,7 +23,7 @@ work=/tmp/llmfx-bench
 for stage in "$@"; do
   start=$(date +%s)
   case "$stage" in
-    tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    tests) python3 -m pytest -q -o addopts="" -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     latency) llmfx bench latency --workdir $work --save "$OUT" --tag=-latency 2>&1 | tee "$OUT/latency.log" | tail -30 ;;
     offline) llmfx bench offline --workdir $work --save "$OUT" --tag=-offline 2>&1 | tee "$OUT/offline.log" | tail -12
              llmfx bench offline --workdir $work --no-peers --disable-overlap-scheduler --save "$OUT" \
@@ -51,7 +51,7 @@ for stage in "$@"; do
         for tree in "$PWD" "$BASELINE"; do
           name=$([ "$tree" = "$PWD" ] && echo new || echo base)
           (cd "$tree" && PYTHONPATH="$tree" TORCHINDUCTOR_CACHE_DIR=/tmp/llmfx-inductor-$name python3 \
-             benchmarks/step_profile.py --batches 64,256 --context 1024 --steps 100 --max-num-tokens 2048 \
+             benchmarks/step_profile.py --batches ${AB_BATCHES:-64,256} --context 1024 --steps 100 --max-num-tokens 2048 \
              --save "$OUT" --tag=-ab-$name 2>&1 | tee -a "$OUT/ab.log" | grep '^{')
         done ;;
     *) echo "unknown stage $stage" ;;
