@@ -234,19 +234,28 @@ def _hf_offline(path: Path, work: list[tuple[list[int], int]]) -> list[Row]:
                 metric="output_tokens_per_s", value=tokens / elapsed)]
 
 
+def startup_env(workdir: Path) -> dict[str, str]:
+    """The environment of the startup runs: compile caches under workdir, empty for the cold run.
+
+    Both caches: inductor's, and Triton's for llmfx's own kernels (by default ~/.triton/cache, shared
+    by every run on the machine, so an earlier run would warm a "cold" one, e.g. the second tree of an A/B).
+    """
+    return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor-cache"),
+            "TRITON_CACHE_DIR": str(workdir / "triton-cache")}
+
+
 def startup(model: str, workdir: Path | None = None) -> list[Row]:
     """Process start to first token, with an empty compile cache and then with that cache warm."""
     workdir = workdir or Path(tempfile.mkdtemp())
     path = hf_checkpoint(model, workdir)
-    cache = workdir / "inductor-cache"
     script = ("import time, json; t0 = time.perf_counter(); from llmfx.llm import LLM; "
               "from llmfx.sampling_params import SamplingParams as S; "
               f"llm = LLM({str(path)!r}, skip_tokenizer_init=True, dtype='bfloat16', max_batch_size=256); "
               "llm.generate([[1, 2, 3]], S(max_tokens=1, detokenize=False), use_tqdm=False); "
               "print(json.dumps({'total': time.perf_counter() - t0, **llm.startup_seconds})); llm.shutdown()")
     rows = []
+    env = startup_env(workdir)
     for kind in ("cold", "warm"):
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
         start = time.perf_counter()
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
         wall = time.perf_counter() - start

@@ -15,6 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from llmfx import bench
 from llmfx.bench import offline_workload, save_rows, warmup_prompts
 
 
@@ -96,7 +97,7 @@ def test_sampler_variants_benchmark_runs_on_cpu(tmp_path):
           str(tmp_path)])
     rows = json.loads((tmp_path / "sampler-variants-cpu.json").read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 3]
-    assert all(r[f"{v}_ms"] > 0 and len(r[f"{v}_round_ms"]) == 2 for r in rows for v in ("sorting", "sort_free", "greedy"))
+    assert all(r[f"{v}_ms"] > 0 and len(r[f"{v}_round_ms"]) == 2 for r in rows for v in ("sorting", "sort_free", "greedy", "lean"))
 
 
 def test_gc_timer_counts_collections_per_generation():
@@ -119,7 +120,6 @@ def test_gc_timer_counts_collections_per_generation():
 def test_offline_reports_gc_and_leaves_nothing_frozen(monkeypatch, tmp_path, gc_freeze):
     import gc
 
-    from llmfx import bench
 
     from llmfx.llm import LLM
 
@@ -133,3 +133,13 @@ def test_offline_reports_gc_and_leaves_nothing_frozen(monkeypatch, tmp_path, gc_
     assert rows["output_tokens_per_s"] > 0 and rows["gc_s"] >= 0 and rows["gc_full_collections"] >= 0
     assert frozen_during[0] == before and (frozen_during[1] > before) == gc_freeze
     assert gc.get_freeze_count() == before  # unfrozen after the timed run
+
+
+def test_startup_runs_cold_then_warm_with_both_compile_caches_under_its_workdir(tmp_path):
+    env = bench.startup_env(tmp_path)
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor-cache")
+    assert env["TRITON_CACHE_DIR"] == str(tmp_path / "triton-cache")  # not ~/.triton, which other runs warm
+    rows = {r.metric: r.value for r in bench.startup("tiny", tmp_path)}
+    for kind in ("cold", "warm"):
+        assert rows[f"{kind}_s"] >= rows[f"{kind}_total_s"] > rows[f"{kind}_load_s"] > 0
+        assert f"{kind}_compile_and_capture_s" in rows
