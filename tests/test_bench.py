@@ -143,3 +143,9 @@ def test_startup_runs_cold_then_warm_with_both_compile_caches_under_its_workdir(
     for kind in ("cold", "warm"):
         assert rows[f"{kind}_s"] >= rows[f"{kind}_total_s"] > rows[f"{kind}_load_s"] > 0
         assert f"{kind}_compile_and_capture_s" in rows
+
+
+def test_columnar_floor_sketch_runs(capsys):
+    runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "columnar_floor.py"), run_name="not_main")[
+        "main"](["--batch", "8", "--steps", "40", "--context", "64"])
+    assert capsys.readouterr().out.startswith("batch 8: median ")
