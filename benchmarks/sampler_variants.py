@@ -10,7 +10,7 @@ eager engine path takes for a greedy-only batch), `lean` skips the sort and the 
 same tokens, logprobs and ranks (checked before timing; the top-20 too, except lean's, which has
 none); only the cost differs. On CUDA each variant is compiled and replayed as a CUDA graph
 (launch overhead out); on the CPU it runs eagerly, as the engine's CPU path does, the variants
-alternating so that the box's drift hits both, and the figure is the median of the rounds' medians.
+alternating so that the box's drift hits them all, and the figure is the median of the rounds' medians.
 """
 
 import argparse
