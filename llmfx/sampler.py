@@ -365,17 +365,18 @@ def sample(logits: Tensor, tensors: SamplingTensors, penalties: PenaltyState | N
     sampled_row = temperature > 0  # [B]
     safe_t = torch.where(sampled_row, temperature, torch.ones_like(temperature))  # [B]
     scaled = scores / safe_t.unsqueeze(1)  # [B, V]; greedy rows: scores exactly
-    top_values, top_ids = scaled[:, :0], torch.zeros(batch, 0, dtype=torch.int64, device=scaled.device)  # [B, 0]
     if filtering:
         sorted_scaled, sorted_ids = torch.sort(scaled, dim=-1, descending=True, stable=True)  # [B, V] each
         kept = scaled >= filter_threshold(sorted_scaled, tensors)  # [B, V]
         candidates = scaled.masked_fill(~kept, float("-inf"))  # [B, V]
-        if top_logprobs:  # the sort's head: free
-            top_values, top_ids = sorted_scaled[:, :TOP_LOGPROBS], sorted_ids[:, :TOP_LOGPROBS]
     else:
         candidates = scaled  # what filter_threshold keeps of a row that filters nothing
-        if top_logprobs:
-            top_values, top_ids = top_ranked(scaled, TOP_LOGPROBS)
+    if not top_logprobs:  # [B, 0]: _with_logprobs pads every column
+        top_values, top_ids = scaled[:, :0], torch.zeros(batch, 0, dtype=torch.int64, device=scaled.device)
+    elif filtering:  # the sort's head: free
+        top_values, top_ids = sorted_scaled[:, :TOP_LOGPROBS], sorted_ids[:, :TOP_LOGPROBS]
+    else:
+        top_values, top_ids = top_ranked(scaled, TOP_LOGPROBS)
     if noise:
         noisy = candidates + gumbel_noise(tensors.seed, tensors.position, vocab)  # [B, V]
         tokens = argmax_rows(torch.where(sampled_row.unsqueeze(1), noisy, scaled))  # [B]; one argmax for both kinds
@@ -391,7 +392,8 @@ def top_ranked(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
     order among equal values is unspecified, so it ranks an int64 key that orders by value, then
     by id ascending. The key is the float's bits made monotonic (negative floats' magnitude bits
     flipped; -0.0 is taken as 0.0, which it equals) in the high half and V - 1 - id in the low half.
-    On the H200 this beats the sort from 64 rows up (benchmarks/top_ranked.py).
+    On the H200 the whole sampler is faster with it than with the sort from 2 rows up
+    (benchmarks/sampler_variants.py; the engine's SORT_FREE_MIN_ROWS).
     """
     assert values.dtype == torch.float32, values.dtype
     vocab = values.shape[1]
