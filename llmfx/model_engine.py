@@ -131,6 +131,27 @@ class InFlight:
     top_rows: tuple[int, ...]  # rows whose request asked for logprobs or is a beam: only these read the top-20
 
 
+def read_results(inflight: InFlight) -> Collected:
+    """A landed step's sampled tokens, from its host buffer alone (numpy: nothing here touches the device).
+
+    Call it once inflight.ready has fired (ModelEngine.collect waits for it).
+    """
+    out = inflight.host.numpy()  # the pinned host buffer: .numpy() of a device tensor would raise, not sync
+    picked = out if inflight.sampling_rows is None else out[inflight.sampling_rows]
+    ids = inflight.sampling_ids
+    tokens = picked[:, 0].astype(np.int64).tolist()
+    sampled = dict(zip(ids, map(SampledToken, tokens, picked[:, 1].tolist(), picked[:, 2].astype(np.int64).tolist())))
+    candidates = {}
+    ids_at, lps_at = 3, 3 + TOP_LOGPROBS
+    for row in inflight.top_rows:
+        seq = inflight.batch.seqs[row]
+        if seq.sample:
+            top = candidates[seq.request_id] = (tuple(out[row, ids_at:lps_at].astype(np.int64).tolist()),
+                                                tuple(out[row, lps_at:].tolist()))
+            sampled[seq.request_id] = sampled[seq.request_id]._replace(top_ids=top[0], top_logprobs=top[1])
+    return Collected(sampled=sampled, tokens=dict(zip(ids, tokens)), candidates=candidates)
+
+
 def step_fn(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inputs: ForwardBatch, sampling: SamplingTensors,
             gather_rows: Tensor, penalties: PenaltyState, token_pool: Tensor, *, filtering: bool = True,
             noise: bool = True, top_logprobs: bool = True) -> Tensor:
@@ -347,21 +368,7 @@ class ModelEngine:
         """Wait for a launched step (the step's one synchronization point) and read its sampled tokens."""
         if inflight.ready is not None:
             inflight.ready.synchronize()
-        # A host buffer from here on (the copy has landed): reading it syncs nothing.
-        out = inflight.host.numpy()
-        picked = out if inflight.sampling_rows is None else out[inflight.sampling_rows]
-        ids = inflight.sampling_ids
-        tokens = picked[:, 0].astype(np.int64).tolist()
-        sampled = dict(zip(ids, map(SampledToken, tokens, picked[:, 1].tolist(), picked[:, 2].astype(np.int64).tolist())))
-        candidates = {}
-        ids_at, lps_at = 3, 3 + TOP_LOGPROBS
-        for row in inflight.top_rows:
-            seq = inflight.batch.seqs[row]
-            if seq.sample:
-                top = candidates[seq.request_id] = (tuple(out[row, ids_at:lps_at].astype(np.int64).tolist()),
-                                                    tuple(out[row, lps_at:].tolist()))
-                sampled[seq.request_id] = sampled[seq.request_id]._replace(top_ids=top[0], top_logprobs=top[1])
-        return Collected(sampled=sampled, tokens=dict(zip(ids, tokens)), candidates=candidates)
+        return read_results(inflight)
 
     def execute(self, kv: KVPool, batch: ScheduledBatch,
                 sequences: Mapping[int, SequenceState]) -> tuple[KVPool, Collected]:

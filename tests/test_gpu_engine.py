@@ -99,7 +99,7 @@ def test_every_compiled_step_equals_the_eager_step_on_the_same_inputs(hf_checkpo
     assert [(layout, graph) for layout, graph, _ in compared] == [(layout, eager) for layout, _, eager in compared]
 
 
-def test_launch_never_synchronizes_with_the_device(hf_checkpoint, monkeypatch):
+def test_launch_and_reading_results_never_synchronize_with_the_device(hf_checkpoint, monkeypatch):
     monkeypatch.setitem(model_engine.SORT_FREE_MIN_ROWS, "cuda", 1)
     # torch raises on any synchronizing call (item, tolist, pageable copy, nonzero) while the guard is
     # on; the requests cover both sampler variants, penalties (their scatter) and beams (page copies).
@@ -125,10 +125,22 @@ def test_launch_never_synchronizes_with_the_device(hf_checkpoint, monkeypatch):
             launched.append(bool(batch.page_copies))
             return result
 
-        engine.launch = guarded_launch
+        def guarded_collect(inflight):
+            inflight.ready.synchronize()  # the step's one intended sync; reading its results must add none
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                result = model_engine.read_results(inflight)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            collected.append(len(result.sampled))
+            return result
+
+        collected = []
+        engine.launch, engine.collect = guarded_launch, guarded_collect
         outs = llm.generate(MIXED, params * 2, use_tqdm=False)
     assert all(o.finish_reason == "length" for out in outs for o in out.outputs), [o.outputs[0].error for o in outs]
     assert len(launched) >= 40 and any(launched)  # every step guarded, beams' page copies among them
+    assert len(collected) == len(launched)  # and every step's results read under the guard
 
 
 @pytest.mark.parametrize("enforce_eager", [False, True])
