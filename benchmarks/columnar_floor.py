@@ -1,6 +1,6 @@
 """A floor for the host step if decode state were held as arrays: a numpy sketch, not llmfx code.
 
-    python benchmarks/columnar_floor.py [--batch 256] [--steps 600]
+    python benchmarks/columnar_floor.py [--batch 256] [--steps 600] [--save DIR]
 
 llmfx's scheduler keeps one frozen record per sequence and rebuilds it twice a step, plus a
 ScheduledSeq and a TokenEvent: ~7 us of Python per sequence (benchmarks/host_step.py: ~1.9 ms at
@@ -15,6 +15,7 @@ preemption, beams or chunked prefill: it bounds from below what a columnar decod
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--save", type=Path, default=None)
     args = p.parse_args(argv)
     b, ps, ctx = args.batch, args.page_size, args.context
     max_pages = -(-(ctx + args.steps + 1) // ps)
@@ -63,7 +65,13 @@ def main(argv: list[str] | None = None) -> None:
         seq_lens = positions + 1
         times.append(time.perf_counter() - start)
         assert len(events) == b and slots.shape == seq_lens.shape == finished.shape == (b,)
-    print(f"batch {b}: median {statistics.median(times) * 1e3:.3f} ms per step over {len(times)} steps")
+    median_ms = statistics.median(times) * 1e3
+    print(f"batch {b}: median {median_ms:.3f} ms per step over {len(times)} steps")
+    if args.save:
+        from llmfx.bench import save_rows
+
+        row = {"batch": b, "context": ctx, "steps": len(times), "median_ms": median_ms}
+        print("saved", save_rows(args.save, f"{time.strftime('%Y-%m-%d')}-cpu-columnar-floor-b{b}.json", [row]))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ fills batches whose prefill outlasts the first requests' default outputs."""
 
 from __future__ import annotations
 
+import ast
 import json
 import runpy
 import subprocess
@@ -149,3 +150,10 @@ def test_columnar_floor_sketch_runs(capsys):
     runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "columnar_floor.py"), run_name="not_main")[
         "main"](["--batch", "8", "--steps", "40", "--context", "64"])
     assert capsys.readouterr().out.startswith("batch 8: median ")
+
+
+def test_compile_count_counts_the_warmup_graphs(capsys):
+    runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "compile_count.py"), run_name="not_main")[
+        "main"](["--batch-sizes", "1,2"])
+    row = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])  # the printed dict
+    assert row["unique_graphs"] >= 2  # the model half and at least one sampler variant
