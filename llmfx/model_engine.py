@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
 from llmfx.batch import ForwardBatch
@@ -188,7 +189,9 @@ def sample_step(logits: Tensor, unseen: Tensor, sampling: SamplingTensors, penal
     penalties = PenaltyState(prompt_mask=penalties.prompt_mask,
                              output_counts=count_tokens(penalties.output_counts, unseen))
     out = sample(logits, sampling, penalties, filtering=filtering, noise=noise, top_logprobs=top_logprobs)
-    token_pool[: out.tokens.shape[0]].copy_(out.tokens)
+    rows = out.tokens.shape[0]
+    torch._check(rows <= token_pool.shape[0])  # a batch never has more rows than the pool: no broadcast guard on rows
+    token_pool.narrow(0, 0, rows).copy_(out.tokens)
     return torch.cat([out.tokens.unsqueeze(1).double(), out.logprobs.unsqueeze(1).double(),
                       out.ranks.unsqueeze(1).double(), out.topk_ids.double(), out.topk_logprobs.double()], dim=1)
 
@@ -313,7 +316,7 @@ class ModelEngine:
         self._forward_graphs[layout] = graph
         for variant in variants:
             for _ in range(2):
-                self._sampler_half(logits, unseen, sampling, penalties, token_pool, *variant)
+                self._warm_sampler(logits, unseen, sampling, penalties, token_pool, variant)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 out = self._sampler_half(logits, unseen, sampling, penalties, token_pool, *variant)
@@ -389,7 +392,23 @@ class ModelEngine:
         if self._trees:  # a new step: the sampler half reads the model half's outputs of this step only
             torch.compiler.cudagraph_mark_step_begin()
         logits, unseen = self._forward_half(self.params, self.cfg, layers, inputs, gather_rows, token_pool)
+        if self.engine_cfg.compile and not self._warm:
+            return self._warm_sampler(logits, unseen, sampling, penalties, token_pool, variant)
         return self._sampler_half(logits, unseen, sampling, penalties, token_pool, *variant)
+
+    def _warm_sampler(self, logits: Tensor, unseen: Tensor, sampling: SamplingTensors, penalties: PenaltyState,
+                      token_pool: Tensor, variant: SamplerVariant) -> Tensor:
+        """The sampler half at warm-up, compiled once per variant for every batch size, one row included.
+
+        Its batch dimension is marked dynamic and compiled size-oblivious: otherwise a variant run at
+        one row compiles a size-1 graph of its own (0/1 specialization), then a shape-generic one,
+        and each such compile is seconds of startup (session 6: +4.6 s warm for two).
+        """
+        for tensor in (logits, unseen, penalties.prompt_mask, penalties.output_counts,
+                       *(getattr(sampling, name) for name in SamplingTensors.__slots__)):
+            torch._dynamo.mark_dynamic(tensor, 0)
+        with fx_config.patch(backed_size_oblivious=True):
+            return self._sampler_half(logits, unseen, sampling, penalties, token_pool, *variant)
 
     def _sampler_variant(self, filtering: bool, sampled: bool, top_logprobs: bool, num_seqs: int) -> SamplerVariant:
         """The sampler variant a batch of num_seqs rows with these facts runs with.
