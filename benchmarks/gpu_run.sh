@@ -10,6 +10,7 @@
 #   busy     step_profile at batch 64, context 1024: GPU busy with the overlap scheduler on and off
 #   ropekv   the fused rope + KV-write kernel: its GPU tests and the decoder's parity tests, then its benchmark
 #   gc       offline without peers, as is and with gc.freeze() before the timed run (GC time and full collections reported)
+#   timeline the offline workload step by step: host time vs device time per decode batch size (offline_timeline.py)
 #   ab       served steps (step_profile, batch 64 / 256 or $AB_BATCHES, context 1024) of this tree and of the tree in $BASELINE
 #            (e.g. `git archive REV | tar -x -C .device/base`, carried), each with its own compile cache
 # Logs and results go to $OUT (the device tool brings them back).
@@ -47,6 +48,7 @@ for stage in "$@"; do
           llmfx bench offline --workdir $work --no-peers $f --save "$OUT" --tag=-offline-gc${f:+-freeze} 2>&1 \
             | tee -a "$OUT/gc.log" | tail -6
         done ;;
+    timeline) python3 benchmarks/offline_timeline.py --workdir $work --save "$OUT" 2>&1 | tee "$OUT/timeline.log" | tail -14 ;;
     ab) [ -d "${BASELINE:-}" ] || { echo "ab needs BASELINE=<a tree of the base revision>"; continue; }
         for tree in "$PWD" "$BASELINE"; do
           name=$([ "$tree" = "$PWD" ] && echo new || echo base)

@@ -157,3 +157,53 @@ def test_compile_count_counts_the_warmup_graphs(capsys):
         "main"](["--batch-sizes", "1,2"])
     row = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])  # the printed dict
     assert row["unique_graphs"] >= 2  # the model half and at least one sampler variant
+
+
+OFFLINE_TIMELINE = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "offline_timeline.py"),
+                                  run_name="not_main")
+
+
+def _traced(seqs: int, prefill: int, start: float, wall: float, wait: float):
+    from llmfx.executor import StepTiming, TracedBatch
+
+    # With prefill, one of the sequences is a chunk of `prefill` tokens; the others decode one token each.
+    decode = seqs - 1 if prefill else seqs
+    batch = TracedBatch(num_seqs=seqs, num_tokens=decode + prefill, num_decode=decode, context_tokens=0, launch_s=0.0)
+    return StepTiming(start=start, end=start + wall, waited_for_work=False, launched=batch, collected=batch,
+                      collect_s=wait)
+
+
+@given(st.lists(st.tuples(st.integers(1, 256), st.sampled_from([0, 0, 37]), st.floats(1e-4, 1e-2),
+                          st.floats(0, 1), st.floats(1e-5, 1e-2)), min_size=1, max_size=40))
+def test_offline_timeline_splits_every_launched_step_into_exactly_one_bucket(steps):
+    trace, t = [], 0.0
+    for seqs, prefill, wall, wait_share, _ in steps:
+        trace.append(_traced(seqs, prefill, t, wall, wall * wait_share))
+        t += wall
+    device = [d for *_, d in steps]
+    its = OFFLINE_TIMELINE["iterations"](trace, device)
+    assert [i.device_s for i in its] == device
+    assert all(0 <= i.host_s <= i.wall_s for i in its)
+    rows = {r["batch"]: r for r in OFFLINE_TIMELINE["summarize"](its)}
+    total = rows.pop("all")
+    assert total["steps"] == len(steps) == sum(r["steps"] for r in rows.values())
+    assert total["wall_s"] == pytest.approx(sum(w for _, _, w, _, _ in steps), abs=1e-3)
+    assert total["host_bound_steps"] == sum(i.host_s > i.device_s for i in its)
+    assert 0 <= total["host_excess_s"] <= total["host_s"] + 1e-4
+    assert ("prefill" in rows) == any(p for _, p, *_ in steps)
+
+
+def test_offline_timeline_refuses_device_times_that_do_not_match_the_launches():
+    trace = [_traced(4, 0, 0.0, 1e-3, 5e-4)]
+    with pytest.raises(ValueError, match="2 device timings for 1 launched steps"):
+        OFFLINE_TIMELINE["iterations"](trace, [1e-3, 1e-3])
+
+
+def test_offline_timeline_runs_the_workload_on_cpu(tmp_path, capsys):
+    OFFLINE_TIMELINE["main"](["--model", "tiny", "--num-requests", "3", "--lengths", "4,12",
+                              "--workdir", str(tmp_path), "--save", str(tmp_path)])
+    assert "3 requests" in capsys.readouterr().out
+    report = json.loads((tmp_path / "offline_timeline.json").read_text())
+    total = report["rows"][-1]
+    assert total["batch"] == "all" and total["steps"] >= 4 and "device_s" not in total  # no device column on CPU
+    assert report["lengths"] == [4, 12] and report["output_tokens_per_s"] > 0
