@@ -1,19 +1,21 @@
 """Host time of the whole serving loop on PERF.md's offline workload, with the device work removed.
 
-    python benchmarks/host_loop.py [--num-requests 256] [--profile] [--save DIR]
+    python benchmarks/host_loop.py [--num-requests 256] [--gc-gen0-threshold N|python] [--profile] [--save DIR]
 
 Builds the TinyLlama-shape LLM on the CPU (dummy weights, never run), then replaces the compiled step with an
 instant stand-in that returns token 1 for every row: every other part of a step runs as served
 (request intake, schedule, KV bookkeeping, input staging, collect, postprocess, delivery to the
 front end thread). The wall time per step is then the host's floor on step time: a GPU step
 faster than it leaves the GPU waiting (PERF.md: the target is 0.5 ms at batch 256). Reports the
-median host time per step by decode batch size; `--profile` adds yappi's busiest functions
+median host time per step by decode batch size and the cyclic GC's time, collections per generation
+and longest pause over the run (every thread's); `--profile` adds yappi's busiest functions
 across all threads (pip install yappi). This box's timings vary by about 30% run to run: compare
 variants in one process where you can.
 """
 
 import argparse
 import collections
+import gc
 import json
 import statistics
 import time
@@ -32,10 +34,13 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--disable-overlap-scheduler", action="store_true")
     p.add_argument("--prefix-cache", action="store_true", help="keep KV block reuse on (the LLM default)")
+    p.add_argument("--gc-gen0-threshold", default="20000",
+                   help="the executor loop's GC gen-0 threshold (LLM's default 20000); 'python' leaves Python's 700")
     p.add_argument("--profile", action="store_true", help="yappi: the busiest functions over all threads")
     p.add_argument("--save", default=None)
     p.add_argument("--tag", default="")
     args = p.parse_args()
+    threshold = None if args.gc_gen0_threshold == "python" else int(args.gc_gen0_threshold)
     from llmfx.kv_cache import KvCacheConfig
 
     work = bench.offline_workload(bench.preset(args.model).vocab_size, args.num_requests)
@@ -43,7 +48,8 @@ def main() -> None:
     prompts = [prompt for prompt, _ in work]
     kv = KvCacheConfig(max_tokens=args.num_requests * 2112, enable_block_reuse=args.prefix_cache)
     with LLM(args.model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", device="cpu", max_seq_len=2048 + 64,
-             disable_overlap_scheduler=args.disable_overlap_scheduler, kv_cache_config=kv) as llm:
+             disable_overlap_scheduler=args.disable_overlap_scheduler, kv_cache_config=kv,
+             garbage_collection_gen0_threshold=threshold) as llm:
         llm._engine._step = instant_step(llm._engine.engine_cfg.max_batch_size)
         if args.profile:
             import yappi
@@ -52,10 +58,15 @@ def main() -> None:
             yappi.start()
         # The executor thread's CPU time: unlike wall time, other work on a busy box does not inflate it.
         clock = time.pthread_getcpuclockid(llm._executor._thread.ident)
-        with llm.trace_steps() as trace:
-            start, cpu_start = time.perf_counter(), time.clock_gettime(clock)
-            llm.generate(prompts, params, use_tqdm=False)
-            elapsed, cpu = time.perf_counter() - start, time.clock_gettime(clock) - cpu_start
+        gc_timer = bench.GcTimer()
+        gc.callbacks.append(gc_timer)
+        try:
+            with llm.trace_steps() as trace:
+                start, cpu_start = time.perf_counter(), time.clock_gettime(clock)
+                llm.generate(prompts, params, use_tqdm=False)
+                elapsed, cpu = time.perf_counter() - start, time.clock_gettime(clock) - cpu_start
+        finally:
+            gc.callbacks.remove(gc_timer)
         if args.profile:
             yappi.stop()
     by_batch = collections.defaultdict(list)
@@ -68,6 +79,9 @@ def main() -> None:
     steps = sum(1 for it in trace if it.collected is not None)
     print(f"{args.num_requests} requests, {steps} steps in {elapsed:.2f} s: {1e3 * elapsed / steps:.2f} ms per step, "
           f"of which the executor thread's CPU time {1e3 * cpu / steps:.2f} ms")
+    gc_stats = {"gc_gen0_threshold": threshold, "gc_s": round(sum(gc_timer.seconds), 4),
+                "gc_collections": gc_timer.collections, "gc_longest_pause_ms": round(gc_timer.longest * 1e3, 2)}
+    print(f"  GC: {gc_stats}")
     for r in rows:
         print(f"  decode batch <= {r['decode_batch_up_to']:3d}: {r['steps']:4d} steps, median {r['median_ms']:.2f} ms")
     if args.profile:
@@ -80,7 +94,7 @@ def main() -> None:
         out = {"date": time.strftime("%Y-%m-%d"), "machine": "cpu", "model": args.model,
                "num_requests": args.num_requests, "overlap": not args.disable_overlap_scheduler,
                "prefix_cache": args.prefix_cache, "steps": steps, "seconds": elapsed,
-               "executor_thread_cpu_s": cpu, "by_decode_batch": rows}
+               "executor_thread_cpu_s": cpu, **gc_stats, "by_decode_batch": rows}
         Path(args.save).mkdir(parents=True, exist_ok=True)
         Path(args.save, f"host_loop{args.tag}.json").write_text(json.dumps(out, indent=1))
 

@@ -70,7 +70,8 @@ def summarize(its: list[Iteration]) -> list[dict]:
         row = {"batch": key, "steps": len(g), "wall_s": round(sum(i.wall_s for i in g), 4),
                "host_s": round(sum(i.host_s for i in g), 4),
                "median_wall_ms": round(statistics.median(i.wall_s for i in g) * 1e3, 3),
-               "median_host_ms": round(statistics.median(i.host_s for i in g) * 1e3, 3)}
+               "median_host_ms": round(statistics.median(i.host_s for i in g) * 1e3, 3),
+               "max_wall_ms": round(max(i.wall_s for i in g) * 1e3, 3)}  # a stall (a full GC, say) shows here
         if all(i.device_s is not None for i in g):
             row.update(device_s=round(sum(i.device_s for i in g), 4),
                        median_device_ms=round(statistics.median(i.device_s for i in g) * 1e3, 3),

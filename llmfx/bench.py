@@ -155,13 +155,16 @@ class GcTimer:
 
     def __init__(self) -> None:
         self.seconds, self.collections, self._start = [0.0] * 3, [0] * 3, 0.0
+        self.longest = 0.0  # the longest single collection: the stall one step takes
 
     def __call__(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._start = time.perf_counter()
         else:
-            self.seconds[info["generation"]] += time.perf_counter() - self._start
+            pause = time.perf_counter() - self._start
+            self.seconds[info["generation"]] += pause
             self.collections[info["generation"]] += 1
+            self.longest = max(self.longest, pause)
 
     def per_step(self, steps: int) -> dict[str, float]:
         out = {"gc_ms": sum(self.seconds) / steps * 1e3}
@@ -173,7 +176,8 @@ def offline(model: str, num_requests: int = 256, peers: bool = True, peer_reques
             workdir: Path | None = None, gc_freeze: bool = False, **llm_kwargs) -> list[Row]:
     """Output and total tokens/s over wall time for the offline workload, after one untimed warm-up run.
 
-    Also reports the cyclic GC's time and full collections during the timed run (every thread's).
+    Also reports the cyclic GC's time, collections and longest pause during the timed run (every thread's);
+    `garbage_collection_gen0_threshold` among llm_kwargs sets the executor loop's (LLM's default otherwise).
     gc_freeze: before the timed run, move every live object to the GC's permanent generation
     (gc.freeze, as an application may choose to), so full collections skip torch and the model.
     """
@@ -210,8 +214,12 @@ def offline(model: str, num_requests: int = 256, peers: bool = True, peer_reques
                 value=all_tokens / elapsed),
             Row(benchmark="offline", system="llmfx", batch=num_requests, metric="preemptions", value=preemptions),
             Row(benchmark="offline", system="llmfx", batch=num_requests, metric="gc_s", value=sum(timer.seconds)),
+            Row(benchmark="offline", system="llmfx", batch=num_requests, metric="gc_young_collections",
+                value=timer.collections[0] + timer.collections[1]),
             Row(benchmark="offline", system="llmfx", batch=num_requests, metric="gc_full_collections",
-                value=timer.collections[2])]
+                value=timer.collections[2]),
+            Row(benchmark="offline", system="llmfx", batch=num_requests, metric="gc_longest_pause_ms",
+                value=timer.longest * 1e3)]
     if peers:
         rows += _hf_offline(path, work[:peer_requests])
     return rows

@@ -7,7 +7,9 @@ fed by a thread-safe queue. No policy and no model code live here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import queue
 import threading
@@ -51,6 +53,32 @@ class AbortRequest:
 
 
 Message = AddRequest | AbortRequest
+
+# TensorRT-LLM's default for its executor loop (TorchLlmArgs.garbage_collection_gen0_threshold). At Python's 700 a
+# batch-256 step runs young collections, and every 100th of them is a full one that walks every object in the
+# process (torch, the compiled graphs): one decode step stalls for it (benchmarks/README.md, "GC").
+DEFAULT_GC_GEN0_THRESHOLD = 20000
+
+
+def check_gc_gen0_threshold(value: int | None) -> None:
+    """Raise ValueError unless value is None (Python's thresholds left alone) or an integer >= 1."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"garbage_collection_gen0_threshold must be an integer >= 1 or None (leave Python's "
+                         f"threshold), got {value!r}")
+
+
+@contextlib.contextmanager
+def gc_gen0_threshold(value: int | None):
+    """Run the block with the cyclic GC's generation-0 threshold at value (process-wide); restore it after."""
+    check_gc_gen0_threshold(value)
+    before = gc.get_threshold()
+    if value is not None:
+        gc.set_threshold(value, *before[1:])
+    try:
+        yield
+    finally:
+        if value is not None:
+            gc.set_threshold(*before)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,7 +210,10 @@ class PyExecutor:
     """Drives `step` on a background thread; messages arrive through a thread-safe queue."""
 
     def __init__(self, state: ExecutorState, engine: ModelEngine, cfg: ExecutorConfig,
-                 on_output: Callable[[StepOutput], None]) -> None:
+                 on_output: Callable[[StepOutput], None],
+                 gc_gen0_threshold: int | None = DEFAULT_GC_GEN0_THRESHOLD) -> None:
+        check_gc_gen0_threshold(gc_gen0_threshold)
+        self._gc_gen0_threshold = gc_gen0_threshold  # applied while the loop serves, after warm-up
         self._state = state
         self._engine = engine
         self._cfg = cfg
@@ -253,23 +284,24 @@ class PyExecutor:
             self._failure = err
             self._ready.set()
             return
-        self._ready.set()
         state = self._state
         inbox: list[Message] = []
         traced: tuple[ScheduledBatch, TracedBatch | None] | None = None  # the batch last launched while tracing
         try:
-            while True:
-                idle = not has_pending_work(state)
-                inbox = self._drain(block=idle)
-                if self._stopping.is_set():
-                    break
-                start = time.perf_counter()
-                state, out = step(state, inbox, self._engine, self._cfg)
-                self._state = state  # published for inspection; the loop owns it
-                inbox = []
-                if self._trace is not None:
-                    traced = self._record(out, start, idle, traced)
-                self._deliver(out)
+            with gc_gen0_threshold(self._gc_gen0_threshold):
+                self._ready.set()  # set inside: the threshold holds once the constructor returns
+                while True:
+                    idle = not has_pending_work(state)
+                    inbox = self._drain(block=idle)
+                    if self._stopping.is_set():
+                        break
+                    start = time.perf_counter()
+                    state, out = step(state, inbox, self._engine, self._cfg)
+                    self._state = state  # published for inspection; the loop owns it
+                    inbox = []
+                    if self._trace is not None:
+                        traced = self._record(out, start, idle, traced)
+                    self._deliver(out)
         except Exception as err:  # a bug outside the model step: end every request rather than hang them
             log.exception("the executor loop failed; ending all requests")
             self._failure = err

@@ -24,7 +24,14 @@ from tqdm.auto import tqdm
 from llmfx.beam_search import Hypothesis
 from llmfx.detokenizer import DetokenizerState, detokenize, flush, new_detokenizer
 from llmfx.buckets import Buckets
-from llmfx.executor import ExecutorConfig, PyExecutor, StepOutput, StepTiming
+from llmfx.executor import (
+    DEFAULT_GC_GEN0_THRESHOLD,
+    ExecutorConfig,
+    PyExecutor,
+    StepOutput,
+    StepTiming,
+    check_gc_gen0_threshold,
+)
 from llmfx.kv_cache import KvCacheConfig
 from llmfx.model_engine import SampledToken
 from llmfx.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -244,10 +251,12 @@ class LLM:
         compile_dynamic: bool | None = None,
         inductor_options: dict[str, object] | None = None,
         cuda_graph_capture: str = "manual",
+        garbage_collection_gen0_threshold: int | None = DEFAULT_GC_GEN0_THRESHOLD,
     ) -> None:
-        source = resolve_model(model)
         if not isinstance(disable_overlap_scheduler, bool):
             raise ValueError(f"disable_overlap_scheduler must be a bool, got {disable_overlap_scheduler!r}")
+        check_gc_gen0_threshold(garbage_collection_gen0_threshold)
+        source = resolve_model(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.config = source.config
         self.tokenizer = None if skip_tokenizer_init else _load_tokenizer(tokenizer, source)
@@ -270,7 +279,9 @@ class LLM:
         self._lock = threading.Lock()
         started = time.perf_counter()
         self._engine = parts.engine
-        self._executor = PyExecutor(parts.state, parts.engine, parts.cfg, self._dispatch)  # warms up on its thread
+        # Warms up on its thread; while it serves, the cyclic GC's gen-0 threshold is the one given (process-wide).
+        self._executor = PyExecutor(parts.state, parts.engine, parts.cfg, self._dispatch,
+                                    gc_gen0_threshold=garbage_collection_gen0_threshold)
         self.startup_seconds = {**parts.timings, "compile_and_capture": time.perf_counter() - started}
         log.info("llmfx startup: %s; KV pool %d pages of %d tokens",
                  ", ".join(f"{k} {v:.2f} s" for k, v in self.startup_seconds.items()), parts.num_pages - 1,

@@ -132,8 +132,20 @@ def test_offline_reports_gc_and_leaves_nothing_frozen(monkeypatch, tmp_path, gc_
     before = gc.get_freeze_count()
     rows = {r.metric: r.value for r in bench.offline("tiny", 2, peers=False, workdir=tmp_path, gc_freeze=gc_freeze)}
     assert rows["output_tokens_per_s"] > 0 and rows["gc_s"] >= 0 and rows["gc_full_collections"] >= 0
+    assert rows["gc_young_collections"] >= 0 and rows["gc_s"] * 1e3 >= rows["gc_longest_pause_ms"] >= 0
     assert frozen_during[0] == before and (frozen_during[1] > before) == gc_freeze
     assert gc.get_freeze_count() == before  # unfrozen after the timed run
+
+
+@pytest.mark.parametrize("flag, passed", [([], set()), (["--gc-gen0-threshold", "python"], {None}),
+                                          (["--gc-gen0-threshold", "5000"], {5000})])
+def test_offline_cli_passes_the_gc_threshold_to_the_llm(monkeypatch, flag, passed):
+    from llmfx.cli import main
+
+    seen = []
+    monkeypatch.setattr(bench, "offline", lambda *a, **k: seen.append(k) or [])
+    assert main(["bench", "offline", "--no-peers", *flag]) == 0
+    assert {k["garbage_collection_gen0_threshold"] for k in seen if "garbage_collection_gen0_threshold" in k} == passed
 
 
 def test_startup_runs_cold_then_warm_with_both_compile_caches_under_its_workdir(tmp_path):
@@ -190,6 +202,7 @@ def test_offline_timeline_splits_every_launched_step_into_exactly_one_bucket(ste
     assert total["wall_s"] == pytest.approx(sum(w for _, _, w, _, _ in steps), abs=1e-3)
     assert total["host_bound_steps"] == sum(i.host_s > i.device_s for i in its)
     assert 0 <= total["host_excess_s"] <= total["host_s"] + 1e-4
+    assert total["max_wall_ms"] == pytest.approx(max(w for _, _, w, _, _ in steps) * 1e3, abs=1e-3)
     assert ("prefill" in rows) == any(p for _, p, *_ in steps)
 
 

@@ -1,12 +1,16 @@
-"""LLM.generate end to end on CPU: parity with transformers, seeds, streaming, stops, aborts, errors."""
+"""LLM.generate end to end on CPU: parity with transformers, seeds, streaming, stops, aborts, errors, and the
+executor loop's GC threshold."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from llmfx.kv_cache import KvCacheConfig, num_available
 from llmfx.kv_pool import KVPool
@@ -225,3 +229,65 @@ def test_prompt_logprobs_equal_log_softmax_of_transformers_logits(hf_checkpoint)
         top = expected[i - 1].topk(2)
         for rank, (t, lp) in enumerate(zip(top.indices.tolist(), top.values.tolist()), start=1):
             assert table[t].rank == rank and abs(table[t].logprob - lp) < 1e-4
+
+
+def test_the_executor_loop_serves_under_its_gc_threshold_and_restores_python_s():
+    import gc
+
+    from llmfx.executor import DEFAULT_GC_GEN0_THRESHOLD
+
+    before = gc.get_threshold()
+    seen = []
+    with LLM("tiny", kv_cache_config=KvCacheConfig(page_size=4, max_tokens=1024)) as llm:
+        seen.append(gc.get_threshold())
+        llm.generate("hi", SamplingParams(max_tokens=2))
+    assert seen == [(DEFAULT_GC_GEN0_THRESHOLD, *before[1:])] and gc.get_threshold() == before
+    with LLM("tiny", kv_cache_config=KvCacheConfig(page_size=4, max_tokens=1024),
+             garbage_collection_gen0_threshold=None):
+        assert gc.get_threshold() == before  # None: Python's own thresholds, untouched
+
+
+def test_a_higher_gc_threshold_runs_fewer_young_collections_while_serving():
+    import gc
+
+    from llmfx.bench import GcTimer
+
+    prompts = [f"prompt {i}" for i in range(128)]  # a wide batch: a young collection every few steps at 700
+    params = SamplingParams(max_tokens=24, ignore_eos=True, detokenize=False)
+    young = {}
+    for threshold in (700, 50_000):
+        with LLM("tiny", kv_cache_config=KvCacheConfig(page_size=4, max_tokens=8192),
+                 garbage_collection_gen0_threshold=threshold) as llm:
+            llm.generate(prompts, params, use_tqdm=False)  # warm-up: caches, first-call paths
+            timer = GcTimer()
+            gc.callbacks.append(timer)
+            try:
+                llm.generate(prompts, params, use_tqdm=False)
+            finally:
+                gc.callbacks.remove(timer)
+        young[threshold] = timer.collections[0]
+    assert young[700] >= 10 and young[50_000] <= young[700] // 5, young
+
+
+@pytest.mark.parametrize("value", [0, -5, 2.5, True, "20000"])
+def test_a_bad_gc_threshold_is_refused_before_anything_loads(value, monkeypatch):
+    import llmfx.llm as llm_module
+
+    monkeypatch.setattr(llm_module, "resolve_model", lambda *a: pytest.fail("the model was resolved"))
+    with pytest.raises(ValueError, match="garbage_collection_gen0_threshold must be an integer >= 1 or None"):
+        LLM("tiny", garbage_collection_gen0_threshold=value)
+
+
+@given(st.one_of(st.none(), st.integers(1, 10**6)), st.booleans())
+def test_gc_gen0_threshold_holds_inside_the_block_and_is_restored_after_it_even_on_error(value, fail):
+    import gc
+
+    from llmfx.executor import gc_gen0_threshold
+
+    before = gc.get_threshold()
+    with contextlib.suppress(KeyError):
+        with gc_gen0_threshold(value):
+            assert gc.get_threshold() == (before if value is None else (value, *before[1:]))
+            if fail:
+                raise KeyError("the block failed")
+    assert gc.get_threshold() == before
