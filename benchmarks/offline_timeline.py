@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="tinyllama-1.1b")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--lengths", default="100,1024", help="LO,HI: prompt and output lengths (PERF.md: 100,1024)")
+    p.add_argument("--gc-gen0-threshold", default="20000",
+                   help="the executor loop's GC gen-0 threshold (LLM's default 20000); 'python' leaves Python's 700")
     p.add_argument("--workdir", default=None, help="where the dummy checkpoint is saved (reused if present)")
     p.add_argument("--save", default=None)
     p.add_argument("--tag", default="")
@@ -116,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--lengths must be LO,HI (two integers), got {args.lengths!r}")
     if not 1 <= lo <= hi:
         p.error(f"--lengths must satisfy 1 <= LO <= HI, got {args.lengths!r}")
+    if args.gc_gen0_threshold != "python" and not args.gc_gen0_threshold.isdigit():
+        p.error(f"--gc-gen0-threshold must be an integer >= 1 or 'python', got {args.gc_gen0_threshold!r}")
+    threshold = None if args.gc_gen0_threshold == "python" else int(args.gc_gen0_threshold)
     from llmfx.llm import LLM
     from llmfx.presets import preset
     from llmfx.sampling_params import SamplingParams
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [p for p, _ in work]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False) for _, n in work]
     with LLM(str(path), skip_tokenizer_init=True, dtype="bfloat16" if cuda else "float32",
-             max_seq_len=2048 + 64) as llm:
+             max_seq_len=2048 + 64, garbage_collection_gen0_threshold=threshold) as llm:
         llm.generate(bench.warmup_prompts(prompts, vocab), params, use_tqdm=False)
         events = timed_launches(llm._engine) if cuda else None
         with llm.trace_steps() as trace:
@@ -145,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(row))
     if args.save:
         saved = bench.save_rows(Path(args.save), f"offline_timeline{args.tag}.json", rows, model=args.model,
-                                num_requests=args.num_requests, lengths=[lo, hi], wall_s=round(elapsed, 4),
+                                num_requests=args.num_requests, lengths=[lo, hi],
+                                gc_gen0_threshold=threshold, wall_s=round(elapsed, 4),
                                 output_tokens_per_s=round(out_tokens / elapsed, 1))
         print(f"saved {saved}")
 

@@ -213,10 +213,10 @@ def test_offline_timeline_refuses_device_times_that_do_not_match_the_launches():
 
 
 def test_offline_timeline_runs_the_workload_on_cpu(tmp_path, capsys):
-    OFFLINE_TIMELINE["main"](["--model", "tiny", "--num-requests", "3", "--lengths", "4,12",
+    OFFLINE_TIMELINE["main"](["--model", "tiny", "--num-requests", "3", "--lengths", "4,12", "--gc-gen0-threshold", "python",
                               "--workdir", str(tmp_path), "--save", str(tmp_path)])
     assert "3 requests" in capsys.readouterr().out
     report = json.loads((tmp_path / "offline_timeline.json").read_text())
     total = report["rows"][-1]
     assert total["batch"] == "all" and total["steps"] >= 4 and "device_s" not in total  # no device column on CPU
-    assert report["lengths"] == [4, 12] and report["output_tokens_per_s"] > 0
+    assert report["lengths"] == [4, 12] and report["output_tokens_per_s"] > 0 and report["gc_gen0_threshold"] is None
