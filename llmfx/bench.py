@@ -10,6 +10,7 @@ import gc
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -145,9 +146,9 @@ def offline_workload(vocab_size: int, num_requests: int = 256, lengths: tuple[in
     return work
 
 
-def warmup_prompts(prompts: list[list[int]], vocab_size: int) -> list[list[int]]:
-    """The workload's shapes with every token changed: a warm-up that leaves no prefix-cache hit for the timed run."""
-    return [[(t + 1) % vocab_size for t in p] for p in prompts]
+def warmup_prompts(prompts: list[list[int]], vocab_size: int, shift: int = 1) -> list[list[int]]:
+    """The workload's shapes with every token moved by shift: runs with different shifts share no prefix-cache page."""
+    return [[(t + shift) % vocab_size for t in p] for p in prompts]
 
 
 class GcTimer:
@@ -173,25 +174,31 @@ class GcTimer:
 
 
 def offline(model: str, num_requests: int = 256, peers: bool = True, peer_requests: int = 32,
-            workdir: Path | None = None, gc_freeze: bool = False, **llm_kwargs) -> list[Row]:
+            workdir: Path | None = None, gc_freeze: bool = False, repeats: int = 1, **llm_kwargs) -> list[Row]:
     """Output and total tokens/s over wall time for the offline workload, after one untimed warm-up run.
 
-    Also reports the cyclic GC's time, collections and longest pause during the timed run (every thread's);
+    repeats: timed runs of the workload in the same engine, each on tokens of its own (no prefix-cache hit
+    between runs); the rates reported are their median, each run's output rate is reported too. Also
+    reports the cyclic GC's time and collections per run and its longest pause (every thread's);
     `garbage_collection_gen0_threshold` among llm_kwargs sets the executor loop's (LLM's default otherwise).
-    gc_freeze: before the timed run, move every live object to the GC's permanent generation
+    gc_freeze: before the timed runs, move every live object to the GC's permanent generation
     (gc.freeze, as an application may choose to), so full collections skip torch and the model.
     """
     from llmfx.llm import LLM
     from llmfx.sampling_params import SamplingParams
 
+    vocab = preset(model).vocab_size
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or not 1 <= repeats < vocab - 1:
+        raise ValueError(f"offline: repeats must be an integer in [1, {vocab - 2}] (runs need distinct tokens), "
+                         f"got {repeats!r}")
     path = hf_checkpoint(model, workdir or Path(tempfile.mkdtemp()))
-    work = offline_workload(preset(model).vocab_size, num_requests)
+    work = offline_workload(vocab, num_requests)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False) for _, n in work]
     prompts = [p for p, _ in work]
     out_tokens = sum(n for _, n in work)
     all_tokens = out_tokens + sum(len(p) for p in prompts)
     floor_s = 1.5 * num_requests / 256  # PERF.md: about 1.5 s for the whole 256-request workload
-    vocab = preset(model).vocab_size
+    elapsed: list[float] = []
     with LLM(path, skip_tokenizer_init=True, dtype="bfloat16", max_seq_len=2048 + 64, **llm_kwargs) as llm:
         llm.generate(warmup_prompts(prompts, vocab), params, use_tqdm=False)
         if gc_freeze:
@@ -200,26 +207,31 @@ def offline(model: str, num_requests: int = 256, peers: bool = True, peer_reques
         timer = GcTimer()
         gc.callbacks.append(timer)
         try:
-            start = time.perf_counter()
-            llm.generate(prompts, params, use_tqdm=False)
-            elapsed = time.perf_counter() - start
+            for run in range(repeats):  # the first on the workload's own tokens; shift 1 was the warm-up's
+                tokens = prompts if run == 0 else warmup_prompts(prompts, vocab, shift=run + 1)
+                start = time.perf_counter()
+                llm.generate(tokens, params, use_tqdm=False)
+                elapsed.append(time.perf_counter() - start)
         finally:
             gc.callbacks.remove(timer)
             if gc_freeze:
                 gc.unfreeze()
         preemptions = llm.scheduler_state.num_preemptions
-    rows = [Row(benchmark="offline", system="llmfx", batch=num_requests, metric="output_tokens_per_s",
-                value=out_tokens / elapsed, floor_fraction=floor_s / elapsed),
-            Row(benchmark="offline", system="llmfx", batch=num_requests, metric="total_tokens_per_s",
-                value=all_tokens / elapsed),
-            Row(benchmark="offline", system="llmfx", batch=num_requests, metric="preemptions", value=preemptions),
-            Row(benchmark="offline", system="llmfx", batch=num_requests, metric="gc_s", value=sum(timer.seconds)),
-            Row(benchmark="offline", system="llmfx", batch=num_requests, metric="gc_young_collections",
-                value=timer.collections[0] + timer.collections[1]),
-            Row(benchmark="offline", system="llmfx", batch=num_requests, metric="gc_full_collections",
-                value=timer.collections[2]),
-            Row(benchmark="offline", system="llmfx", batch=num_requests, metric="gc_longest_pause_ms",
-                value=timer.longest * 1e3)]
+    median_s = statistics.median(elapsed)
+
+    def row(metric: str, value: float, floor_fraction: float | None = None) -> Row:
+        return Row(benchmark="offline", system="llmfx", batch=num_requests, metric=metric, value=value,
+                   floor_fraction=floor_fraction)
+
+    rows = [row("output_tokens_per_s", out_tokens / median_s, floor_s / median_s),
+            row("total_tokens_per_s", all_tokens / median_s)]
+    if repeats > 1:
+        rows += [row(f"output_tokens_per_s_run{k + 1}", out_tokens / s) for k, s in enumerate(elapsed)]
+    rows += [row("preemptions", preemptions),
+             row("gc_s", sum(timer.seconds) / repeats),
+             row("gc_young_collections", (timer.collections[0] + timer.collections[1]) / repeats),
+             row("gc_full_collections", timer.collections[2] / repeats),
+             row("gc_longest_pause_ms", timer.longest * 1e3)]
     if peers:
         rows += _hf_offline(path, work[:peer_requests])
     return rows

@@ -65,6 +65,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=256, help="offline: requests in the workload")
     p.add_argument("--no-peers", action="store_true", help="skip the transformers runs")
     p.add_argument("--peer-requests", type=int, default=32, help="offline: requests given to transformers")
+    p.add_argument("--repeats", type=int, default=1, help="offline: timed runs (median reported, each run too)")
     p.add_argument("--disable-overlap-scheduler", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile, no CUDA graphs")
     p.add_argument("--gc-freeze", action="store_true", help="offline: gc.freeze() before the timed run")
@@ -108,7 +109,7 @@ def _bench(args: argparse.Namespace) -> int:
         if args.gc_gen0_threshold is not None:
             knobs["garbage_collection_gen0_threshold"] = args.gc_gen0_threshold.value
         rows = bench.offline(args.model, args.num_requests, peers=not args.no_peers, peer_requests=args.peer_requests,
-                             workdir=workdir, gc_freeze=args.gc_freeze, **knobs)
+                             workdir=workdir, gc_freeze=args.gc_freeze, repeats=args.repeats, **knobs)
     else:
         rows = bench.startup(args.model, workdir=workdir)
     bench.print_table(rows)

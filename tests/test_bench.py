@@ -148,6 +148,28 @@ def test_offline_cli_passes_the_gc_threshold_to_the_llm(monkeypatch, flag, passe
     assert {k["garbage_collection_gen0_threshold"] for k in seen if "garbage_collection_gen0_threshold" in k} == passed
 
 
+def test_offline_repeats_time_each_run_on_tokens_of_its_own(monkeypatch, tmp_path):
+    from llmfx.llm import LLM
+
+    prompts_seen = []
+    generate = LLM.generate
+    monkeypatch.setattr(LLM, "generate", lambda self, prompts, *a, **k: prompts_seen.append(prompts)
+                        or generate(self, prompts, *a, **k))
+    monkeypatch.setattr(bench, "offline_workload", lambda vocab, n: [([3, 1, 4, 1, 5], 3)] * n)
+    rows = {r.metric: r.value for r in bench.offline("tiny", 2, peers=False, workdir=tmp_path, repeats=3)}
+    runs = [rows[f"output_tokens_per_s_run{k}"] for k in (1, 2, 3)]
+    assert rows["output_tokens_per_s"] == pytest.approx(sorted(runs)[1])  # the median run
+    firsts = [p[0] for p in prompts_seen]  # warm-up, then the three timed runs
+    assert firsts == [[4, 2, 5, 2, 6], [3, 1, 4, 1, 5], [5, 3, 6, 3, 7], [6, 4, 7, 4, 8]]
+
+
+@pytest.mark.parametrize("repeats", [0, -1, 2.0, True])
+def test_offline_refuses_a_bad_repeat_count_before_building_anything(repeats, monkeypatch):
+    monkeypatch.setattr(bench, "hf_checkpoint", lambda *a: pytest.fail("a checkpoint was built"))
+    with pytest.raises(ValueError, match="repeats must be an integer in"):
+        bench.offline("tiny", 2, peers=False, repeats=repeats)
+
+
 def test_startup_runs_cold_then_warm_with_both_compile_caches_under_its_workdir(tmp_path):
     env = bench.startup_env(tmp_path)
     assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor-cache")
