@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmfx.kv_cache import KvCacheConfig, num_available
@@ -278,6 +278,7 @@ def test_a_bad_gc_threshold_is_refused_before_anything_loads(value, monkeypatch)
         LLM("tiny", garbage_collection_gen0_threshold=value)
 
 
+@settings(max_examples=25)  # each example with a threshold runs a full collection of the test process
 @given(st.one_of(st.none(), st.integers(1, 10**6)), st.booleans())
 def test_gc_gen0_threshold_holds_inside_the_block_and_is_restored_after_it_even_on_error(value, fail):
     import gc
@@ -285,9 +286,17 @@ def test_gc_gen0_threshold_holds_inside_the_block_and_is_restored_after_it_even_
     from llmfx.executor import gc_gen0_threshold
 
     before = gc.get_threshold()
-    with contextlib.suppress(KeyError):
-        with gc_gen0_threshold(value):
-            assert gc.get_threshold() == (before if value is None else (value, *before[1:]))
-            if fail:
-                raise KeyError("the block failed")
+    full = []  # full collections run on entering the block
+    track = lambda phase, info: phase == "stop" and info["generation"] == 2 and full.append(1)  # noqa: E731
+    gc.callbacks.append(track)
+    try:
+        with contextlib.suppress(KeyError):
+            with gc_gen0_threshold(value):
+                entered = len(full)
+                assert gc.get_threshold() == (before if value is None else (value, *before[1:]))
+                if fail:
+                    raise KeyError("the block failed")
+    finally:
+        gc.callbacks.remove(track)
     assert gc.get_threshold() == before
+    assert (entered >= 1) == (value is not None)  # a fresh start for the counters, only when it takes over
