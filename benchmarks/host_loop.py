@@ -40,7 +40,10 @@ def main() -> None:
     p.add_argument("--save", default=None)
     p.add_argument("--tag", default="")
     args = p.parse_args()
-    threshold = None if args.gc_gen0_threshold == "python" else int(args.gc_gen0_threshold)
+    try:
+        threshold = bench.gc_threshold_arg(args.gc_gen0_threshold)
+    except ValueError as err:
+        p.error(str(err))
     from llmfx.kv_cache import KvCacheConfig
 
     work = bench.offline_workload(bench.preset(args.model).vocab_size, args.num_requests)

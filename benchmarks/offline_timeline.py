@@ -118,9 +118,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--lengths must be LO,HI (two integers), got {args.lengths!r}")
     if not 1 <= lo <= hi:
         p.error(f"--lengths must satisfy 1 <= LO <= HI, got {args.lengths!r}")
-    if args.gc_gen0_threshold != "python" and not args.gc_gen0_threshold.isdigit():
-        p.error(f"--gc-gen0-threshold must be an integer >= 1 or 'python', got {args.gc_gen0_threshold!r}")
-    threshold = None if args.gc_gen0_threshold == "python" else int(args.gc_gen0_threshold)
+    try:
+        threshold = bench.gc_threshold_arg(args.gc_gen0_threshold)
+    except ValueError as err:
+        p.error(str(err))
     from llmfx.llm import LLM
     from llmfx.presets import preset
     from llmfx.sampling_params import SamplingParams

@@ -151,6 +151,15 @@ def warmup_prompts(prompts: list[list[int]], vocab_size: int, shift: int = 1) ->
     return [[(t + shift) % vocab_size for t in p] for p in prompts]
 
 
+def gc_threshold_arg(text: str) -> int | None:
+    """A --gc-gen0-threshold value: an integer >= 1, or 'python' (None: leave Python's own threshold)."""
+    if text == "python":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"--gc-gen0-threshold must be an integer >= 1 or 'python', got {text!r}")
+    return int(text)
+
+
 class GcTimer:
     """Time and count the cyclic GC's collections per generation while installed in gc.callbacks."""
 

@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
 
 from llmfx.presets import PRESETS
 from llmfx.sim.cli import add_profile_parser, add_simulate_parser
@@ -69,30 +68,12 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-overlap-scheduler", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile, no CUDA graphs")
     p.add_argument("--gc-freeze", action="store_true", help="offline: gc.freeze() before the timed run")
-    p.add_argument("--gc-gen0-threshold", default=None, type=_gc_threshold, metavar="N|python",
+    p.add_argument("--gc-gen0-threshold", default=None, metavar="N|python",
                    help="offline: the executor loop's GC gen-0 threshold (default: LLM's); 'python' leaves Python's")
     p.add_argument("--workdir", default=None, help="where the dummy checkpoint is saved (reused if present)")
     p.add_argument("--save", default=None, help="write results JSON into this folder (e.g. benchmarks/results)")
     p.add_argument("--tag", default="", help="suffix of the results file name")
     p.set_defaults(run=_bench)
-
-
-@dataclass(frozen=True)
-class _GcThreshold:
-    value: int | None  # None: Python's own threshold
-
-
-def _gc_threshold(text: str) -> _GcThreshold:
-    """--gc-gen0-threshold: an integer >= 1, or 'python' for Python's own threshold."""
-    if text == "python":
-        return _GcThreshold(None)
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or 'python', got {text!r}")
-    return _GcThreshold(value)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -106,8 +87,8 @@ def _bench(args: argparse.Namespace) -> int:
         batches = tuple(int(b) for b in args.batches.split(","))
         rows = bench.latency(args.model, batches, peers=not args.no_peers, workdir=workdir, **knobs)
     elif args.benchmark == "offline":
-        if args.gc_gen0_threshold is not None:
-            knobs["garbage_collection_gen0_threshold"] = args.gc_gen0_threshold.value
+        if args.gc_gen0_threshold is not None:  # else the LLM's default
+            knobs["garbage_collection_gen0_threshold"] = bench.gc_threshold_arg(args.gc_gen0_threshold)
         rows = bench.offline(args.model, args.num_requests, peers=not args.no_peers, peer_requests=args.peer_requests,
                              workdir=workdir, gc_freeze=args.gc_freeze, repeats=args.repeats, **knobs)
     else:

@@ -55,8 +55,8 @@ class AbortRequest:
 Message = AddRequest | AbortRequest
 
 # TensorRT-LLM's default for its executor loop (TorchLlmArgs.garbage_collection_gen0_threshold). At Python's 700 a
-# batch-256 step runs young collections, and every 100th of them is a full one that walks every object in the
-# process (torch, the compiled graphs): one decode step stalls for it (benchmarks/README.md, "GC").
+# batch-256 step runs young collections, and now and then one grows into a full one that walks every object in
+# the process (torch, the compiled graphs): a decode step stalls for it (docs/ARCHITECTURE.md, "GC threshold").
 DEFAULT_GC_GEN0_THRESHOLD = 20000
 
 

@@ -148,6 +148,15 @@ def test_offline_cli_passes_the_gc_threshold_to_the_llm(monkeypatch, flag, passe
     assert {k["garbage_collection_gen0_threshold"] for k in seen if "garbage_collection_gen0_threshold" in k} == passed
 
 
+@pytest.mark.parametrize("text", ["0", "-3", "2.5", "Python", ""])
+def test_offline_cli_refuses_a_bad_gc_threshold_before_running(monkeypatch, capsys, text):
+    from llmfx.cli import main
+
+    monkeypatch.setattr(bench, "offline", lambda *a, **k: pytest.fail("the benchmark ran"))
+    assert main(["bench", "offline", "--gc-gen0-threshold", text]) == 2
+    assert "--gc-gen0-threshold must be an integer >= 1 or 'python'" in capsys.readouterr().err
+
+
 def test_offline_repeats_time_each_run_on_tokens_of_its_own(monkeypatch, tmp_path):
     from llmfx.llm import LLM
 
