@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 import llmfx.executor as executor
+from llmfx import bench
 from llmfx.sim.profile import build_engine
-from llmfx.executor import AbortRequest, AddRequest
+from llmfx.executor import AbortRequest, AddRequest, gc_gen0_threshold
 from llmfx.sampling_params import SamplingParams
 from llmfx.scheduler import Request
 
@@ -56,9 +57,16 @@ def main() -> None:
     parser.add_argument("--compile-dynamic", default="auto", choices=["auto", "false"],
                         help="auto: one shape-generic graph after two sizes (the default); false: one graph per bucket")
     parser.add_argument("--max-num-tokens", type=int, default=1024, help="sets the mixed buckets (and their compiles)")
+    parser.add_argument("--gc-gen0-threshold", default="20000",
+                        help="the GC gen-0 threshold the steps run under, as the executor loop's (LLM's default "
+                             "20000); 'python' leaves Python's 700")
     parser.add_argument("--disable-overlap-scheduler", action="store_true",
                         help="postprocess each step before launching the next (for the overlap's gain)")
     args = parser.parse_args()
+    try:
+        gc_threshold = bench.gc_threshold_arg(args.gc_gen0_threshold)
+    except ValueError as err:
+        parser.error(str(err))
     batches = [int(b) for b in args.batches.split(",")]
     cuda = torch.cuda.is_available()
     # The first requests decode while the last ones still prefill, and each decode takes one token of
@@ -104,48 +112,49 @@ def main() -> None:
     ids = iter(range(10**9))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
     rows = []
-    for batch in batches:
-        inbox = [AddRequest(Request(request_id=next(ids), prompt_token_ids=tuple(
-            (7 * i + j) % engine.cfg.vocab_size for j in range(args.context)), params=params)) for i in range(batch)]
-        mine = {message.request.request_id for message in inbox}
-        while True:
-            out = e.step(inbox)
-            inbox = []
-            if len(out.batch.seqs) == batch and all(len(s.token_ids) == 1 for s in out.batch.seqs):
-                break
-            if any(event.finish_reason and event.request_id in mine for event in out.events):  # fail, not hang
-                raise RuntimeError(f"a request finished before batch {batch} filled: {out.errors or out.events[0]}")
-        for _ in range(5):
+    with gc_gen0_threshold(gc_threshold):  # the steps run as the executor loop runs them
+        for batch in batches:
+            inbox = [AddRequest(Request(request_id=next(ids), prompt_token_ids=tuple(
+                (7 * i + j) % engine.cfg.vocab_size for j in range(args.context)), params=params)) for i in range(batch)]
+            mine = {message.request.request_id for message in inbox}
+            while True:
+                out = e.step(inbox)
+                inbox = []
+                if len(out.batch.seqs) == batch and all(len(s.token_ids) == 1 for s in out.batch.seqs):
+                    break
+                if any(event.finish_reason and event.request_id in mine for event in out.events):  # fail, not hang
+                    raise RuntimeError(f"a request finished before batch {batch} filled: {out.errors or out.events[0]}")
+            for _ in range(5):
+                e.step()
+            timer.seconds.clear()
+            device_events.clear()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                e.step()
+            if cuda:
+                torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / args.steps
+            device = statistics.median(s.elapsed_time(t) for s, t in device_events) if cuda else float("nan")
+            row = {"batch": batch, "wall_ms_per_step": round(wall * 1e3, 3), "device_ms_per_step": round(device, 3),
+                   # PERF.md's "GPU busy": the fraction of wall time the device spends on the steps' work.
+                   "gpu_busy": round(device / (wall * 1e3), 3)}
+            row.update({f"host_{k.replace(' ', '_')}_ms": round(statistics.median(v) * 1e3, 3)
+                        for k, v in timer.seconds.items()})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.trace and batch == batches[0]:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    for _ in range(20):
+                        e.step()
+                table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+                print(table)
+                if args.save:
+                    Path(args.save, f"step_profile_trace{args.tag}.txt").write_text(table)
+            sched = e.state.sched
+            e.step([AbortRequest(tuple(s.request_id for s in sched.running + sched.waiting))])
             e.step()
-        timer.seconds.clear()
-        device_events.clear()
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            e.step()
-        if cuda:
-            torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / args.steps
-        device = statistics.median(s.elapsed_time(t) for s, t in device_events) if cuda else float("nan")
-        row = {"batch": batch, "wall_ms_per_step": round(wall * 1e3, 3), "device_ms_per_step": round(device, 3),
-               # PERF.md's "GPU busy": the fraction of wall time the device spends on the steps' work.
-               "gpu_busy": round(device / (wall * 1e3), 3)}
-        row.update({f"host_{k.replace(' ', '_')}_ms": round(statistics.median(v) * 1e3, 3)
-                    for k, v in timer.seconds.items()})
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.trace and batch == batches[0]:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                for _ in range(20):
-                    e.step()
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-            print(table)
-            if args.save:
-                Path(args.save, f"step_profile_trace{args.tag}.txt").write_text(table)
-        sched = e.state.sched
-        e.step([AbortRequest(tuple(s.request_id for s in sched.running + sched.waiting))])
-        e.step()
     if args.save:
         result = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
                   "gpu": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model,
@@ -154,6 +163,7 @@ def main() -> None:
         result["graph_capture"] = args.graph_capture
         result["compile_dynamic"] = args.compile_dynamic
         result["overlap"] = not args.disable_overlap_scheduler
+        result["gc_gen0_threshold"] = gc_threshold
         Path(args.save, f"step_profile{args.tag}.json").write_text(json.dumps(result, indent=1))
 
 
