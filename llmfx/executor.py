@@ -67,6 +67,34 @@ def check_gc_gen0_threshold(value: int | None) -> None:
                          f"threshold), got {value!r}")
 
 
+class _GcThresholds:
+    """The serving loops' gen-0 thresholds: the newest running loop's holds; Python's returns with the last.
+
+    Thresholds are process-wide and loops (one per LLM) start and stop in any order, so each one
+    restoring what it found would leave a stopped loop's value behind, or drop a running loop's.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active: list[tuple[object, int]] = []  # (loop token, its threshold), oldest first
+        self._python: tuple[int, ...] = gc.get_threshold()
+
+    def enter(self, token: object, value: int) -> None:
+        with self._lock:
+            if not self._active:
+                self._python = gc.get_threshold()
+            self._active.append((token, value))
+            gc.set_threshold(value, *self._python[1:])
+
+    def leave(self, token: object) -> None:
+        with self._lock:
+            self._active = [a for a in self._active if a[0] is not token]
+            gc.set_threshold(*(self._python if not self._active else (self._active[-1][1], *self._python[1:])))
+
+
+_GC_THRESHOLDS = _GcThresholds()
+
+
 @contextlib.contextmanager
 def gc_gen0_threshold(value: int | None):
     """Run the block with the cyclic GC's generation-0 threshold at value (process-wide); restore it after.
@@ -74,17 +102,20 @@ def gc_gen0_threshold(value: int | None):
     Starts with one full collection: the warm-up's garbage goes and the GC's counters start from zero.
     Without it the counts that compiling at Python's 700 left behind brought a full collection (a
     528 ms stall on the H200) into the first offline runs anyway. None: Python's GC is left alone.
+    Blocks may overlap (several LLMs): the newest still running sets the threshold, and Python's
+    comes back when the last one ends.
     """
     check_gc_gen0_threshold(value)
-    before = gc.get_threshold()
-    if value is not None:
-        gc.collect()
-        gc.set_threshold(value, *before[1:])
+    if value is None:
+        yield
+        return
+    gc.collect()
+    token = object()
+    _GC_THRESHOLDS.enter(token, value)
     try:
         yield
     finally:
-        if value is not None:
-            gc.set_threshold(*before)
+        _GC_THRESHOLDS.leave(token)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

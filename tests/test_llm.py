@@ -300,3 +300,28 @@ def test_gc_gen0_threshold_holds_inside_the_block_and_is_restored_after_it_even_
         gc.callbacks.remove(track)
     assert gc.get_threshold() == before
     assert (entered >= 1) == (value is not None)  # a fresh start for the counters, only when it takes over
+
+
+@settings(max_examples=20, deadline=None)  # every opening runs a full collection
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 10**6), st.integers(0, 10)), min_size=1, max_size=6))
+def test_overlapping_gc_thresholds_follow_the_newest_open_block_and_python_s_returns_with_the_last(ops):
+    import gc
+
+    from llmfx.executor import gc_gen0_threshold
+
+    python = gc.get_threshold()
+    opened: list[tuple[object, int]] = []  # (context manager, its value), in opening order
+    try:
+        for is_open, value, pick in ops:
+            if is_open or not opened:
+                cm = gc_gen0_threshold(value)
+                cm.__enter__()
+                opened.append((cm, value))
+            else:  # close any open block, not only the newest: LLMs stop in any order
+                cm, _ = opened.pop(pick % len(opened))
+                cm.__exit__(None, None, None)
+            assert gc.get_threshold() == ((opened[-1][1], *python[1:]) if opened else python)
+    finally:
+        for cm, _ in reversed(opened):
+            cm.__exit__(None, None, None)
+    assert gc.get_threshold() == python
