@@ -39,6 +39,7 @@ from llmfx.buckets import BucketKey, Buckets
 from llmfx.config import ModelConfig
 from llmfx.kv_pool import KVPool, LayerKV, copy_pages
 from llmfx.models import Params, forward
+from llmfx.penalty_histories import PenaltyHistories
 from llmfx.sampler import TOP_LOGPROBS, PenaltyState, SamplingTensors, count_tokens, sample
 from llmfx.scheduler import PLACEHOLDER, ScheduledBatch, SequenceState
 from llmfx.step_inputs import StagedFacts, StepLayout, StepStager, StepViews, fill_batch, fill_sampling
@@ -238,6 +239,7 @@ class ModelEngine:
         self._penalty_counts = torch.zeros(rows, cfg.vocab_size, dtype=torch.int32, device=self.device)
         self._penalty_views: dict[int, PenaltyState] = {}
         self._dirty_penalty_rows = 0
+        self._penalty_histories = PenaltyHistories(cfg.vocab_size)  # host ids kept across penalized steps
         # Captured by hand: the model half's graph per bucket, and the sampler half's per bucket and variant.
         self._forward_graphs: dict[StepLayout, torch.cuda.CUDAGraph] = {}
         self._sampler_graphs: dict[tuple[StepLayout, SamplerVariant], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
@@ -484,7 +486,10 @@ class ModelEngine:
             return views
         # The host's outputs; a token still in flight is counted on the device (see step_fn).
         seqs = [sequences[s.request_id] for s in batch.seqs]
-        views.write([s.request.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs])
+        offsets = self._penalty_histories.offsets([s.request_id for s in batch.seqs],
+                                                  [s.request.prompt_token_ids for s in seqs],
+                                                  [s.output_token_ids for s in seqs])
+        views.write_offsets(len(seqs), *offsets)
         self._dirty_penalty_rows = max(self._dirty_penalty_rows, rows)
         return views
 

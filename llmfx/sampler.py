@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llmfx.penalty_histories import flat_offsets, token_ids
+
 from llmfx.sampling_params import SamplingParams
 
 TOP_LOGPROBS = 20  # top logprobs always computed (static shape); the host slices the k it was asked
@@ -132,34 +134,32 @@ class PenaltyState:
 
     def write(self, prompt_token_ids_per_row: Sequence[Sequence[int]],
               output_token_ids_per_row: Sequence[Sequence[int]]) -> None:
-        """Overwrite this state in place (rows past the given ones: nothing seen); the engine's static buffers.
-
-        The host copies the ids once, as flat offsets row * V + id (C loops: numpy fromiter, min/max,
-        since this runs every step of a penalized batch), and one pinned copy moves them; the device
-        scatters them into the zeroed tensors. No [B, V] tensor is allocated.
-        """
-        rows, vocab = self.prompt_mask.shape
-        n = len(prompt_token_ids_per_row)
+        """Overwrite this state in place (rows past the given ones: nothing seen); the engine's static buffers."""
+        n, vocab = len(prompt_token_ids_per_row), self.prompt_mask.shape[1]
         assert len(output_token_ids_per_row) == n, (n, len(output_token_ids_per_row))
-        if rows < n:
-            raise ValueError(f"PenaltyState: {n} rows of token ids do not fit a state of {rows} rows")
-        flat = [[], []]  # prompt offsets, output offsets
-        for row, histories in enumerate(zip(prompt_token_ids_per_row, output_token_ids_per_row)):
-            for kind, ids in enumerate(histories):
-                ids = np.fromiter(ids, dtype=np.int64, count=len(ids))
-                assert not ids.size or (ids.min() >= 0 and ids.max() < vocab), f"token ids must be in [0, {vocab})"
-                flat[kind].append(ids + row * vocab)
-        prompt_flat, output_flat = (np.concatenate(parts) if parts else np.empty(0, dtype=np.int64) for parts in flat)
-        host = torch.from_numpy(np.concatenate([prompt_flat, output_flat]))
+        self.write_offsets(n, *(flat_offsets([token_ids(ids, vocab) for ids in rows], vocab)
+                                for rows in (prompt_token_ids_per_row, output_token_ids_per_row)))
+
+    def write_offsets(self, num_rows: int, prompt_offsets: np.ndarray, output_offsets: np.ndarray) -> None:
+        """Overwrite this state in place from flat offsets row * V + id of num_rows rows' prompt and output ids.
+
+        One pinned copy moves the offsets and the device scatters them into the zeroed tensors: no [B, V]
+        tensor is built on the host. `llmfx.penalty_histories` keeps the offsets' parts across steps.
+        """
+        rows = self.prompt_mask.shape[0]
+        if rows < num_rows:
+            raise ValueError(f"PenaltyState: {num_rows} rows of token ids do not fit a state of {rows} rows")
+        host = torch.from_numpy(np.concatenate([prompt_offsets, output_offsets]))
         device = self.prompt_mask.device
         if device.type == "cuda":
             host = host.pin_memory()
         offsets = host.to(device, non_blocking=True)  # the one host-to-device copy
         self.prompt_mask.zero_()
         self.output_counts.zero_()
-        self.prompt_mask.view(-1).index_fill_(0, offsets[: len(prompt_flat)], True)
-        output_offsets = offsets[len(prompt_flat):]
-        self.output_counts.view(-1).index_add_(0, output_offsets, torch.ones_like(output_offsets, dtype=torch.int32))
+        self.prompt_mask.view(-1).index_fill_(0, offsets[: len(prompt_offsets)], True)
+        outputs = offsets[len(prompt_offsets):]
+        self.output_counts.view(-1).index_add_(0, outputs, torch.ones_like(outputs, dtype=torch.int32))
+
 
 def count_tokens(output_counts: Tensor, tokens: Tensor) -> Tensor:
     """Add this step's tokens [B] int64 to output_counts [B, V]; rows whose token is -1 are unchanged."""

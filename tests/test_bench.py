@@ -251,3 +251,10 @@ def test_offline_timeline_runs_the_workload_on_cpu(tmp_path, capsys):
     total = report["rows"][-1]
     assert total["batch"] == "all" and total["steps"] >= 4 and "device_s" not in total  # no device column on CPU
     assert report["lengths"] == [4, 12] and report["output_tokens_per_s"] > 0 and report["gc_gen0_threshold"] is None
+
+
+def test_penalty_step_benchmark_checks_both_ways_agree_and_saves(tmp_path, capsys):
+    runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "penalty_step.py"), run_name="not_main")[
+        "main"](["--rows", "3", "--steps", "4", "--rounds", "1", "--save", str(tmp_path)])
+    row = json.loads((tmp_path / "penalty_step-3rows.json").read_text())["rows"][0]
+    assert row["from_scratch"] > 0 and row["kept_histories"] > 0
