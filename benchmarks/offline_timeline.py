@@ -84,18 +84,7 @@ def summarize(its: list[Iteration]) -> list[dict]:
 def timed_launches(engine) -> list[tuple[torch.cuda.Event, torch.cuda.Event]]:
     """Wrap the engine's launching calls (graph replay, compiled or eager step) with CUDA events; returns their list."""
     events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-
-    def wrap(fn):
-        def timed(*args, **kwargs):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn(*args, **kwargs)
-            end.record()
-            events.append((start, end))
-            return out
-        return timed
-
-    engine._replay, engine._step = wrap(engine._replay), wrap(engine._step)
+    engine._replay, engine._step = bench.device_timed(engine._replay, events), bench.device_timed(engine._step, events)
     return events
 
 

@@ -95,17 +95,7 @@ def main() -> None:
     device_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def on_device(fn):
-        """fn, with CUDA events around what it queues (read after the fact)."""
-        def timed(*a, **kw):
-            if not cuda:
-                return fn(*a, **kw)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn(*a, **kw)
-            end.record()
-            device_events.append((start, end))
-            return out
-        return timed
+        return bench.device_timed(fn, device_events) if cuda else fn
 
     engine._step = timer.wrap("compiled call", on_device(engine._step))
     engine._replay = timer.wrap("graph replay", on_device(engine._replay))  # captured by hand: the step's graphs

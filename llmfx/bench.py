@@ -317,6 +317,18 @@ def graph_replay_us(fn, iters: int = 200) -> tuple[float, torch.cuda.CUDAGraph]:
     return start.elapsed_time(end) * 1e3 / iters, graph
 
 
+def device_timed(fn, events: list[tuple[torch.cuda.Event, torch.cuda.Event]]):
+    """fn, with CUDA events recorded around what each call queues, appended to events (read after the fact)."""
+    def timed(*args, **kwargs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn(*args, **kwargs)
+        end.record()
+        events.append((start, end))
+        return out
+    return timed
+
+
 def print_table(rows: list[Row]) -> None:
     """One aligned table: system, batch, metric, value, fraction of the floor."""
     print(f"{'benchmark':<10} {'system':<38} {'batch':>5} {'metric':<24} {'value':>12} {'floor':>7}")
