@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -342,7 +342,7 @@ class ModelEngine:
                 layout = self._layout(batch)
                 ids = [s.request_id for s in batch.seqs]
                 facts = self._stage(layout, batch, ids, sequences, parity)
-                penalties = self._penalties(layout.num_seqs, batch, sequences, facts.penalized)
+                penalties = self._penalties(layout.num_seqs, ids, sequences, facts.penalized)
                 variant = self._sampler_variant(facts.filtering, facts.sampled, bool(facts.top_rows), layout.num_seqs)
                 if self._graphs_by_hand:
                     out = self._replay(layout, variant)
@@ -475,7 +475,7 @@ class ModelEngine:
                                                              output_counts=self._penalty_counts[:rows])
         return views
 
-    def _penalties(self, rows: int, batch: ScheduledBatch, sequences: Mapping[int, SequenceState],
+    def _penalties(self, rows: int, ids: Sequence[int], sequences: Mapping[int, SequenceState],
                    penalized: bool) -> PenaltyState:
         views = self._penalties_of(rows)
         if not penalized:
@@ -485,9 +485,8 @@ class ModelEngine:
                 self._dirty_penalty_rows = 0
             return views
         # The host's outputs; a token still in flight is counted on the device (see step_fn).
-        seqs = [sequences[s.request_id] for s in batch.seqs]
-        offsets = self._penalty_histories.offsets([s.request_id for s in batch.seqs],
-                                                  [s.request.prompt_token_ids for s in seqs],
+        seqs = [sequences[i] for i in ids]
+        offsets = self._penalty_histories.offsets(ids, [s.request.prompt_token_ids for s in seqs],
                                                   [s.output_token_ids for s in seqs])
         views.write_offsets(len(seqs), *offsets)
         self._dirty_penalty_rows = max(self._dirty_penalty_rows, rows)

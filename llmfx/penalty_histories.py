@@ -4,8 +4,7 @@ A penalized batch hands the device each row's prompt and output ids every step (
 Converting them all anew took ~2 ms of host time a step at 64 rows of 100-1024 prompt tokens on
 the CPU box, as long as a whole batch-64 step on the H200. A sequence's prompt never changes and
 its output only grows, so each sequence's ids are converted once and kept here, and a step
-converts only the tokens that are new since the last penalized step: 0.45-0.9 ms
-(`benchmarks/penalty_step.py`).
+converts only the tokens that are new since the last penalized step (`benchmarks/penalty_step.py`).
 """
 
 from __future__ import annotations
@@ -36,23 +35,21 @@ def flat_offsets(per_row: Sequence[np.ndarray], vocab_size: int) -> np.ndarray:
 class PenaltyHistories:
     """Each running sequence's prompt and output ids as arrays, extended by the new tokens at each penalized step.
 
-    A cached output stays valid while the sequence's output is the same TokenTape list and no shorter:
-    tapes of one sequence share one list, and items below a version's length never change. Anything
-    else (a beam fork's new tape, a tuple, a list a rollback copied) is converted whole. Entries of
+    A cached output stays valid while the sequence's output is a TokenTape of the same lineage and no
+    shorter (versions of one lineage agree below the shorter's length). Anything else (a beam fork's
+    new tape, a tuple, a version a rollback copied) is converted whole. Entries of
     sequences missing from a step are dropped.
     """
 
     def __init__(self, vocab_size: int) -> None:
         self._vocab = vocab_size
         self._prompts: dict[int, tuple[Sequence[int], np.ndarray]] = {}  # seq id -> (the prompt, its ids)
-        self._outputs: dict[int, tuple[list | None, np.ndarray, int]] = {}  # seq id -> (tape list, buffer, length)
-        self._last_rows: tuple[list[int], list[Sequence[int]], np.ndarray] | None = None  # ids, prompts, offsets
+        self._outputs: dict[int, tuple[object, np.ndarray, int]] = {}  # seq id -> (tape lineage, buffer, length)
 
     def offsets(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]],
                 outputs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Flat offsets (row * V + id) of every row's prompt ids and output ids; row i is seq_ids[i]."""
         vocab = self._vocab
-        seq_ids, prompts = list(seq_ids), list(prompts)
         old_prompts, old_outputs = self._prompts, self._outputs
         self._prompts, self._outputs = {}, {}
         prompt_rows, output_rows = [], []
@@ -63,21 +60,13 @@ class PenaltyHistories:
             self._prompts[seq_id] = cached
             prompt_rows.append(cached[1])
             output_rows.append(self._output_ids(seq_id, output, old_outputs.get(seq_id)))
-        last = self._last_rows
-        if (last is not None and last[0] == seq_ids and len(last[1]) == len(prompts)
-                and all(a is b for a, b in zip(last[1], prompts))):
-            prompt_offsets = last[2]  # the same rows in the same order as the last step: the same prompt offsets
-        else:
-            prompt_offsets = flat_offsets(prompt_rows, vocab)
-            prompt_offsets.flags.writeable = False  # handed out again next step
-        self._last_rows = (seq_ids, prompts, prompt_offsets)
-        return prompt_offsets, flat_offsets(output_rows, vocab)
+        return flat_offsets(prompt_rows, vocab), flat_offsets(output_rows, vocab)
 
     def _output_ids(self, seq_id: int, output: Sequence[int],
-                    cached: tuple[list | None, np.ndarray, int] | None) -> np.ndarray:
-        items = output._items if type(output) is TokenTape else None
+                    cached: tuple[object, np.ndarray, int] | None) -> np.ndarray:
+        lineage = output.lineage if type(output) is TokenTape else None
         n = len(output)
-        if cached is not None and items is not None and cached[0] is items and cached[2] <= n:
+        if cached is not None and lineage is not None and cached[0] is lineage and cached[2] <= n:
             _, buffer, known = cached
             if n > len(buffer):  # room for the coming tokens: doubling keeps a token's copies O(1) amortized
                 grown = np.empty(2 * n, dtype=np.int64)
@@ -88,5 +77,5 @@ class PenaltyHistories:
         else:
             buffer = np.empty(max(2 * n, 16), dtype=np.int64)
             buffer[:n] = token_ids(output, self._vocab)
-        self._outputs[seq_id] = (items, buffer, n)
+        self._outputs[seq_id] = (lineage, buffer, n)
         return buffer[:n]

@@ -363,6 +363,11 @@ class TokenTape(Sequence):
         tape._items, tape._len = items, self._len + 1
         return tape
 
+    @property
+    def lineage(self) -> object:
+        """What versions grown from one another share: two tapes of one lineage agree below the shorter's length."""
+        return self._items
+
     def __len__(self) -> int:
         return self._len
 

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmfx.penalty_histories import flat_offsets, token_ids
-
 from llmfx.sampling_params import SamplingParams
 
 TOP_LOGPROBS = 20  # top logprobs always computed (static shape); the host slices the k it was asked

@@ -259,3 +259,13 @@ def test_token_tape_appends_in_place_while_it_is_the_longest_version():
     assert grown._items is tape._items  # no copy on the serving path
     fork = tape.appended(9)  # an older version grows: it copies its own prefix
     assert fork._items is not tape._items and (tape, grown, fork) == ((1,), (1, 2, 3), (1, 9))
+
+
+def test_tapes_grown_from_one_another_share_a_lineage_and_a_branch_does_not():
+    from llmfx.persistent import TokenTape
+
+    base = TokenTape([1, 2])
+    grown = base.appended(3).appended(4)
+    assert grown.lineage is base.lineage and tuple(grown)[: len(base)] == tuple(base)
+    branch = base.appended(9)  # the list was grown past base by another version: this one copies
+    assert branch.lineage is not base.lineage and tuple(branch) == (1, 2, 9) and tuple(grown) == (1, 2, 3, 4)
