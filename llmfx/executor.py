@@ -100,8 +100,9 @@ def gc_gen0_threshold(value: int | None):
     """Run the block with the cyclic GC's generation-0 threshold at value (process-wide); restore it after.
 
     Starts with one full collection: the warm-up's garbage goes and the GC's counters start from zero.
-    Without it the counts that compiling at Python's 700 left behind brought a full collection (a
-    528 ms stall on the H200) into the first offline runs anyway. None: Python's GC is left alone.
+    Without it, the counts compiling at Python's 700 left behind can still bring a full collection
+    early in serving: on the H200 one of three offline runs stalled 528 ms in one; with it, three
+    runs had none. None: Python's GC is left alone.
     Blocks may overlap (several LLMs): the newest still running sets the threshold, and Python's
     comes back when the last one ends.
     """
