@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False) for _, n in work]
     with LLM(str(path), skip_tokenizer_init=True, dtype="bfloat16" if cuda else "float32",
              max_seq_len=2048 + 64, garbage_collection_gen0_threshold=threshold) as llm:
-        llm.generate(bench.warmup_prompts(prompts, vocab), params, use_tqdm=False)
+        llm.generate(bench.shifted_prompts(prompts, vocab, 1), params, use_tqdm=False)
         events = timed_launches(llm._engine) if cuda else None
         with llm.trace_steps() as trace:
             start = time.perf_counter()

@@ -146,7 +146,7 @@ def offline_workload(vocab_size: int, num_requests: int = 256, lengths: tuple[in
     return work
 
 
-def warmup_prompts(prompts: list[list[int]], vocab_size: int, shift: int = 1) -> list[list[int]]:
+def shifted_prompts(prompts: list[list[int]], vocab_size: int, shift: int) -> list[list[int]]:
     """The workload's shapes with every token moved by shift: runs with different shifts share no prefix-cache page."""
     return [[(t + shift) % vocab_size for t in p] for p in prompts]
 
@@ -197,8 +197,8 @@ def offline(model: str, num_requests: int = 256, peers: bool = True, peer_reques
     from llmfx.sampling_params import SamplingParams
 
     vocab = preset(model).vocab_size
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or not 1 <= repeats < vocab - 1:
-        raise ValueError(f"offline: repeats must be an integer in [1, {vocab - 2}] (runs need distinct tokens), "
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or not 1 <= repeats < vocab:
+        raise ValueError(f"offline: repeats must be an integer in [1, {vocab - 1}] (runs need distinct tokens), "
                          f"got {repeats!r}")
     path = hf_checkpoint(model, workdir or Path(tempfile.mkdtemp()))
     work = offline_workload(vocab, num_requests)
@@ -209,17 +209,16 @@ def offline(model: str, num_requests: int = 256, peers: bool = True, peer_reques
     floor_s = 1.5 * num_requests / 256  # PERF.md: about 1.5 s for the whole 256-request workload
     elapsed: list[float] = []
     with LLM(path, skip_tokenizer_init=True, dtype="bfloat16", max_seq_len=2048 + 64, **llm_kwargs) as llm:
-        llm.generate(warmup_prompts(prompts, vocab), params, use_tqdm=False)
+        llm.generate(shifted_prompts(prompts, vocab, repeats), params, use_tqdm=False)  # a shift no timed run uses
         if gc_freeze:
             gc.collect()
             gc.freeze()
         timer = GcTimer()
         gc.callbacks.append(timer)
         try:
-            for run in range(repeats):  # the first on the workload's own tokens; shift 1 was the warm-up's
-                tokens = prompts if run == 0 else warmup_prompts(prompts, vocab, shift=run + 1)
+            for run in range(repeats):  # run k on the tokens shifted by k: the first on the workload's own
                 start = time.perf_counter()
-                llm.generate(tokens, params, use_tqdm=False)
+                llm.generate(shifted_prompts(prompts, vocab, run), params, use_tqdm=False)
                 elapsed.append(time.perf_counter() - start)
         finally:
             gc.callbacks.remove(timer)

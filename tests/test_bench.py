@@ -17,13 +17,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llmfx import bench
-from llmfx.bench import offline_workload, save_rows, warmup_prompts
+from llmfx.bench import offline_workload, save_rows, shifted_prompts
 
 
-@given(st.integers(2, 300))
-def test_warmup_prompts_keep_shapes_and_change_every_token(vocab):
+@given(st.data())
+def test_shifted_prompts_keep_shapes_and_change_every_token(data):
+    vocab = data.draw(st.integers(2, 300))
+    shift = data.draw(st.integers(1, vocab - 1))
     prompts = [[t % vocab for t in p] for p, _ in offline_workload(vocab, num_requests=8)]
-    warm = warmup_prompts(prompts, vocab)
+    warm = shifted_prompts(prompts, vocab, shift)
     assert [len(p) for p in warm] == [len(p) for p in prompts]
     assert all(a != b for p, w in zip(prompts, warm) for a, b in zip(p, w))
     assert all(0 <= t < vocab for p in warm for t in p)
@@ -168,8 +170,8 @@ def test_offline_repeats_time_each_run_on_tokens_of_its_own(monkeypatch, tmp_pat
     rows = {r.metric: r.value for r in bench.offline("tiny", 2, peers=False, workdir=tmp_path, repeats=3)}
     runs = [rows[f"output_tokens_per_s_run{k}"] for k in (1, 2, 3)]
     assert rows["output_tokens_per_s"] == pytest.approx(sorted(runs)[1])  # the median run
-    firsts = [p[0] for p in prompts_seen]  # warm-up, then the three timed runs
-    assert firsts == [[4, 2, 5, 2, 6], [3, 1, 4, 1, 5], [5, 3, 6, 3, 7], [6, 4, 7, 4, 8]]
+    firsts = [p[0] for p in prompts_seen]  # warm-up (shift 3), then the three timed runs (shifts 0, 1, 2)
+    assert firsts == [[6, 4, 7, 4, 8], [3, 1, 4, 1, 5], [4, 2, 5, 2, 6], [5, 3, 6, 3, 7]]
 
 
 @pytest.mark.parametrize("repeats", [0, -1, 2.0, True])
