@@ -1,13 +1,14 @@
-"""Launch settings of the split-KV decode kernel, swept on the GPU: microseconds and KV bandwidth per setting.
+"""Launch settings of the split-KV decode kernels, swept on the GPU: microseconds and KV bandwidth per setting.
 
     python benchmarks/decode_attention_sweep.py --save benchmarks/results     # on the H200
 
-One layer of the TinyLlama shape (32 heads, 4 KV heads, head_dim 64, page 16, bf16), every
-sequence decoding at --context, pages scattered over the pool as a served batch's are. For each
-(block_n, num_warps, num_stages, min_split) the kernel must first give the output of the shipped
-setting (llmfx.ops.triton_attention._tuning) within bf16 rounding; then it is captured in a CUDA
-graph and replayed, so launch overhead is out of the figures. Bandwidth counts the K and V bytes
-the batch must read once, so 100% of the copy bandwidth would be the floor.
+One layer of the TinyLlama shape (32 heads, 4 KV heads, head_dim 64, page 16, bf16), every sequence
+decoding one token, lengths drawn uniformly from each --lengths range, pages scattered over the pool as
+a served batch's are. Two kernels: `per_head` (the shipped one, a program per KV head and split) and
+`grouped` (benchmarks/decode_grouped_kernel.py, a program per split over every KV head). For each
+setting the output must first equal the shipped setting's within bf16 rounding; then the call is
+captured in a CUDA graph after a write of 256 MB (the L2 starts cold, as after a layer's GEMMs), and the
+write's own time is subtracted. Bandwidth counts the K and V bytes the batch must read once.
 """
 
 import argparse
@@ -17,64 +18,106 @@ from pathlib import Path
 
 import torch
 
+from decode_grouped_kernel import paged_attention_decode_grouped
 from llmfx.bench import H200_COPY_BYTES_PER_S, graph_replay_us, save_rows
 from llmfx.ops.triton_attention import _tuning, paged_attention_decode
+
+KERNELS = {"per_head": paged_attention_decode, "grouped": paged_attention_decode_grouped}
 
 
 def parse_ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
 
+def parse_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    return tuple(tuple(int(x) for x in r.split("-")) for r in text.split(","))
+
+
+def parse_splits(text: str) -> tuple[tuple[int, int], ...]:
+    """'256x32,512x1' -> ((min_split, max_splits), ...)."""
+    return tuple(tuple(int(x) for x in s.split("x")) for s in text.split(","))
+
+
+def settings(args):
+    """(kernel, setting) pairs to try."""
+    for kernel, block_ns in (("per_head", args.block_n), ("grouped", args.grouped_block_n)):
+        if kernel not in args.kernels:
+            continue
+        for block_n, warps, stages, (min_split, max_splits) in itertools.product(
+                block_ns, args.num_warps, args.num_stages, args.splits):
+            if min_split % block_n == 0:
+                yield kernel, dict(block_n=block_n, num_warps=warps, num_stages=stages, min_split=min_split,
+                                   max_splits=max_splits)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batches", type=parse_ints, default=(256, 64, 1))
-    p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--block-n", type=parse_ints, default=(32, 64, 128))
-    p.add_argument("--num-warps", type=parse_ints, default=(2, 4, 8))
-    p.add_argument("--num-stages", type=parse_ints, default=(2, 3, 4))
-    p.add_argument("--min-split", type=parse_ints, default=(256, 512, 1024))
+    p.add_argument("--batches", type=parse_ints, default=(1, 8, 32, 64, 128, 256))
+    p.add_argument("--lengths", type=parse_ranges, default=((100, 600), (1000, 2000), (100, 2000)))
+    p.add_argument("--kernels", default="per_head,grouped")
+    p.add_argument("--block-n", type=parse_ints, default=(32, 64))
+    p.add_argument("--grouped-block-n", type=parse_ints, default=(16, 32))
+    p.add_argument("--num-warps", type=parse_ints, default=(4,))
+    p.add_argument("--num-stages", type=parse_ints, default=(2, 3))
+    p.add_argument("--splits", type=parse_splits,
+                   default=parse_splits("64x32,128x32,256x32,512x32,1024x32,128x1,128x2,128x4,128x8"))
+    p.add_argument("--iters", type=int, default=50)
     p.add_argument("--save", type=Path, default=None)
     args = p.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
     heads, kv_heads, head_dim, page = 32, 4, 64, 16
-    shipped = _tuning(dtype, head_dim)[1]
+    shipped = {**_tuning(dtype, head_dim)[1], "max_splits": 32}
+    flush_buffer = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    flush_us, _ = graph_replay_us(lambda: flush_buffer.zero_(), iters=args.iters)
+    trials = list(settings(args))
     rows = []
-    for batch in args.batches:
-        gen = torch.Generator(device=device).manual_seed(batch)
-        per_seq = -(-(args.context + 1) // page)
+    for batch, (low, high) in itertools.product(args.batches, args.lengths):
+        gen = torch.Generator(device=device).manual_seed(batch * 7919 + low)
+        lens = torch.randint(low, high + 1, (batch,), device=device, generator=gen, dtype=torch.int32)
+        per_seq = -(-high // page)
         num_pages = 1 + batch * per_seq
         k_pages = torch.randn(num_pages, page, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
         v_pages = torch.randn(num_pages, page, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
         table = (1 + torch.randperm(num_pages - 1, device=device, generator=gen)).view(batch, per_seq).int()
         q = torch.randn(batch, heads, head_dim, device=device, dtype=dtype, generator=gen)
         qsl = torch.arange(batch + 1, device=device, dtype=torch.int32)
-        lens = torch.full((batch,), args.context + 1, device=device, dtype=torch.int32)
-        kv_bytes = 2 * batch * (args.context + 1) * kv_heads * head_dim * dtype.itemsize
+        kv_bytes = 2 * int(lens.sum()) * kv_heads * head_dim * dtype.itemsize
         run_args = (q, k_pages, v_pages, table, qsl, lens, head_dim ** -0.5, 0)
         reference = paged_attention_decode(*run_args, **shipped)
-        for block_n, warps, stages, min_split in itertools.product(args.block_n, args.num_warps, args.num_stages,
-                                                                   args.min_split):
-            if min_split % block_n:
-                continue
-            setting = dict(block_n=block_n, num_warps=warps, num_stages=stages, min_split=min_split)
-            row = {"batch": batch, "context": args.context, **setting, "shipped": setting == shipped}
+        for kernel, setting in trials:
+            row = {"batch": batch, "lengths": f"{low}-{high}", "kernel": kernel, **setting,
+                   "shipped": kernel == "per_head" and setting == shipped}
             try:
                 out = torch.empty_like(q)
-                fn = lambda: paged_attention_decode(*run_args, **setting, out=out)  # noqa: E731
+
+                def fn():
+                    flush_buffer.zero_()
+                    KERNELS[kernel](*run_args, **setting, out=out)
+
                 fn()
                 torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)
-                row["us"], _ = graph_replay_us(fn, iters=100)
+                row["us"] = graph_replay_us(fn, iters=args.iters)[0] - flush_us
                 row["copy_bandwidth_fraction"] = kv_bytes / (row["us"] * 1e-6) / H200_COPY_BYTES_PER_S
             except Exception as err:  # noqa: BLE001 -- a setting that does not compile or fit is a result too
                 row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
             print(json.dumps(row), flush=True)
             rows.append(row)
+    summary = []
     for batch in args.batches:
-        timed = sorted((r for r in rows if r["batch"] == batch and "us" in r), key=lambda r: r["us"])
-        base = next(r for r in timed if r["shipped"])
-        print(f"batch {batch}: shipped {base['us']:.1f} us; best", json.dumps(timed[0]))
+        # A setting's score: its mean time over the length ranges (each range's batch is one served step).
+        scores = {}
+        for kernel, setting in trials:
+            times = [r["us"] for r in rows if r["batch"] == batch and r["kernel"] == kernel
+                     and all(r[k] == v for k, v in setting.items()) and "us" in r]
+            if len(times) == len(args.lengths):
+                scores[json.dumps({"kernel": kernel, **setting})] = sum(times) / len(times)
+        ranked = sorted(scores.items(), key=lambda kv: kv[1])
+        base = scores[json.dumps({"kernel": "per_head", **shipped})]
+        line = {"batch": batch, "shipped_us": base, "best": [(json.loads(k), v) for k, v in ranked[:5]]}
+        print(json.dumps(line), flush=True)
+        summary.append(line)
     if args.save:
-        save_rows(args.save, "decode-attention-sweep.json", rows)
+        save_rows(args.save, "decode-attention-sweep.json", rows, summary=summary, flush_us=flush_us)
 
 
 if __name__ == "__main__":
