@@ -1,12 +1,11 @@
-"""Launch settings of the split-KV decode kernels, swept on the GPU: microseconds and KV bandwidth per setting.
+"""Launch settings of the split-KV decode kernel, swept on the GPU: microseconds and KV bandwidth per setting.
 
     python benchmarks/decode_attention_sweep.py --save benchmarks/results     # on the H200
 
 One layer of the TinyLlama shape (32 heads, 4 KV heads, head_dim 64, page 16, bf16), every sequence
 decoding one token, lengths drawn uniformly from each --lengths range, pages scattered over the pool as
-a served batch's are. Two kernels: `per_head` (the shipped one, a program per KV head and split) and
-`grouped` (benchmarks/decode_grouped_kernel.py, a program per split over every KV head). For each
-setting the output must first equal the shipped setting's within bf16 rounding; then the call is
+a served batch's are. For each setting the output must first equal the shipped setting's (the one
+llmfx.ops.triton_attention._tuning picks for that batch size) within bf16 rounding; then the call is
 captured in a CUDA graph after a write of 256 MB (the L2 starts cold, as after a layer's GEMMs), and the
 write's own time is subtracted. Bandwidth counts the K and V bytes the batch must read once.
 """
@@ -18,11 +17,8 @@ from pathlib import Path
 
 import torch
 
-from decode_grouped_kernel import paged_attention_decode_grouped
 from llmfx.bench import H200_COPY_BYTES_PER_S, graph_replay_us, save_rows
-from llmfx.ops.triton_attention import _tuning, paged_attention_decode
-
-KERNELS = {"per_head": paged_attention_decode, "grouped": paged_attention_decode_grouped}
+from llmfx.ops.triton_attention import DECODE_MAX_SPLITS, _tuning, paged_attention_decode
 
 
 def parse_ints(text: str) -> tuple[int, ...]:
@@ -38,25 +34,24 @@ def parse_splits(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(tuple(int(x) for x in s.split("x")) for s in text.split(","))
 
 
+def shipped_setting(batch: int) -> dict:
+    """What triton_paged_attention launches for a bf16 decode batch of this size."""
+    return {"max_splits": DECODE_MAX_SPLITS, **_tuning(torch.bfloat16, 64, batch)[1]}
+
+
 def settings(args):
-    """(kernel, setting) pairs to try."""
-    for kernel, block_ns in (("per_head", args.block_n), ("grouped", args.grouped_block_n)):
-        if kernel not in args.kernels:
-            continue
-        for block_n, warps, stages, (min_split, max_splits) in itertools.product(
-                block_ns, args.num_warps, args.num_stages, args.splits):
-            if min_split % block_n == 0:
-                yield kernel, dict(block_n=block_n, num_warps=warps, num_stages=stages, min_split=min_split,
-                                   max_splits=max_splits)
+    """The settings to try."""
+    for block_n, warps, stages, (min_split, max_splits) in itertools.product(
+            args.block_n, args.num_warps, args.num_stages, args.splits):
+        if min_split % block_n == 0:
+            yield dict(block_n=block_n, num_warps=warps, num_stages=stages, min_split=min_split, max_splits=max_splits)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=parse_ints, default=(1, 8, 32, 64, 128, 256))
     p.add_argument("--lengths", type=parse_ranges, default=((100, 600), (1000, 2000), (100, 2000)))
-    p.add_argument("--kernels", default="per_head,grouped")
     p.add_argument("--block-n", type=parse_ints, default=(32, 64))
-    p.add_argument("--grouped-block-n", type=parse_ints, default=(16, 32))
     p.add_argument("--num-warps", type=parse_ints, default=(4,))
     p.add_argument("--num-stages", type=parse_ints, default=(2, 3))
     p.add_argument("--splits", type=parse_splits,
@@ -66,7 +61,6 @@ def main() -> None:
     args = p.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
     heads, kv_heads, head_dim, page = 32, 4, 64, 16
-    shipped = {**_tuning(dtype, head_dim)[1], "max_splits": 32}
     flush_buffer = torch.empty(256 << 20, dtype=torch.uint8, device=device)
     flush_us, _ = graph_replay_us(lambda: flush_buffer.zero_(), iters=args.iters)
     trials = list(settings(args))
@@ -83,16 +77,16 @@ def main() -> None:
         qsl = torch.arange(batch + 1, device=device, dtype=torch.int32)
         kv_bytes = 2 * int(lens.sum()) * kv_heads * head_dim * dtype.itemsize
         run_args = (q, k_pages, v_pages, table, qsl, lens, head_dim ** -0.5, 0)
+        shipped = shipped_setting(batch)
         reference = paged_attention_decode(*run_args, **shipped)
-        for kernel, setting in trials:
-            row = {"batch": batch, "lengths": f"{low}-{high}", "kernel": kernel, **setting,
-                   "shipped": kernel == "per_head" and setting == shipped}
+        for setting in trials:
+            row = {"batch": batch, "lengths": f"{low}-{high}", **setting, "shipped": setting == shipped}
             try:
                 out = torch.empty_like(q)
 
                 def fn():
                     flush_buffer.zero_()
-                    KERNELS[kernel](*run_args, **setting, out=out)
+                    paged_attention_decode(*run_args, **setting, out=out)
 
                 fn()
                 torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)
@@ -106,14 +100,14 @@ def main() -> None:
     for batch in args.batches:
         # A setting's score: its mean time over the length ranges (each range's batch is one served step).
         scores = {}
-        for kernel, setting in trials:
-            times = [r["us"] for r in rows if r["batch"] == batch and r["kernel"] == kernel
-                     and all(r[k] == v for k, v in setting.items()) and "us" in r]
+        for setting in trials:
+            times = [r["us"] for r in rows if r["batch"] == batch and all(r[k] == v for k, v in setting.items())
+                     and "us" in r]
             if len(times) == len(args.lengths):
-                scores[json.dumps({"kernel": kernel, **setting})] = sum(times) / len(times)
+                scores[json.dumps(setting, sort_keys=True)] = sum(times) / len(times)
         ranked = sorted(scores.items(), key=lambda kv: kv[1])
-        base = scores[json.dumps({"kernel": "per_head", **shipped})]
-        line = {"batch": batch, "shipped_us": base, "best": [(json.loads(k), v) for k, v in ranked[:5]]}
+        line = {"batch": batch, "shipped_us": scores.get(json.dumps(shipped_setting(batch), sort_keys=True)),
+                "best": [(json.loads(k), v) for k, v in ranked[:5]]}
         print(json.dumps(line), flush=True)
         summary.append(line)
     if args.save:

@@ -33,14 +33,9 @@ def main() -> None:
     parser.add_argument("--sampling", default="greedy", choices=["greedy", "top_p"])
     parser.add_argument("--save", default=None)
     parser.add_argument("--trace", action="store_true")
-    parser.add_argument("--min-split", type=int, default=None, help="override the decode kernel's DECODE_MIN_SPLIT")
     parser.add_argument("--forward-only", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda")
-    if args.min_split is not None:
-        from llmfx.ops import triton_attention
-
-        triton_attention.DECODE_MIN_SPLIT = args.min_split
     source = resolve_model(args.model)
     cfg = source.config
     params = load_params(source, dtype="bfloat16", device=device, load_format="dummy", seed=0, max_positions=4096)
@@ -66,7 +61,6 @@ def main() -> None:
                                             top_logprobs=p.filters), fullgraph=True, dynamic=False)
         with torch.inference_mode():
             row = {"batch": batch, "sampling": args.sampling}
-            row["min_split"] = args.min_split
             parts = (("forward_us", fwd),) if args.forward_only else (
                 ("forward_us", fwd), ("sampler_filtering_us", smp_filtering), ("sampler_us", smp),
                 ("forward_sampler_us", both))
@@ -84,7 +78,7 @@ def main() -> None:
                 if args.save:
                     Path(args.save, f"graph_parts_trace_b{batch}.txt").write_text(table)
     if args.save:
-        save_rows(Path(args.save), f"graph_parts-{args.sampling}-split{args.min_split}.json", rows, model=args.model,
+        save_rows(Path(args.save), f"graph_parts-{args.sampling}.json", rows, model=args.model,
                   context=args.context)
 
 

@@ -150,6 +150,14 @@ def test_dispatch_picks_a_kernel_by_shape_and_is_exact(seqs, pad_rows):
     torch.testing.assert_close(out.cpu(), reference(args, 0), rtol=1e-4, atol=1e-4)
 
 
+@given(st.integers(1, 4096), st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       st.sampled_from([16, 64, 128, 256]))
+def test_decode_splits_are_whole_key_blocks_and_coarsen_as_the_batch_grows(num_seqs, dtype, head_dim):
+    decode = ta._tuning(dtype, head_dim, num_seqs)[1]
+    assert decode["min_split"] % decode["block_n"] == 0
+    assert ta._tuning(dtype, head_dim, num_seqs + 1)[1]["min_split"] >= decode["min_split"]
+
+
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="the kernel tests run in this process")
 def test_kernels_in_a_fresh_interpreter_process():
     run_kernel_tests_in_fresh_interpreter(__file__)

@@ -23,9 +23,17 @@ _LOG2E = 1.4426950408889634
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp2(_NEG - _NEG) stays finite
 
 # Decode split-KV: a sequence's key range is cut into at most MAX_SPLITS splits of at least
-# MIN_SPLIT tokens, a function of that sequence alone (batch-invariant numerics).
+# MIN_SPLIT tokens, a function of that sequence and the launch's settings alone, so a sequence's result
+# never depends on the other rows of its batch; the settings depend on the batch size (_decode_settings).
 DECODE_MIN_SPLIT = 256
 DECODE_MAX_SPLITS = 32
+
+# (largest batch, min_split, num_stages) of the bf16/fp16 decode launch, by batch size (a static shape of a
+# captured step): small batches cut keys finer to occupy the GPU, large ones coarser, so fewer partials
+# are written and merged. Measured at batches 1 / 8 / 32-64 / 128 / 256 (uniform lengths up to 2000,
+# cold L2) in benchmarks/results/2026-11-30-nvidia-h200-decode-attention-sweep.json; the bounds between
+# those batches are interpolated.
+_DECODE_SPLITS = ((4, 64, 3), (16, 128, 3), (96, 256, 3), (192, 256, 2), (None, 512, 2))
 
 
 @triton.jit
@@ -319,17 +327,24 @@ def paged_attention_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_tab
     return out
 
 
-def _tuning(dtype: torch.dtype, head_dim: int) -> tuple[dict, dict]:
+def _decode_settings(num_seqs: int) -> tuple[int, int]:
+    """(min_split, num_stages) of a decode launch over num_seqs sequences."""
+    return next((split, stages) for most, split, stages in _DECODE_SPLITS if most is None or num_seqs <= most)
+
+
+def _tuning(dtype: torch.dtype, head_dim: int, num_seqs: int) -> tuple[dict, dict]:
     """(varlen, decode) launch settings: no register spills (ptxas, sm_90), picked on an H200.
 
-    fp32 (parity tests only) lowers dot to FMAs: small tiles. The decode split size was A/B-tested
-    in benchmarks/results/2026-11-29-nvidia-h200-graph-parts.json.
+    fp32 (parity tests only) lowers dot to FMAs: small tiles. The decode split size follows the batch
+    size (_DECODE_SPLITS).
     """
+    min_split, stages = _decode_settings(num_seqs)
     if dtype == torch.float32:
-        return dict(block_m=32, block_n=32, num_warps=8, num_stages=1), dict(block_n=32, num_warps=4, num_stages=1)
+        return (dict(block_m=32, block_n=32, num_warps=8, num_stages=1),
+                dict(block_n=32, num_warps=4, num_stages=1, min_split=min_split))
     if head_dim > 128:
-        return dict(block_m=64, block_n=32, num_warps=8), dict(block_n=32, num_warps=4)
-    decode = dict(block_n=64, num_warps=4, num_stages=3, min_split=DECODE_MIN_SPLIT)
+        return dict(block_m=64, block_n=32, num_warps=8), dict(block_n=32, num_warps=4, min_split=min_split)
+    decode = dict(block_n=64, num_warps=4, num_stages=stages, min_split=min_split)
     if head_dim > 64:
         return dict(block_m=64, block_n=32, num_warps=4), decode
     return dict(block_m=128, block_n=64, num_warps=8), decode
@@ -339,7 +354,7 @@ def triton_paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_tab
                            query_start_loc: Tensor, seq_lens: Tensor, scale: float, sliding_window: int) -> Tensor:
     """llmfx::paged_attention in Triton: split-KV decode when T <= B (a shape test), else varlen."""
     args = (q, k_pages, v_pages, page_table, query_start_loc, seq_lens, scale, sliding_window)
-    varlen, decode = _tuning(q.dtype, q.shape[2])
+    varlen, decode = _tuning(q.dtype, q.shape[2], seq_lens.shape[0])
     if q.shape[0] <= seq_lens.shape[0]:
         return paged_attention_decode(*args, **decode)
     return paged_attention_varlen(*args, **varlen)
