@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from llmfx import bench
-from llmfx.penalty_histories import PenaltyHistories, flat_offsets, token_ids
+from llmfx.penalty_histories import PenaltyHistories, offsets_from_scratch
 from llmfx.persistent import TokenTape, append_token
 
 VOCAB = 32000
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     ids = list(range(args.rows))
 
     def scratch(outputs):
-        return tuple(flat_offsets([token_ids(r, VOCAB) for r in rows], VOCAB) for rows in (prompts, outputs))
+        return offsets_from_scratch(prompts, outputs, VOCAB)
 
     def run(kind: str) -> float:
         """Median ms per step over a run of steps that each grow every output by one token."""

@@ -32,6 +32,12 @@ def flat_offsets(per_row: Sequence[np.ndarray], vocab_size: int) -> np.ndarray:
     return np.concatenate(per_row) + np.repeat(rows, lengths)
 
 
+def offsets_from_scratch(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
+                         vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat offsets of every row's prompt ids and output ids, all converted anew (what PenaltyHistories keeps)."""
+    return tuple(flat_offsets([token_ids(ids, vocab_size) for ids in rows], vocab_size) for rows in (prompts, outputs))
+
+
 class PenaltyHistories:
     """Each running sequence's prompt and output ids as arrays, extended by the new tokens at each penalized step.
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmfx.penalty_histories import flat_offsets, token_ids
+from llmfx.penalty_histories import offsets_from_scratch
 from llmfx.sampling_params import SamplingParams
 
 TOP_LOGPROBS = 20  # top logprobs always computed (static shape); the host slices the k it was asked
@@ -134,10 +134,10 @@ class PenaltyState:
     def write(self, prompt_token_ids_per_row: Sequence[Sequence[int]],
               output_token_ids_per_row: Sequence[Sequence[int]]) -> None:
         """Overwrite this state in place (rows past the given ones: nothing seen); the engine's static buffers."""
-        n, vocab = len(prompt_token_ids_per_row), self.prompt_mask.shape[1]
+        n = len(prompt_token_ids_per_row)
         assert len(output_token_ids_per_row) == n, (n, len(output_token_ids_per_row))
-        self.write_offsets(n, *(flat_offsets([token_ids(ids, vocab) for ids in rows], vocab)
-                                for rows in (prompt_token_ids_per_row, output_token_ids_per_row)))
+        self.write_offsets(n, *offsets_from_scratch(prompt_token_ids_per_row, output_token_ids_per_row,
+                                                    self.prompt_mask.shape[1]))
 
     def write_offsets(self, num_rows: int, prompt_offsets: np.ndarray, output_offsets: np.ndarray) -> None:
         """Overwrite this state in place from flat offsets row * V + id of num_rows rows' prompt and output ids.

@@ -7,12 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmfx.penalty_histories import PenaltyHistories, flat_offsets, token_ids
+from llmfx.penalty_histories import PenaltyHistories, offsets_from_scratch
 from llmfx.persistent import TokenTape, append_token
-
-
-def from_scratch(prompts, outputs, vocab):
-    return tuple(flat_offsets([token_ids(ids, vocab) for ids in rows], vocab) for rows in (prompts, outputs))
 
 
 @given(st.data())
@@ -44,7 +40,7 @@ def test_kept_histories_equal_a_fresh_conversion_whatever_happens_between_steps(
             seqs[sid] = (prompt, output)
         prompts, outputs = [seqs[s][0] for s in rows], [seqs[s][1] for s in rows]
         got = histories.offsets(rows, prompts, outputs)
-        want = from_scratch(prompts, outputs, vocab)
+        want = offsets_from_scratch(prompts, outputs, vocab)
         assert all(np.array_equal(g, w) for g, w in zip(got, want))
 
 
