@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from llmfx.executor import check_gc_gen0_threshold
 from llmfx.presets import preset
 
 # Measured on the project's H200 (PERF.md): device-to-device copy, bytes read + written per second.
@@ -155,9 +156,12 @@ def gc_threshold_arg(text: str) -> int | None:
     """A --gc-gen0-threshold value: an integer >= 1, or 'python' (None: leave Python's own threshold)."""
     if text == "python":
         return None
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"--gc-gen0-threshold must be an integer >= 1 or 'python', got {text!r}")
-    return int(text)
+    try:
+        value = int(text)
+        check_gc_gen0_threshold(value)  # the range rule LLM applies
+    except ValueError:
+        raise ValueError(f"--gc-gen0-threshold must be an integer >= 1 or 'python', got {text!r}") from None
+    return value
 
 
 class GcTimer:
