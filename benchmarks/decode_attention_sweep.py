@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from llmfx.bench import H200_COPY_BYTES_PER_S, graph_replay_us, save_rows
-from llmfx.ops.triton_attention import DECODE_MAX_SPLITS, _tuning, paged_attention_decode
+from llmfx.ops.triton_attention import DECODE_MAX_SPLITS, DECODE_MIN_SPLIT, _tuning, paged_attention_decode
 
 
 def parse_ints(text: str) -> tuple[int, ...]:
@@ -36,7 +36,7 @@ def parse_splits(text: str) -> tuple[tuple[int, int], ...]:
 
 def shipped_setting(batch: int) -> dict:
     """What triton_paged_attention launches for a bf16 decode batch of this size."""
-    return {"max_splits": DECODE_MAX_SPLITS, **_tuning(torch.bfloat16, 64, batch)[1]}
+    return {"min_split": DECODE_MIN_SPLIT, "max_splits": DECODE_MAX_SPLITS, **_tuning(torch.bfloat16, 64, batch)[1]}
 
 
 def settings(args):

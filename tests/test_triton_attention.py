@@ -150,12 +150,23 @@ def test_dispatch_picks_a_kernel_by_shape_and_is_exact(seqs, pad_rows):
     torch.testing.assert_close(out.cpu(), reference(args, 0), rtol=1e-4, atol=1e-4)
 
 
+@kernels
+def test_dispatch_gives_a_sequence_the_same_bits_alone_and_in_a_batch_of_200():
+    # Batch sizes on both sides of every launch-setting bound: the split plan must not follow them.
+    long_seq = (1, 299)
+    crowd = random_batch([long_seq] + [(1, n % 37) for n in range(199)], 16, 1, 2, 16, 0, 5)
+    q, k_pages, v_pages, table, starts, lens, scale = crowd
+    alone = (q[:1], k_pages, v_pages, table[:1], starts[:2], lens[:1], scale)
+    assert torch.equal(ta.triton_paged_attention(*alone, 0)[0], ta.triton_paged_attention(*crowd, 0)[0])
+
+
 @given(st.integers(1, 4096), st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        st.sampled_from([16, 64, 128, 256]))
-def test_decode_splits_are_whole_key_blocks_and_coarsen_as_the_batch_grows(num_seqs, dtype, head_dim):
+def test_decode_launch_settings_differ_by_batch_size_in_pipeline_depth_only(num_seqs, dtype, head_dim):
     decode = ta._tuning(dtype, head_dim, num_seqs)[1]
-    assert decode["min_split"] % decode["block_n"] == 0
-    assert ta._tuning(dtype, head_dim, num_seqs + 1)[1]["min_split"] >= decode["min_split"]
+    other = ta._tuning(dtype, head_dim, 1)[1]
+    assert {k: v for k, v in decode.items() if k != "num_stages"} == {k: v for k, v in other.items() if k != "num_stages"}
+    assert ta.DECODE_MIN_SPLIT % decode["block_n"] == 0
 
 
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="the kernel tests run in this process")
@@ -199,6 +210,20 @@ def test_cuda_op_matches_reference_at_long_lengths(case):
     out = torch.ops.llmfx.paged_attention(*args, window)
     assert out.dtype == dtype
     assert_close_bf16(out, reference(args, window))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_decode_gives_a_sequence_the_same_bits_at_batch_1_and_256():
+    # bf16 at served lengths, across the num_stages bound: batch-invariant numerics on the GPU itself.
+    gen = torch.Generator().manual_seed(11)
+    others = [(1, int(n)) for n in torch.randint(0, 2000, (255,), generator=gen)]
+    crowd = random_batch([(1, 1500)] + others, 16, 4, 8, 64, 0, 11, torch.bfloat16, "cuda")
+    q, k_pages, v_pages, table, starts, lens, scale = crowd
+    alone = (q[:1], k_pages, v_pages, table[:1], starts[:2], lens[:1], scale)
+    out_alone = torch.ops.llmfx.paged_attention(*alone, 0)
+    assert torch.equal(out_alone[0], torch.ops.llmfx.paged_attention(*crowd, 0)[0])
+    assert_close_bf16(out_alone, reference(alone, 0))
 
 
 @pytest.mark.parametrize("decode", [True, False])

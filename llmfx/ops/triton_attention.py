@@ -22,18 +22,21 @@ from llmfx.ops.attention import paged_attention
 _LOG2E = 1.4426950408889634
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp2(_NEG - _NEG) stays finite
 
-# Decode split-KV: a sequence's key range is cut into at most MAX_SPLITS splits of at least
-# MIN_SPLIT tokens, a function of that sequence and the launch's settings alone, so a sequence's result
-# never depends on the other rows of its batch; the settings depend on the batch size (_decode_settings).
-DECODE_MIN_SPLIT = 256
-DECODE_MAX_SPLITS = 32
+# Decode split-KV: a sequence's key range is cut into at most MAX_SPLITS splits of at least MIN_SPLIT
+# tokens. The plan is a function of that sequence alone (its length, query count and window), never of
+# the batch: a sequence's result is the same bits at any batch size and next to any neighbours.
+# 128 x 8 was within 5% of the best setting for each batch size from 1 to 256 in the session-8 sweep
+# (benchmarks/results/2026-11-30-nvidia-h200-decode-attention-sweep.json); settings that won at one
+# batch size lost 38-61% at the other end (64-key splits at batch 256, 512-key splits at batch 1). The
+# sweep's lengths reach 2000 (TinyLlama's context is 2048); at longer contexts and small batches, 8
+# splits may leave SMs idle: not measured.
+DECODE_MIN_SPLIT = 128
+DECODE_MAX_SPLITS = 8
 
-# (largest batch, min_split, num_stages) of the bf16/fp16 decode launch, by batch size (a static shape of a
-# captured step): small batches cut keys finer to occupy the GPU, large ones coarser, so fewer partials
-# are written and merged. Measured at batches 1 / 8 / 32-64 / 128 / 256 (uniform lengths up to 2000,
-# cold L2) in benchmarks/results/2026-11-30-nvidia-h200-decode-attention-sweep.json; the bounds between
-# those batches are interpolated.
-_DECODE_SPLITS = ((4, 64, 3), (16, 128, 3), (96, 256, 3), (192, 256, 2), (None, 512, 2))
+# (largest batch, num_stages) of the bf16/fp16 decode launch: pipeline depth only moves loads earlier, so
+# it may follow the batch size (a static shape of a captured step) without changing any result. 3 stages
+# won at batches 1-64, 2 at 128-256 in the same sweep; the bound between is interpolated.
+_DECODE_STAGES = ((96, 3), (None, 2))
 
 
 @triton.jit
@@ -327,24 +330,22 @@ def paged_attention_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_tab
     return out
 
 
-def _decode_settings(num_seqs: int) -> tuple[int, int]:
-    """(min_split, num_stages) of a decode launch over num_seqs sequences."""
-    return next((split, stages) for most, split, stages in _DECODE_SPLITS if most is None or num_seqs <= most)
+def _decode_stages(num_seqs: int) -> int:
+    """num_stages of a bf16/fp16 decode launch over num_seqs sequences."""
+    return next(stages for most, stages in _DECODE_STAGES if most is None or num_seqs <= most)
 
 
 def _tuning(dtype: torch.dtype, head_dim: int, num_seqs: int) -> tuple[dict, dict]:
     """(varlen, decode) launch settings: no register spills (ptxas, sm_90), picked on an H200.
 
-    fp32 (parity tests only) lowers dot to FMAs: small tiles. The decode split size follows the batch
-    size (_DECODE_SPLITS).
+    fp32 (parity tests only) lowers dot to FMAs: small tiles. Only the decode pipeline depth follows
+    the batch size; the split plan never does.
     """
-    min_split, stages = _decode_settings(num_seqs)
     if dtype == torch.float32:
-        return (dict(block_m=32, block_n=32, num_warps=8, num_stages=1),
-                dict(block_n=32, num_warps=4, num_stages=1, min_split=min_split))
+        return dict(block_m=32, block_n=32, num_warps=8, num_stages=1), dict(block_n=32, num_warps=4, num_stages=1)
     if head_dim > 128:
-        return dict(block_m=64, block_n=32, num_warps=8), dict(block_n=32, num_warps=4, min_split=min_split)
-    decode = dict(block_n=64, num_warps=4, num_stages=stages, min_split=min_split)
+        return dict(block_m=64, block_n=32, num_warps=8), dict(block_n=32, num_warps=4)
+    decode = dict(block_n=64, num_warps=4, num_stages=_decode_stages(num_seqs))
     if head_dim > 64:
         return dict(block_m=64, block_n=32, num_warps=4), decode
     return dict(block_m=128, block_n=64, num_warps=8), decode
