@@ -13,6 +13,8 @@
 #   timeline the offline workload step by step: host time vs device time per decode batch size (offline_timeline.py)
 #   ab       served steps (step_profile, batch 64 / 256 or $AB_BATCHES, context 1024) of this tree and of the tree in $BASELINE
 #            (e.g. `git archive REV | tar -x -C .device/base`, carried), each with its own compile cache
+#   startupab  `llmfx bench startup` of this tree and of $BASELINE, in $AB_ORDER (default "new base"), each run in its
+#            own fresh workdir, so both trees' cold runs start from empty inductor and Triton caches
 # Logs and results go to $OUT (the device tool brings them back).
 set -uo pipefail
 OUT=${OUT:-/tmp/llmfx-out}
@@ -55,6 +57,13 @@ for stage in "$@"; do
           (cd "$tree" && PYTHONPATH="$tree" TORCHINDUCTOR_CACHE_DIR=/tmp/llmfx-inductor-$name python3 \
              benchmarks/step_profile.py --batches ${AB_BATCHES:-64,256} --context 1024 --steps 100 --max-num-tokens 2048 \
              --save "$OUT" --tag=-ab-$name 2>&1 | tee -a "$OUT/ab.log" | grep '^{')
+        done ;;
+    startupab) [ -d "${BASELINE:-}" ] || { echo "startupab needs BASELINE=<a tree of the base revision>"; continue; }
+        for name in ${AB_ORDER:-new base}; do
+          tree=$([ "$name" = new ] && echo "$PWD" || echo "$BASELINE")
+          dir=$(mktemp -d /tmp/llmfx-startup-$name-XXXX)
+          (cd "$tree" && PYTHONPATH="$tree" llmfx bench startup --workdir "$dir" --save "$OUT" --tag=-startup-ab-$name \
+             2>&1 | tee -a "$OUT/startupab.log" | tail -14)
         done ;;
     *) echo "unknown stage $stage" ;;
   esac
