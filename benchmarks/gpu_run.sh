@@ -11,7 +11,8 @@
 #   ropekv   the fused rope + KV-write kernel: its GPU tests and the decoder's parity tests, then its benchmark
 #   gc       offline without peers, as is and with gc.freeze() before the timed run (GC time and full collections reported)
 #   timeline the offline workload step by step: host time vs device time per decode batch size (offline_timeline.py)
-#   ab       served steps (step_profile, batch 64 / 256 or $AB_BATCHES, context 1024) of this tree and of the tree in $BASELINE
+#   ab       served steps (step_profile, batch 64 / 256 or $AB_BATCHES, context 1024) of this tree and of the tree in $BASELINE,
+#            in $AB_ORDER (default "new base")
 #            (e.g. `git archive REV | tar -x -C .device/base`, carried), each with its own compile cache
 #   startupab  `llmfx bench startup` of this tree and of $BASELINE, in $AB_ORDER (default "new base"), each run in its
 #            own fresh workdir, so both trees' cold runs start from empty inductor and Triton caches
@@ -52,8 +53,8 @@ for stage in "$@"; do
         done ;;
     timeline) python3 benchmarks/offline_timeline.py --workdir $work --save "$OUT" 2>&1 | tee "$OUT/timeline.log" | tail -14 ;;
     ab) [ -d "${BASELINE:-}" ] || { echo "ab needs BASELINE=<a tree of the base revision>"; continue; }
-        for tree in "$PWD" "$BASELINE"; do
-          name=$([ "$tree" = "$PWD" ] && echo new || echo base)
+        for name in ${AB_ORDER:-new base}; do
+          tree=$([ "$name" = new ] && echo "$PWD" || echo "$BASELINE")
           (cd "$tree" && PYTHONPATH="$tree" TORCHINDUCTOR_CACHE_DIR=/tmp/llmfx-inductor-$name python3 \
              benchmarks/step_profile.py --batches ${AB_BATCHES:-64,256} --context 1024 --steps 100 --max-num-tokens 2048 \
              --save "$OUT" --tag=-ab-$name 2>&1 | tee -a "$OUT/ab.log" | grep '^{')
