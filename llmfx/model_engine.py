@@ -525,11 +525,23 @@ class ModelEngine:
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
         # mode="reduce-overhead" is the option triton.cudagraphs; spelled out so more options can join it.
-        options = {"triton.cudagraphs": self._trees, **dict(self.engine_cfg.inductor_options)}
+        options = {"triton.cudagraphs": self._trees, **_pdl_option(self.device),
+                   **dict(self.engine_cfg.inductor_options)}
         # dynamic=None: the first two sizes compile, after which one shape-generic graph serves every
         # bucket (automatic dynamic shapes); CUDA graphs are still recorded per bucket size.
         return tuple(torch.compile(fn, options=options, fullgraph=True, dynamic=self.engine_cfg.compile_dynamic)
                      for fn in (forward_step, sample_step))
+
+
+def _pdl_option(device: torch.device) -> dict[str, bool]:
+    """Inductor's kernels launch with PDL where llmfx's own do (ops/triton_pdl.py); older torch lacks the option."""
+    import torch._inductor.config as inductor_config
+
+    if device.type != "cuda" or not hasattr(inductor_config.triton, "enable_pdl"):
+        return {}
+    from llmfx.ops.triton_pdl import pdl_enabled  # imports triton: CUDA only
+
+    return {"triton.enable_pdl": pdl_enabled(device)}
 
 
 def _cudagraph_thread_state() -> None:

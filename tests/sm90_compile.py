@@ -52,7 +52,8 @@ def rope_write_kv_configs():
                                              (128, 8, 128, "bf16"), (4, 2, 24, "fp32")]:
         block_half = triton.next_power_of_2(head_dim // 2)
         constexprs = dict(HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=16, BLOCK_HALF=block_half,
-                          BLOCK_Q=_heads_per_tile(heads, block_half), BLOCK_KV=_heads_per_tile(kv_heads, block_half))
+                          BLOCK_Q=_heads_per_tile(heads, block_half), BLOCK_KV=_heads_per_tile(kv_heads, block_half),
+                          PDL=True)  # as launched on the H200
         pointers = {**{n: dtype for n in ("q_out_ptr", "q_ptr", "k_ptr", "v_ptr", "k_pages_ptr", "v_pages_ptr")},
                     "rope_ptr": "fp32", "positions_ptr": "i64", "slots_ptr": "i64"}
         yield f"H{heads} K{kv_heads} D{head_dim} {dtype}", constexprs, pointers, 4

@@ -226,6 +226,19 @@ def test_cuda_decode_gives_a_sequence_the_same_bits_at_batch_1_and_256():
     assert_close_bf16(out_alone, reference(alone, 0))
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_kernels_launch_with_pdl_where_the_gpu_has_it():
+    # ops/triton_pdl.py: on compute capability 9.0+ every llmfx kernel is a programmatic dependent launch.
+    for seqs in ([(1, 300), (1, 20)], [(40, 300), (3, 0)]):  # decode and varlen
+        args = random_batch(seqs, 16, 4, 8, 64, 0, 3, torch.bfloat16, "cuda")
+        assert_close_bf16(torch.ops.llmfx.paged_attention(*args, 0), reference(args, 0))
+    expected = torch.cuda.get_device_capability()[0] >= 9
+    kernels = [k for fn in (ta._varlen_kernel, ta._decode_kernel, ta._decode_reduce_kernel)
+               for cache in fn.device_caches.values() for k in cache[0].values()]
+    assert len(kernels) >= 3 and all(k.metadata.launch_pdl == expected for k in kernels)
+
+
 @pytest.mark.parametrize("decode", [True, False])
 @pytest.mark.gpu
 @needs_cuda

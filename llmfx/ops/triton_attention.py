@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from llmfx.ops.attention import paged_attention
+from llmfx.ops.triton_pdl import pdl_enabled, wait_for_prior_kernel
 
 _LOG2E = 1.4426950408889634
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp2(_NEG - _NEG) stays finite
@@ -105,8 +106,10 @@ def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, table_ptr, qsl_ptr, lens_ptr, s
                    num_seqs, num_tokens, stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
                    stride_kp, stride_ks, stride_kh, stride_kd, stride_vp, stride_vs, stride_vh, stride_vd,
                    stride_pt, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+                   PDL: tl.constexpr):
     """One program: BLOCK_M // GROUP queries of one sequence x the GROUP heads of one KV head."""
+    wait_for_prior_kernel(PDL)
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -169,8 +172,9 @@ def _decode_kernel(out_ptr, part_acc_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, tabl
                    stride_pt, stride_at, stride_as, stride_ah, stride_mt, stride_ms,
                    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr,
                    MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
     """One program: one split of one sequence's keys x all GROUP heads of one KV head, every query."""
+    wait_for_prior_kernel(PDL)
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -224,8 +228,9 @@ def _decode_reduce_kernel(out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, lens_ptr,
                           num_tokens, stride_ot, stride_oh, stride_od, stride_at, stride_as, stride_ah,
                           stride_mt, stride_ms, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
                           GROUP_PAD: tl.constexpr, MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Merge the (max, sum, acc) partials of one sequence's splits; also zero padding row `seq`."""
+    wait_for_prior_kernel(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     g = tl.arange(0, GROUP_PAD)
@@ -264,6 +269,12 @@ def _decode_reduce_kernel(out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, lens_ptr,
         tl.store(out_ptr + t * stride_ot + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _pdl(q: Tensor) -> dict:
+    """Launch options and the kernels' PDL flag: launched with PDL where the device has it (ops/triton_pdl.py)."""
+    pdl = pdl_enabled(q.device)
+    return dict(PDL=pdl, launch_pdl=pdl)
+
+
 def _blocks(head_dim: int, group: int, block_m: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_D): rows hold at least one query's whole head group; dot needs dims >= 16."""
     return max(block_m, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(head_dim))
@@ -293,7 +304,7 @@ def paged_attention_varlen(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_tab
         out, q, k_pages, v_pages, page_table, query_start_loc, seq_lens, scale * _LOG2E, sliding_window,
         num_seqs, tokens, *q.stride(), *out.stride(), *k_pages.stride(), *v_pages.stride(), page_table.stride(0),
         HEAD_DIM=head_dim, PAGE_SIZE=page_size, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages, **_pdl(q))
     return out
 
 
@@ -317,7 +328,7 @@ def paged_attention_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_tab
     part_acc = torch.empty(tokens, num_splits, heads, head_dim, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(tokens, num_splits, heads, 2, dtype=torch.float32, device=q.device)  # (max, sum)
     meta = dict(HEAD_DIM=head_dim, GROUP=group, MIN_SPLIT=min_split, MAX_SPLITS=max_splits, BLOCK_N=block_n,
-                BLOCK_D=block_d)
+                BLOCK_D=block_d, **_pdl(q))
     _decode_kernel[(num_seqs, kv_heads, num_splits)](
         out, part_acc, part_ml, q, k_pages, v_pages, page_table, query_start_loc, seq_lens, scale * _LOG2E,
         sliding_window, *q.stride(), *out.stride(), *k_pages.stride(), *v_pages.stride(), page_table.stride(0),

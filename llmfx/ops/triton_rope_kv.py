@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from llmfx.ops.rope_kv import rope_write_kv
+from llmfx.ops.triton_pdl import pdl_enabled, wait_for_prior_kernel
 
 # Elements of one half-row tile (heads x D/2) a program rotates at a time: enough to keep loads wide,
 # few enough that x1, x2 and both results stay in registers at 4 warps.
@@ -60,8 +61,9 @@ def _rope_write_kv_kernel(q_out_ptr, q_ptr, k_ptr, v_ptr, k_pages_ptr, v_pages_p
                           stride_kp, stride_ks, stride_kph, stride_kpd, stride_vp, stride_vs, stride_vph,
                           stride_vpd, stride_rope, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                           HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                          BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr):
+                          BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, PDL: tl.constexpr):
     """One program: token t's q heads rotated into q_out, its k heads rotated and v heads copied into its slot."""
+    wait_for_prior_kernel(PDL)
     HALF: tl.constexpr = HEAD_DIM // 2
     t = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + t).to(tl.int64)
@@ -104,7 +106,7 @@ def triton_rope_write_kv(k_pages: Tensor, v_pages: Tensor, q: Tensor, k: Tensor,
         *v.stride(), *k_pages.stride(), *v_pages.stride(), rope.stride(0), HEADS=heads, KV_HEADS=kv_heads,
         HEAD_DIM=head_dim, PAGE_SIZE=k_pages.shape[1], BLOCK_HALF=block_half,
         BLOCK_Q=_heads_per_tile(heads, block_half), BLOCK_KV=_heads_per_tile(kv_heads, block_half),
-        num_warps=num_warps)
+        num_warps=num_warps, PDL=pdl_enabled(q.device), launch_pdl=pdl_enabled(q.device))
     return q_out
 
 
