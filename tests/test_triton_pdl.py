@@ -37,8 +37,10 @@ def test_pdl_only_on_cuda_devices_of_compute_capability_9_and_up(capability):
     assert not triton_pdl.pdl_enabled(torch.device("cpu"))
     capability(9, 0)
     assert triton_pdl.pdl_enabled(torch.device("cuda", 0))
+    assert triton_pdl.pdl_launch(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
     capability(8, 9)
     assert not triton_pdl.pdl_enabled(torch.device("cuda", 0))
+    assert triton_pdl.pdl_launch(torch.device("cuda", 0)) == {"PDL": False, "launch_pdl": False}
 
 
 def test_inductor_kernels_follow_the_same_rule(capability):

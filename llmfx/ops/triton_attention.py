@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from llmfx.ops.attention import paged_attention
-from llmfx.ops.triton_pdl import pdl_enabled, wait_for_prior_kernel
+from llmfx.ops.triton_pdl import pdl_launch, wait_for_prior_kernel
 
 _LOG2E = 1.4426950408889634
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: exp2(_NEG - _NEG) stays finite
@@ -269,12 +269,6 @@ def _decode_reduce_kernel(out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, lens_ptr,
         tl.store(out_ptr + t * stride_ot + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _pdl(q: Tensor) -> dict:
-    """Launch options and the kernels' PDL flag: launched with PDL where the device has it (ops/triton_pdl.py)."""
-    pdl = pdl_enabled(q.device)
-    return dict(PDL=pdl, launch_pdl=pdl)
-
-
 def _blocks(head_dim: int, group: int, block_m: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_D): rows hold at least one query's whole head group; dot needs dims >= 16."""
     return max(block_m, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(head_dim))
@@ -304,7 +298,7 @@ def paged_attention_varlen(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_tab
         out, q, k_pages, v_pages, page_table, query_start_loc, seq_lens, scale * _LOG2E, sliding_window,
         num_seqs, tokens, *q.stride(), *out.stride(), *k_pages.stride(), *v_pages.stride(), page_table.stride(0),
         HEAD_DIM=head_dim, PAGE_SIZE=page_size, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages, **_pdl(q))
+        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages, **pdl_launch(q.device))
     return out
 
 
@@ -328,7 +322,7 @@ def paged_attention_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_tab
     part_acc = torch.empty(tokens, num_splits, heads, head_dim, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(tokens, num_splits, heads, 2, dtype=torch.float32, device=q.device)  # (max, sum)
     meta = dict(HEAD_DIM=head_dim, GROUP=group, MIN_SPLIT=min_split, MAX_SPLITS=max_splits, BLOCK_N=block_n,
-                BLOCK_D=block_d, **_pdl(q))
+                BLOCK_D=block_d, **pdl_launch(q.device))
     _decode_kernel[(num_seqs, kv_heads, num_splits)](
         out, part_acc, part_ml, q, k_pages, v_pages, page_table, query_start_loc, seq_lens, scale * _LOG2E,
         sliding_window, *q.stride(), *out.stride(), *k_pages.stride(), *v_pages.stride(), page_table.stride(0),

@@ -30,6 +30,12 @@ def pdl_enabled(device: torch.device) -> bool:
     return _capable(torch.cuda.current_device() if device.index is None else device.index)
 
 
+def pdl_launch(device: torch.device) -> dict[str, bool]:
+    """A kernel's PDL flag and launch option on device: `kernel[grid](..., **pdl_launch(device))`."""
+    pdl = pdl_enabled(device)
+    return {"PDL": pdl, "launch_pdl": pdl}
+
+
 @triton.jit
 def wait_for_prior_kernel(PDL: tl.constexpr):
     """With PDL: wait until the prior kernel's writes are visible, then let the next kernel launch."""

@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from llmfx.ops.rope_kv import rope_write_kv
-from llmfx.ops.triton_pdl import pdl_enabled, wait_for_prior_kernel
+from llmfx.ops.triton_pdl import pdl_launch, wait_for_prior_kernel
 
 # Elements of one half-row tile (heads x D/2) a program rotates at a time: enough to keep loads wide,
 # few enough that x1, x2 and both results stay in registers at 4 warps.
@@ -106,7 +106,7 @@ def triton_rope_write_kv(k_pages: Tensor, v_pages: Tensor, q: Tensor, k: Tensor,
         *v.stride(), *k_pages.stride(), *v_pages.stride(), rope.stride(0), HEADS=heads, KV_HEADS=kv_heads,
         HEAD_DIM=head_dim, PAGE_SIZE=k_pages.shape[1], BLOCK_HALF=block_half,
         BLOCK_Q=_heads_per_tile(heads, block_half), BLOCK_KV=_heads_per_tile(kv_heads, block_half),
-        num_warps=num_warps, PDL=pdl_enabled(q.device), launch_pdl=pdl_enabled(q.device))
+        num_warps=num_warps, **pdl_launch(q.device))
     return q_out
 
 
