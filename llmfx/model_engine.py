@@ -40,7 +40,7 @@ from llmfx.config import ModelConfig
 from llmfx.kv_pool import KVPool, LayerKV, copy_pages
 from llmfx.models import Params, forward
 from llmfx.penalty_histories import PenaltyHistories
-from llmfx.sampler import TOP_LOGPROBS, PenaltyState, SamplingTensors, count_tokens, sample
+from llmfx.sampler import TOP_LOGPROBS, PenaltyState, SamplingTensors, count_tokens, offsets_staging, sample
 from llmfx.scheduler import PLACEHOLDER, ScheduledBatch, SequenceState
 from llmfx.step_inputs import StagedFacts, StepLayout, StepStager, StepViews, fill_batch, fill_sampling
 
@@ -240,6 +240,8 @@ class ModelEngine:
         self._penalty_views: dict[int, PenaltyState] = {}
         self._dirty_penalty_rows = 0
         self._penalty_histories = PenaltyHistories(cfg.vocab_size)  # host ids kept across penalized steps
+        # Penalty offsets' host buffers, one per parity like the step inputs', grown as histories grow.
+        self._penalty_staging = [offsets_staging(0, self.device) for _ in range(2)]
         # Captured by hand: the model half's graph per bucket, and the sampler half's per bucket and variant.
         self._forward_graphs: dict[StepLayout, torch.cuda.CUDAGraph] = {}
         self._sampler_graphs: dict[tuple[StepLayout, SamplerVariant], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
@@ -342,7 +344,7 @@ class ModelEngine:
                 layout = self._layout(batch)
                 ids = [s.request_id for s in batch.seqs]
                 facts = self._stage(layout, batch, ids, sequences, parity)
-                penalties = self._penalties(layout.num_seqs, ids, sequences, facts.penalized)
+                penalties = self._penalties(layout.num_seqs, ids, sequences, facts.penalized, parity)
                 variant = self._sampler_variant(facts.filtering, facts.sampled, bool(facts.top_rows), layout.num_seqs)
                 if self._graphs_by_hand:
                     out = self._replay(layout, variant)
@@ -447,6 +449,14 @@ class ModelEngine:
             self._host_out[parity] = torch.zeros(rows, OUT_COLUMNS, dtype=torch.float64, pin_memory=self._cuda)
         return self._host_out[parity]
 
+    def _penalty_staging_of(self, parity: int, size: int) -> Tensor:
+        """Penalty staging buffer `parity` with room for size offsets; reused two launches later, when the
+        step that copied from it has been collected (as the pinned step inputs are)."""
+        if self._penalty_staging[parity].numel() < size:
+            self._penalty_staging[parity] = offsets_staging(max(size, 2 * self._penalty_staging[parity].numel()),
+                                                            self.device)
+        return self._penalty_staging[parity]
+
     def _device_view(self, layout: StepLayout) -> StepViews:
         views = self._device_views.get(layout)
         if views is None:
@@ -476,7 +486,7 @@ class ModelEngine:
         return views
 
     def _penalties(self, rows: int, ids: Sequence[int], sequences: Mapping[int, SequenceState],
-                   penalized: bool) -> PenaltyState:
+                   penalized: bool, parity: int) -> PenaltyState:
         views = self._penalties_of(rows)
         if not penalized:
             if self._dirty_penalty_rows:  # queued after the penalized step, so it never sees zeros
@@ -488,7 +498,7 @@ class ModelEngine:
         seqs = [sequences[i] for i in ids]
         offsets = self._penalty_histories.offsets(ids, [s.request.prompt_token_ids for s in seqs],
                                                   [s.output_token_ids for s in seqs])
-        views.write_offsets(len(seqs), *offsets)
+        views.write_offsets(len(seqs), *offsets, self._penalty_staging_of(parity, sum(map(len, offsets))))
         self._dirty_penalty_rows = max(self._dirty_penalty_rows, rows)
         return views
 

@@ -136,28 +136,40 @@ class PenaltyState:
         """Overwrite this state in place (rows past the given ones: nothing seen); the engine's static buffers."""
         n = len(prompt_token_ids_per_row)
         assert len(output_token_ids_per_row) == n, (n, len(output_token_ids_per_row))
-        self.write_offsets(n, *offsets_from_scratch(prompt_token_ids_per_row, output_token_ids_per_row,
-                                                    self.prompt_mask.shape[1]))
+        prompt, output = offsets_from_scratch(prompt_token_ids_per_row, output_token_ids_per_row,
+                                              self.prompt_mask.shape[1])
+        staging = offsets_staging(len(prompt) + len(output), self.prompt_mask.device)
+        self.write_offsets(n, prompt, output, staging)
 
-    def write_offsets(self, num_rows: int, prompt_offsets: np.ndarray, output_offsets: np.ndarray) -> None:
+    def write_offsets(self, num_rows: int, prompt_offsets: np.ndarray, output_offsets: np.ndarray,
+                      staging: Tensor) -> None:
         """Overwrite this state in place from flat offsets row * V + id of num_rows rows' prompt and output ids.
 
-        One pinned copy moves the offsets and the device scatters them into the zeroed tensors: no [B, V]
-        tensor is built on the host. `llmfx.penalty_histories` keeps the offsets' parts across steps.
+        The offsets go into staging (an int64 host buffer, pinned for CUDA, with room for both; the
+        caller must not refill it before this copy has landed) and one copy moves them; the device
+        scatters them into the zeroed tensors: no [B, V] tensor is built on the host.
+        `llmfx.penalty_histories` keeps the offsets' parts across steps.
         """
         rows = self.prompt_mask.shape[0]
         if rows < num_rows:
             raise ValueError(f"PenaltyState: {num_rows} rows of token ids do not fit a state of {rows} rows")
-        host = torch.from_numpy(np.concatenate([prompt_offsets, output_offsets]))
-        device = self.prompt_mask.device
-        if device.type == "cuda":
-            host = host.pin_memory()
-        offsets = host.to(device, non_blocking=True)  # the one host-to-device copy
+        n_prompt, total = len(prompt_offsets), len(prompt_offsets) + len(output_offsets)
+        assert staging.dtype == torch.int64 and staging.numel() >= total, "staging must hold every offset"
+        host = staging[:total]
+        flat = host.numpy()
+        flat[:n_prompt] = prompt_offsets
+        flat[n_prompt:] = output_offsets
+        offsets = host.to(self.prompt_mask.device, non_blocking=True)  # the one host-to-device copy
         self.prompt_mask.zero_()
         self.output_counts.zero_()
-        self.prompt_mask.view(-1).index_fill_(0, offsets[: len(prompt_offsets)], True)
-        outputs = offsets[len(prompt_offsets):]
+        self.prompt_mask.view(-1).index_fill_(0, offsets[:n_prompt], True)
+        outputs = offsets[n_prompt:]
         self.output_counts.view(-1).index_add_(0, outputs, torch.ones_like(outputs, dtype=torch.int32))
+
+
+def offsets_staging(size: int, device: torch.device | str) -> Tensor:
+    """An int64 host buffer for PenaltyState.write_offsets: pinned when the state lives on CUDA (async copy)."""
+    return torch.empty(size, dtype=torch.int64, pin_memory=torch.device(device).type == "cuda")
 
 
 def count_tokens(output_counts: Tensor, tokens: Tensor) -> Tensor:

@@ -359,6 +359,36 @@ def test_penalty_state_write_overwrites_in_place_what_a_reference_counts(prompts
     assert state.output_counts.tolist() == [[list(o).count(t) for t in range(7)] for _, o in rows]
 
 
+@given(histories, histories)
+def test_write_offsets_through_a_reused_larger_staging_buffer_equals_write(prompts, outputs):
+    from llmfx.penalty_histories import offsets_from_scratch
+
+    n = min(len(prompts), len(outputs))
+    prompts, outputs = prompts[:n], outputs[:n]
+    expected = PenaltyState.build(prompts, outputs, 7, "cpu")
+    staging = torch.full((200,), 3, dtype=torch.int64)  # stale offsets past this step's must not count
+    state = PenaltyState.build([[1]] * n, [[2]] * n, 7, "cpu")
+    state.write_offsets(n, *offsets_from_scratch(prompts, outputs, 7), staging)
+    assert torch.equal(state.prompt_mask, expected.prompt_mask)
+    assert torch.equal(state.output_counts, expected.output_counts)
+
+
+def test_penalized_serving_reuses_its_staging_buffers_instead_of_allocating_each_step(monkeypatch):
+    from llmfx import model_engine
+    from llmfx.llm import LLM
+
+    allocations, writes = [], []
+    allocate, write = model_engine.offsets_staging, PenaltyState.write_offsets
+    monkeypatch.setattr(model_engine, "offsets_staging", lambda size, device: allocations.append(size)
+                        or allocate(size, device))
+    monkeypatch.setattr(PenaltyState, "write_offsets", lambda self, *a: writes.append(1) or write(self, *a))
+    with LLM("tiny", max_batch_size=4) as llm:
+        llm.generate([[5, 6, 7, 8]] * 3, SamplingParams(max_tokens=40, repetition_penalty=1.3, ignore_eos=True,
+                                                       detokenize=False), use_tqdm=False)
+    # two empty buffers at construction, then doublings per parity as the histories grow: not one per step
+    assert len(writes) >= 40 and len(allocations) <= 2 + 2 * math.ceil(math.log2(max(allocations))), allocations
+
+
 def test_penalty_state_refuses_more_rows_than_it_holds():
     with pytest.raises(ValueError, match="3 rows of token ids do not fit a state of 2 rows"):
         PenaltyState.build([[1]] * 3, [[]] * 3, 4, "cpu", pad_to=2)
