@@ -2,7 +2,8 @@
 
 A kernel launched with PDL may be scheduled while the kernel before it on the stream is still
 running, so its launch overlaps that kernel's tail instead of waiting for its completion. At batch 1
-a decode step is ~230 short kernels in a row, each a few microseconds, so those gaps add up.
+a decode step is 253 kernels in a row, most of a few microseconds (the batch-1 kernel table in
+benchmarks/results/2026-11-30-nvidia-h200-graph-parts-kernels-b1-6a7f236.txt), so those gaps add up.
 Each of our kernels starts with `wait_for_prior_kernel`, before it touches any memory: it blocks until
 the prior kernel has finished and its writes are visible (a no-op when not launched with PDL), then
 lets the next kernel launch early in turn. Inductor's kernels take part through its
