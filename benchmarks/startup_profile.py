@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from llmfx.bench import hf_checkpoint, startup_env
+from llmfx.bench import hf_checkpoint, startup_env, startup_script
 
 SCRIPT = r"""
 import collections, json, sys, threading, time
@@ -44,7 +44,7 @@ sampler.start()
 from llmfx.llm import LLM
 from llmfx.sampling_params import SamplingParams as S
 marks["imported"] = time.perf_counter()
-llm = LLM(sys.argv[1], skip_tokenizer_init=True, dtype="bfloat16", max_batch_size=256)
+llm = LLM(sys.argv[1], skip_tokenizer_init=True, dtype="bfloat16", max_batch_size=256)  # as bench.startup_script
 marks["constructed"] = time.perf_counter()
 llm.generate([[1, 2, 3]], S(max_tokens=1, detokenize=False), use_tqdm=False)
 marks["first_token"] = time.perf_counter()
@@ -69,10 +69,7 @@ def main() -> None:
     args.save.mkdir(parents=True, exist_ok=True)
     path = hf_checkpoint(args.model, args.workdir)
     env = startup_env(args.workdir)
-    fill = ("from llmfx.llm import LLM; from llmfx.sampling_params import SamplingParams as S; "
-            f"llm = LLM({str(path)!r}, skip_tokenizer_init=True, dtype='bfloat16', max_batch_size=256); "
-            "llm.generate([[1, 2, 3]], S(max_tokens=1, detokenize=False), use_tqdm=False); llm.shutdown()")
-    subprocess.run([sys.executable, "-c", fill], env=env, check=True)
+    subprocess.run([sys.executable, "-c", startup_script(path)], env=env, check=True, capture_output=True)  # cold
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], env=env, check=True, capture_output=True,
                           text=True)
     report = json.loads(done.stdout.strip().splitlines()[-1])

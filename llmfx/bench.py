@@ -276,15 +276,19 @@ def startup_env(workdir: Path) -> dict[str, str]:
             "TRITON_CACHE_DIR": str(workdir / "triton-cache")}
 
 
+def startup_script(path: Path) -> str:
+    """The program `startup` times in a fresh process: build the LLM, serve one token, print its phases as JSON."""
+    return ("import time, json; t0 = time.perf_counter(); from llmfx.llm import LLM; "
+            "from llmfx.sampling_params import SamplingParams as S; "
+            f"llm = LLM({str(path)!r}, skip_tokenizer_init=True, dtype='bfloat16', max_batch_size=256); "
+            "llm.generate([[1, 2, 3]], S(max_tokens=1, detokenize=False), use_tqdm=False); "
+            "print(json.dumps({'total': time.perf_counter() - t0, **llm.startup_seconds})); llm.shutdown()")
+
+
 def startup(model: str, workdir: Path | None = None) -> list[Row]:
     """Process start to first token, with an empty compile cache and then with that cache warm."""
     workdir = workdir or Path(tempfile.mkdtemp())
-    path = hf_checkpoint(model, workdir)
-    script = ("import time, json; t0 = time.perf_counter(); from llmfx.llm import LLM; "
-              "from llmfx.sampling_params import SamplingParams as S; "
-              f"llm = LLM({str(path)!r}, skip_tokenizer_init=True, dtype='bfloat16', max_batch_size=256); "
-              "llm.generate([[1, 2, 3]], S(max_tokens=1, detokenize=False), use_tqdm=False); "
-              "print(json.dumps({'total': time.perf_counter() - t0, **llm.startup_seconds})); llm.shutdown()")
+    script = startup_script(hf_checkpoint(model, workdir))
     rows = []
     env = startup_env(workdir)
     for kind in ("cold", "warm"):

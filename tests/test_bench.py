@@ -260,3 +260,15 @@ def test_penalty_step_benchmark_checks_both_ways_agree_and_saves(tmp_path, capsy
         "main"](["--rows", "3", "--steps", "4", "--rounds", "1", "--save", str(tmp_path)])
     row = json.loads((tmp_path / "penalty_step-3rows.json").read_text())["rows"][0]
     assert row["from_scratch"] > 0 and row["kept_histories"] > 0
+
+
+def test_startup_profile_samples_every_thread_of_a_warm_start_on_cpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["startup_profile.py", "--model", "tiny", "--workdir", str(tmp_path / "w"),
+                                      "--save", str(tmp_path / "out")])
+    runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "startup_profile.py"), run_name="__main__")
+    report = json.loads((tmp_path / "out" / "startup-profile.json").read_text())
+    marks = report["marks_s"]
+    assert 0 < marks["imported"] < marks["constructed"] <= marks["first_token"]
+    assert set(report["phases_s"]) == {"load", "profile", "kv_allocation", "compile_and_capture"}
+    executor = report["threads"]["llmfx-executor"]  # the warm-up runs there, so it must be sampled too
+    assert executor["samples"] > 0 and any("warmup" in where for where, _ in executor["top"])
