@@ -143,7 +143,7 @@ def main() -> None:
                 if args.save:
                     Path(args.save, f"step_profile_trace{args.tag}.txt").write_text(table)
             sched = e.state.sched
-            e.step([AbortRequest(tuple(s.request_id for s in sched.running + sched.waiting))])
+            e.step([AbortRequest(tuple(s.request_id for s in (*sched.running, *sched.waiting)))])
             e.step()
     if args.save:
         result = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,

@@ -210,7 +210,7 @@ def step(state: ExecutorState, inbox: Iterable[Message], engine: ModelEngine,
     launched = None
     launch_s = 0.0
     if batch.seqs:
-        sequences = {s.request_id: s for s in sched.running}
+        sequences = sched.running.by_id()  # records built only for the rows the engine reads
         started = time.perf_counter()
         try:
             kv, launched = engine.launch(kv, batch, sequences)
@@ -367,7 +367,7 @@ class PyExecutor:
 
     def _abort_everything(self, inbox: list[Message]) -> None:
         sched = self._state.sched
-        ids = list(dict.fromkeys(s.request.request_id for s in sched.running + sched.waiting))
+        ids = list(dict.fromkeys([r.request_id for r in sched.running.requests] + [s.request.request_id for s in sched.waiting]))
         ids += [m.request.request_id for m in inbox if isinstance(m, AddRequest)]
         sched, ended = abort(sched, ids, "abort")
         pending = {e.request_id for e in ended}

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+
+import numpy as np
 
 from llmfx.beam_search import BeamConfig, BeamRow, Candidates, Hypothesis, beam_step
 from llmfx.kv_cache import (
@@ -19,40 +22,23 @@ from llmfx.kv_cache import (
     release,
     share,
 )
-from llmfx.persistent import TokenTape, append_token
+from llmfx.persistent import append_token
 from llmfx.records import positional_builder
-from llmfx.sampling_params import MAX_LOGPROBS, SamplingParams
+from llmfx.running import EMPTY_RUNNING, Running
+from llmfx.sampling_params import MAX_LOGPROBS
+from llmfx.sequence import (  # noqa: F401  (re-exported: the scheduler's records are imported from here)
+    PLACEHOLDER,
+    Beam,
+    Request,
+    SequenceState,
+    TokenPrefix,
+    one_token,
+    token_slice,
+    tokens_between,
+)
 
 POLICY_NAMES = ("guaranteed_no_evict", "max_utilization")
-# A decode input whose value only the device knows yet: the token a launched step is sampling.
-PLACEHOLDER = -1
 FINISH_REASONS = ("stop", "length", "abort", "error")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Request:
-    """What enters the engine."""
-
-    request_id: int
-    prompt_token_ids: tuple[int, ...]
-    params: SamplingParams
-    eos_token_ids: frozenset[int] = frozenset()  # ignored when params.ignore_eos
-    arrival_time: float = 0.0
-    # A sibling of an n / best_of request waits until this request's prompt is computed and its
-    # full pages are in the prefix cache, then shares them instead of computing the prompt again.
-    prefill_after: int | None = None
-    # Beam search: the ids of its beam_width sequences, request_id first (each beam is a batch row).
-    beam_ids: tuple[int, ...] = ()
-
-    @property
-    def sequence_ids(self) -> tuple[int, ...]:
-        """The ids this request's sequences may take."""
-        return self.beam_ids or (self.request_id,)
-
-    @property
-    def batch_rows(self) -> int:
-        """Rows of a step's batch the request may occupy at once: beam_width for beam search, else 1."""
-        return self.params.beam_width if self.params.use_beam_search else 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,42 +75,6 @@ class SchedulerLimits:
                 raise ValueError(f"SchedulerLimits.{name} must be an integer >= 1, got {v!r}")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Beam:
-    """A beam-search sequence's part in its group's search."""
-
-    seq_id: int  # one of Request.beam_ids
-    cumulative_logprob: float = 0.0
-    candidates: Candidates | None = None  # its next token's top continuations, held until every beam has its own
-    hypotheses: tuple[Hypothesis, ...] = ()  # the group's finished hypotheses, best first (every beam holds them)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SequenceState:
-    """One sequence inside the scheduler: a request, or one beam of a beam-search request."""
-
-    request: Request
-    output_token_ids: tuple[int, ...] | TokenTape = ()  # a TokenTape once postprocess appends (equal to its tuple)
-    num_computed_tokens: int = 0  # tokens whose KV is written or scheduled to be written
-    pages: tuple[int, ...] = ()  # covers num_computed_tokens
-    num_inflight: int = 0  # tokens sampled by a launched step that postprocess has not seen yet
-    beam: Beam | None = None  # set on every sequence of a beam-search request
-
-    @property
-    def request_id(self) -> int:
-        """The sequence's id: its request's, or a beam's own id from Request.beam_ids."""
-        return self.request.request_id if self.beam is None else self.beam.seq_id
-
-    @property
-    def num_known_tokens(self) -> int:
-        """Prompt plus output tokens whose values the host has."""
-        return len(self.request.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        """Prompt plus output tokens, in-flight ones included."""
-        return self.num_known_tokens + self.num_inflight
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SchedulerState:
@@ -132,7 +82,7 @@ class SchedulerState:
 
     pool: PagePool
     waiting: tuple[SequenceState, ...] = ()  # FCFS queue; preempted sequences go back to the front
-    running: tuple[SequenceState, ...] = ()  # oldest admission first
+    running: Running = EMPTY_RUNNING  # oldest admission first, as columns (llmfx/running.py)
     step: int = 0
     num_preemptions: int = 0
 
@@ -156,6 +106,21 @@ class ScheduledSeq:
     sample: bool  # the chunk reaches the end of the known tokens: a new token is sampled
 
 
+
+class BatchColumns(collections.namedtuple("BatchColumns", "ids starts counts samples")):
+    """A batch's seqs as int64 / bool arrays: request_id, start_pos, len(token_ids), sample."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, seqs: Sequence[ScheduledSeq]) -> BatchColumns:
+        n = len(seqs)
+        return cls(np.fromiter((s.request_id for s in seqs), np.int64, n),
+                   np.fromiter((s.start_pos for s in seqs), np.int64, n),
+                   np.fromiter((len(s.token_ids) for s in seqs), np.int64, n),
+                   np.fromiter((s.sample for s in seqs), bool, n))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ScheduledBatch:
     """What one step computes."""
@@ -164,6 +129,8 @@ class ScheduledBatch:
     preempted: tuple[int, ...] = ()  # sequence ids preempted this step (their KV pages are gone)
     # (src, dst): copy KV page src to the fresh page dst before the step runs (a forked beam's partial page).
     page_copies: tuple[tuple[int, int], ...] = ()
+    # seqs as arrays, made by schedule() for postprocess(); None for a batch built by hand (BatchColumns.of then).
+    columns: BatchColumns | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -182,25 +149,10 @@ class TokenEvent:
     hypotheses: tuple[Hypothesis, ...] = ()  # beam search, on its final event: the best hypotheses, best first
 
 
+
 # Positional constructors for the records built for every sequence on every step (llmfx/records.py says why).
-_sequence = positional_builder(SequenceState)  # request, output_token_ids, num_computed_tokens, pages, num_inflight, beam
 _scheduled_seq = positional_builder(ScheduledSeq)  # request_id, token_ids, start_pos, pages, sample
 _token_event = positional_builder(TokenEvent)  # request_id, new_token_ids, finish_reason, stop_reason, hypotheses
-
-
-class _TokenTuples(dict):
-    """token -> (token,), filled on first use; a hit is one C-level lookup, no Python frame."""
-
-    def __missing__(self, token: int) -> tuple[int]:
-        t = self[token] = (token,)
-        return t
-
-
-# one_token(token) -> (token,), the same tuple object for equal tokens. Decode chunks (token_slice) and token
-# events share these: one tuple per vocabulary entry instead of two new ones per sequence per step. Every new
-# tuple counts toward the cyclic GC's next collection; a cached tuple of ints is untracked by the first
-# collection that sees it.
-one_token = _TokenTuples().__getitem__
 
 
 def new_scheduler_state(pool: PagePool) -> SchedulerState:
@@ -226,27 +178,25 @@ def worst_case_pages(request: Request, limits: SchedulerLimits) -> int:
     return shared + request.params.beam_width * (pages - shared)
 
 
-def rows_in_use(running: Iterable[SequenceState]) -> int:
+def rows_in_use(running: Running) -> int:
     """Batch rows the running requests may occupy: one a sequence, beam_width a beam group from its admission."""
-    rows, groups = 0, set()
-    for s in running:
-        if s.beam is None:
-            rows += 1
-        elif s.request.request_id not in groups:
-            groups.add(s.request.request_id)
-            rows += s.request.batch_rows
+    beams = running.beams
+    rows = beams.count(None)
+    if rows < len(beams):
+        groups = {r.request_id: r.batch_rows for r, b in zip(running.requests, beams) if b is not None}
+        rows += sum(groups.values())
     return rows
 
 
-def reserved_pages(running: Iterable[SequenceState], limits: SchedulerLimits) -> int:
+def reserved_pages(running: Running, limits: SchedulerLimits) -> int:
     """Pages the running requests may still allocate: worst case less the distinct pages each holds."""
     total = 0
     groups: dict[int, tuple[Request, set[int]]] = {}
-    for s in running:
-        if s.beam is None:
-            total += max(0, worst_case_pages(s.request, limits) - len(s.pages))
+    for request, beam, pages in zip(running.requests, running.beams, running.pages):
+        if beam is None:
+            total += max(0, worst_case_pages(request, limits) - len(pages))
         else:
-            groups.setdefault(s.request.request_id, (s.request, set()))[1].update(s.pages)
+            groups.setdefault(request.request_id, (request, set()))[1].update(pages)
     return total + sum(max(0, worst_case_pages(r, limits) - len(held)) for r, held in groups.values())
 
 
@@ -296,7 +246,8 @@ def add_requests(
     if not requests:
         return state
     assert limits.page_size == state.pool.page_size, "limits.page_size must match the pool's page size"
-    known = {i for s in state.waiting + state.running for i in s.request.sequence_ids}
+    known = {i for r in itertools.chain((s.request for s in state.waiting), state.running.requests)
+             for i in r.sequence_ids}
     for r in requests:
         validate_request(r, limits, cfg, state.pool.num_pages)
         for i in r.sequence_ids:
@@ -313,44 +264,6 @@ def _new_sequence(request: Request) -> SequenceState:
     return SequenceState(request=request, beam=beam)
 
 
-def token_slice(seq: SequenceState, start: int, stop: int) -> tuple[int, ...]:
-    """Tokens [start, stop) of prompt + output without building the whole list; in-flight ones are PLACEHOLDER."""
-    prompt, output = seq.request.prompt_token_ids, seq.output_token_ids
-    p = len(prompt)
-    known = p + len(output)
-    if stop == start + 1 and stop <= known:  # a decode's token: its interned tuple, no new object
-        return one_token(output[start - p] if start >= p else prompt[start])
-    if stop > known:  # a decode under overlap: its one token is still in flight ((x,) * 1 is x: no new object)
-        tail = (PLACEHOLDER,) * (stop - max(start, known))
-        return tail if start >= known else token_slice(seq, start, known) + tail
-    if stop <= p:
-        return prompt[start:stop]
-    if start >= p:
-        return output[start - p : stop - p]
-    return prompt[start:] + output[: stop - p]
-
-
-
-@dataclass(frozen=True, slots=True)
-class _TokenPrefix(Sequence):
-    """Tokens [0, end) of a sequence, sliced on demand: registering a new page reads only its own tokens,
-    not the whole context."""
-
-    seq: SequenceState
-    end: int
-
-    def __len__(self) -> int:
-        return self.end
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            start, stop, step = index.indices(self.end)
-            assert step == 1, "_TokenPrefix slices with step 1 only"
-            return token_slice(self.seq, start, max(start, stop))
-        if not -self.end <= index < self.end:
-            raise IndexError(index)
-        index %= self.end
-        return token_slice(self.seq, index, index + 1)[0]
 
 # --- capacity policies: policy(state, limits) -> Plan; schedule enforces budgets ---
 
@@ -377,30 +290,31 @@ def guaranteed_no_evict(state: SchedulerState, limits: SchedulerLimits) -> Plan:
     return Plan(admit=tuple(admit))
 
 
+
 def max_utilization(state: SchedulerState, limits: SchedulerLimits) -> Plan:
     """Admit while the next step's pages fit; when running requests lack pages, preempt the newest."""
-    pool, ps = state.pool, limits.page_size
+    pool, ps, run = state.pool, limits.page_size, state.running
     # Every running sequence can progress by one token; that may need one new page, or a copy of a shared one.
-    needs: list[int] = []
+    needs = run.computed // ps + 1 - run.num_pages
     copied: dict[int, int] = {}
-    for s in state.running:
-        source = _copy_source(pool, s, ps, copied)
+    for i in _beam_rows(run):
+        source = _copy_source(pool, run.pages[i], int(run.computed[i]), ps, copied)
         if source is not None:
             copied[source] = copied.get(source, 0) + 1
-        needs.append(pages_for_tokens(s.num_computed_tokens + 1, ps) - len(s.pages) + (source is not None))
-    available, total = num_available(pool), sum(needs)
+            needs[i] += 1
+    available, total = num_available(pool), int(needs.sum())
     preempt: list[int] = []
-    groups = _request_groups(state.running)  # a beam group is preempted whole, so it is one victim
+    groups = _request_groups(run) if total > available else []  # a beam group is preempted whole: one victim
     while total > available and len(groups) > 1:  # the oldest request always keeps running
         members = groups.pop()
-        total -= sum(needs[i] for i in members)
-        held = collections.Counter(p for i in members for p in state.running[i].pages)
+        total -= int(needs[members].sum())
+        held = collections.Counter(p for i in members for p in run.pages[i])
         available += sum(1 for p, n in held.items() if pool.refcounts[p] == n)  # pages only this request holds
-        preempt.append(state.running[members[0]].request_id)
+        preempt.append(int(run.ids[members[0]]))
     if preempt:
         return Plan(preempt=tuple(preempt))  # admitting now would only thrash
     available -= total
-    rows = rows_in_use(state.running)
+    rows = rows_in_use(run)
     admit: list[int] = []
     for seq in state.waiting:
         rows += seq.request.batch_rows
@@ -437,17 +351,26 @@ def _without_gated(state: SchedulerState) -> SchedulerState:
     if all(s.request.prefill_after is None for s in state.waiting):
         return state
     # A sibling's prompt is in the cache once it has a known output token (registered at postprocess).
+    run = state.running
     prefilling = {s.request_id for s in state.waiting}
-    prefilling.update(s.request_id for s in state.running if not s.output_token_ids)
+    prefilling.update(run.ids[run.num_out == 0].tolist())
     waiting = tuple(s for s in state.waiting if s.request.prefill_after not in prefilling)
     return dataclasses.replace(state, waiting=waiting)
 
 
-def _request_groups(running: Sequence[SequenceState]) -> list[list[int]]:
-    """Indices into running per request, oldest first: a beam group's sequences form one entry."""
+def _beam_rows(run: Running) -> list[int]:
+    """Rows of beam-search sequences (none, without a beam request: one C-level count)."""
+    beams = run.beams
+    if beams.count(None) == len(beams):
+        return []
+    return [i for i, b in enumerate(beams) if b is not None]
+
+
+def _request_groups(run: Running) -> list[list[int]]:
+    """Rows per request, oldest first: a beam group's sequences form one entry."""
     groups: dict[int, list[int]] = {}
-    for i, s in enumerate(running):
-        groups.setdefault(s.request.request_id, []).append(i)
+    for i, r in enumerate(run.requests):
+        groups.setdefault(r.request_id, []).append(i)
     return list(groups.values())
 
 
@@ -460,96 +383,117 @@ def _preempt(state: SchedulerState, seq_ids: Iterable[int]) -> tuple[SchedulerSt
     ids = set(seq_ids)
     if not ids:
         return state, ()
-    unknown = ids - {s.request_id for s in state.running}
+    run = state.running
+    row_of = run.row_of()
+    unknown = ids - row_of.keys()
     if unknown:
         raise ValueError(f"capacity policy asked to preempt request ids that are not running: {sorted(unknown)}")
-    groups = {s.request.request_id for s in state.running if s.beam is not None and s.request_id in ids}
-    gone = tuple(s for s in state.running if s.request_id in ids or (s.beam is not None
-                                                                        and s.request.request_id in groups))
+    groups = {run.requests[row_of[i]].request_id for i in ids if run.beams[row_of[i]] is not None}
+    gone = [i for i, (r, b) in enumerate(zip(run.requests, run.beams))
+            if int(run.ids[i]) in ids or (b is not None and r.request_id in groups)]
     # Tail pages first, so that shared prefixes stay cached longest.
-    pool = release(state.pool, (p for s in gone for p in reversed(s.pages)))
+    pool = release(state.pool, (p for i in gone for p in reversed(run.pages[i])))
     requeued: list[SequenceState] = []
-    for s in gone:
+    for i in gone:
+        s = run[i]
         if s.beam is None:
             # An in-flight token is dropped: the recompute samples it again at the same position.
             requeued.append(dataclasses.replace(s, num_computed_tokens=0, pages=(), num_inflight=0))
         elif s.request.request_id in groups:
             groups.discard(s.request.request_id)
             requeued.append(_new_sequence(s.request))
-    gone_ids = {s.request_id for s in gone}
     state = dataclasses.replace(
         state,
         pool=pool,
-        running=tuple(s for s in state.running if s.request_id not in gone_ids),
+        running=run.without(gone),
         waiting=tuple(requeued) + state.waiting,
         num_preemptions=state.num_preemptions + len(gone),
     )
-    return state, tuple(s.request_id for s in gone)
+    return state, tuple(run.ids[gone].tolist())
 
 
-def _copy_source(pool: PagePool, seq: SequenceState, ps: int, copied: Mapping[int, int]) -> int | None:
-    """The partial last page seq writes next if another sequence still holds it (seq must write a copy), else None.
+def _copy_source(pool: PagePool, pages: tuple[int, ...], computed: int, ps: int,
+                 copied: Mapping[int, int]) -> int | None:
+    """A beam's partial last page if another sequence still holds it (the beam must write a copy), else None.
 
-    Only forked beams share a partial page (prefix hits share full pages only), so other sequences
-    skip the refcount lookup. `copied` counts the holders already planned to copy a page this step:
-    the last holder writes in place.
+    Only forked beams share a partial page (prefix hits share full pages only), so only beam rows
+    ask. `copied` counts the holders already planned to copy a page this step: the last holder
+    writes in place.
     """
-    if seq.beam is None or seq.num_computed_tokens % ps == 0:
+    if computed % ps == 0:
         return None
-    page = seq.pages[-1]
+    page = pages[-1]
     return page if pool.refcounts[page] - copied.get(page, 0) > 1 else None
 
 
-def _plan_running(state: SchedulerState,
-                  limits: SchedulerLimits) -> tuple[list[tuple[int, int, int, bool]], int, bool]:
-    """(running index, tokens, new pages, copies its last page) per scheduled sequence, total new pages, and
-    whether any starved for pages."""
-    ps, budget, available = limits.page_size, limits.max_num_tokens, num_available(state.pool)
-    max_seq_len = limits.max_seq_len
-    # Decodes are planned as they are met, in running order, so they come before every prefill.
-    plan: list[tuple[int, int, int, bool]] = []
-    prefills: list[tuple[int, int, int]] = []
-    num_decodes = new_pages = 0
+@dataclass(frozen=True, slots=True)
+class _RunningPlan:
+    """Which running rows a step advances: decodes (one token each) and prefill chunks, and their new pages."""
+
+    decodes: np.ndarray  # rows, ascending
+    decode_pages: np.ndarray  # new pages per decode row: 0 or 1
+    decode_copies: np.ndarray  # bool per decode row: it writes a private copy of its shared last page
+    prefills: list[tuple[int, int, int]]  # (row, tokens, new pages), rows ascending
+    new_pages: int
+    stalled: bool  # some sequence could not progress for lack of pages
+
+
+def _plan_running(state: SchedulerState, limits: SchedulerLimits) -> _RunningPlan:
+    """The running rows a step advances, under max_num_tokens and the pool's available pages, oldest first."""
+    run, ps = state.running, limits.page_size
+    budget, available = limits.max_num_tokens, num_available(state.pool)
+    num_tokens = run.prompt_lens + run.num_out + run.inflight
+    left = num_tokens - run.computed
+    is_beam = np.fromiter((b is not None for b in run.beams), bool, len(run)) if _beam_rows(run) else None
+    # Nothing to schedule while a token is in flight that already reaches max_tokens or max_seq_len,
+    # or while a beam's is (its next token is chosen once its group's candidates are back).
+    blocked = (run.num_out + run.inflight >= run.max_tokens) | (num_tokens >= limits.max_seq_len)
+    if is_beam is not None:
+        blocked |= is_beam
+    blocked &= run.inflight > 0
+    decodes = np.flatnonzero((left == 1) & ~blocked)
+    need = (run.computed[decodes] == run.num_pages[decodes] * ps).astype(np.int64)
+    copies = np.zeros(len(decodes), dtype=bool)
+    passes = need == 0
+    # A decode that needs a page takes one if any is left, in order; rows past the token budget are cut
+    # below, and since every later row is cut too, the pages they would take change nothing.
+    ask = need.astype(bool) if is_beam is None else need.astype(bool) | is_beam[decodes]
     copied: dict[int, int] = {}
-    for i, s in enumerate(state.running):
-        # Locals, not properties: this runs per sequence per step.
-        inflight, outputs, request = s.num_inflight, len(s.output_token_ids), s.request
-        num_tokens = len(request.prompt_token_ids) + outputs + inflight
-        # Nothing to schedule while a token is in flight that already reaches max_tokens or max_seq_len,
-        # or while a beam's is (its next token is chosen once its group's candidates are back).
-        if inflight and (s.beam is not None or outputs + inflight >= request.params.max_tokens
-                         or num_tokens >= max_seq_len):
+    left_pages = available
+    for k in np.flatnonzero(ask).tolist():
+        row = int(decodes[k])
+        source = None
+        if run.beams[row] is not None:
+            source = _copy_source(state.pool, run.pages[row], int(run.computed[row]), ps, copied)
+        n = 1 if need[k] or source is not None else 0
+        if n > left_pages:
+            passes[k] = False
             continue
-        computed = s.num_computed_tokens
-        left = num_tokens - computed
-        if left > 1:
-            prefills.append((i, computed, left))
-            continue
-        if left < 1:
-            continue
-        num_decodes += 1
-        source = None if s.beam is None else _copy_source(state.pool, s, ps, copied)
-        need = 1 if computed == len(s.pages) * ps or source is not None else 0
-        if need > available or budget == 0:
-            continue
+        passes[k] = True
         if source is not None:
             copied[source] = copied.get(source, 0) + 1
-        plan.append((i, 1, need, source is not None))
-        budget, available, new_pages = budget - 1, available - need, new_pages + need
-    stalled = len(plan) < num_decodes and budget > 0
-    for i, computed, left in prefills:
-        num_pages = len(state.running[i].pages)
+            copies[k] = True
+        need[k] = n
+        left_pages -= n
+    taken = passes & (np.cumsum(passes) <= budget)
+    decode_pages = need[taken]
+    new_pages = int(decode_pages.sum())
+    budget -= int(taken.sum())
+    available -= new_pages
+    stalled = bool(taken.sum() < len(decodes)) and budget > 0
+    prefills: list[tuple[int, int, int]] = []
+    for i in np.flatnonzero((left > 1) & ~blocked).tolist():
+        computed, num_pages = int(run.computed[i]), int(run.num_pages[i])
         # Running prefills are always chunkable: a non-chunked prompt ran whole at admission.
-        n = min(left, budget, (num_pages + available) * ps - computed)
+        n = min(int(left[i]), budget, (num_pages + available) * ps - computed)
         if n <= 0:
             stalled |= budget > 0
             continue
-        need = pages_for_tokens(computed + n, ps) - num_pages
-        plan.append((i, n, need, False))
-        budget, available, new_pages = budget - n, available - need, new_pages + need
-    if prefills:
-        plan.sort()
-    return plan, new_pages, stalled
+        pages = pages_for_tokens(computed + n, ps) - num_pages
+        prefills.append((i, n, pages))
+        budget, available, new_pages = budget - n, available - pages, new_pages + pages
+    return _RunningPlan(decodes=decodes[taken], decode_pages=decode_pages, decode_copies=copies[taken],
+                        prefills=prefills, new_pages=new_pages, stalled=stalled)
 
 
 def schedule(
@@ -561,37 +505,22 @@ def schedule(
     # Policies see only the waiting requests that may start now.
     plan = policy(_without_gated(state), limits)
     state, preempted = _preempt(state, plan.preempt)
-    chunks, new_pages, stalled = _plan_running(state, limits)
-    while stalled and not chunks and len(_request_groups(state.running)) > 1:
+    chunks = _plan_running(state, limits)
+    while chunks.stalled and not (len(chunks.decodes) or chunks.prefills) and len(_request_groups(state.running)) > 1:
         # Liveness guard for policies that let every running sequence starve for pages.
-        state, more = _preempt(state, (state.running[-1].request_id,))
+        state, more = _preempt(state, (int(state.running.ids[-1]),))
         preempted += more
-        chunks, new_pages, stalled = _plan_running(state, limits)
-    pool, fresh = allocate(state.pool, new_pages)
-    running = list(state.running)
-    scheduled: list[ScheduledSeq] = []
-    copies: list[tuple[int, int]] = []
-    budget, used = limits.max_num_tokens, 0
-    for i, n, need, copy in chunks:
-        s = running[i]
-        pages = s.pages
-        if copy:  # the step writes into a private copy of the shared partial page, made before it runs
-            copies.append((pages[-1], fresh[used]))
-            pages = pages[:-1]
-        if need:
-            pages = pages + fresh[used : used + need]
-        used += need
-        chunk = _scheduled(s, n, pages)
-        running[i] = _sequence(s.request, s.output_token_ids, s.num_computed_tokens + n, pages,
-                               s.num_inflight + chunk.sample, s.beam)
-        scheduled.append(chunk)
-        budget -= n
-    assert used == len(fresh)
+        chunks = _plan_running(state, limits)
+    pool, fresh = allocate(state.pool, chunks.new_pages)
+    running, scheduled, copies = _advance(state.running, chunks, fresh)
     if copies:  # each copier gives up its reference; a holder stays, so nothing is freed here
         pool = release(pool, (src for src, _ in copies))
+    columns = scheduled.columns
+    budget = limits.max_num_tokens - int(columns.counts.sum())
 
     waiting = state.waiting
     admitted: list[SequenceState] = []
+    admitted_seqs: list[ScheduledSeq] = []
     if not preempted:  # admitting right after preempting would only thrash
         by_id = {s.request_id: s for s in waiting} if plan.admit else {}
         rows = rows_in_use(running) if plan.admit else 0
@@ -612,21 +541,76 @@ def schedule(
             pool, fresh = allocate(hit_pool, need)
             s = dataclasses.replace(s, pages=hit + fresh, num_computed_tokens=cached)
             chunk = _scheduled(s, n, s.pages)
-            scheduled.append(chunk)
-            s = dataclasses.replace(s, num_computed_tokens=cached + n, num_inflight=s.num_inflight + chunk.sample)
-            running.append(s)
-            admitted.append(s)
+            admitted_seqs.append(chunk)
+            admitted.append(dataclasses.replace(s, num_computed_tokens=cached + n,
+                                                num_inflight=s.num_inflight + chunk.sample))
             budget -= n
             rows += s.request.batch_rows
         if admitted:
+            running = running + Running.of(admitted)
             ids = {s.request_id for s in admitted}
             k = len(admitted)
             if all(waiting[j].request_id in ids for j in range(k)):  # the FCFS common case
                 waiting = waiting[k:]
             else:
                 waiting = tuple(s for s in waiting if s.request_id not in ids)
-    state = dataclasses.replace(state, pool=pool, running=tuple(running), waiting=waiting, step=state.step + 1)
-    return state, ScheduledBatch(seqs=tuple(scheduled), preempted=preempted, page_copies=tuple(copies))
+            extra = BatchColumns.of(admitted_seqs)
+            columns = BatchColumns(*(np.concatenate(pair) for pair in zip(columns, extra)))
+    state = dataclasses.replace(state, pool=pool, running=running, waiting=waiting, step=state.step + 1)
+    return state, ScheduledBatch(seqs=scheduled.seqs + tuple(admitted_seqs), preempted=preempted,
+                                 page_copies=copies, columns=columns)
+
+
+def _advance(run: Running, plan: _RunningPlan,
+             fresh: tuple[int, ...]) -> tuple[Running, ScheduledBatch, tuple[tuple[int, int], ...]]:
+    """The table after the planned rows advance, their scheduled seqs (row order) and the page copies to make.
+
+    Fresh pages go to rows in row order, as many as each needs.
+    """
+    pages, num_pages = list(run.pages), run.num_pages.copy()
+    copies: list[tuple[int, int]] = []
+    grown = [(int(r), int(n), bool(c)) for r, n, c in zip(plan.decodes[plan.decode_pages > 0],
+                                                            plan.decode_pages[plan.decode_pages > 0],
+                                                            plan.decode_copies[plan.decode_pages > 0])]
+    grown += [(r, need, False) for r, _, need in plan.prefills if need]
+    used = 0
+    for row, need, copy in sorted(grown):
+        p = pages[row]
+        if copy:  # the step writes into a private copy of the shared partial page, made before it runs
+            copies.append((p[-1], fresh[used]))
+            p = p[:-1]
+        pages[row] = p + fresh[used: used + need]
+        num_pages[row] = len(pages[row])
+        used += need
+    assert used == len(fresh)
+    rows = plan.decodes
+    counts = np.ones(len(rows), dtype=np.int64)
+    if plan.prefills:
+        prefill_rows = np.array([r for r, _, _ in plan.prefills], dtype=np.int64)
+        order = np.argsort(np.concatenate([rows, prefill_rows]), kind="stable")
+        rows = np.concatenate([rows, prefill_rows])[order]
+        counts = np.concatenate([counts, [n for _, n, _ in plan.prefills]]).astype(np.int64)[order]
+        is_prefill = (order >= len(plan.decodes))
+    starts = run.computed[rows]
+    inflight_before = run.inflight[rows]
+    samples = starts + counts == run.prompt_lens[rows] + run.num_out[rows] + inflight_before
+    # A decode's one token: in flight (its value is on the device), else the last known one.
+    tokens = list(map(one_token, np.where(inflight_before > 0, PLACEHOLDER, run.last[rows]).tolist()))
+    row_list = rows.tolist()
+    if plan.prefills:
+        for k in np.flatnonzero(is_prefill).tolist():
+            r = row_list[k]
+            tokens[k] = tokens_between(run.requests[r].prompt_token_ids, run.outputs[r], int(starts[k]),
+                                       int(starts[k] + counts[k]))
+    ids = run.ids[rows]
+    seqs = tuple(map(_scheduled_seq, ids.tolist(), tokens, starts.tolist(), [pages[r] for r in row_list],
+                     samples.tolist()))
+    computed, inflight = run.computed.copy(), run.inflight.copy()
+    computed[rows] += counts
+    inflight[rows] += samples
+    table = run.replace(pages=tuple(pages), num_pages=num_pages, computed=computed, inflight=inflight)
+    columns = BatchColumns(ids, starts, counts, samples)
+    return table, ScheduledBatch(seqs=seqs, columns=columns), tuple(copies)
 
 
 def _scheduled(seq: SequenceState, n: int, pages: tuple[int, ...]) -> ScheduledSeq:
@@ -647,16 +631,6 @@ def _stop_token(request: Request, token: int, num_out: int) -> tuple[str, int | 
     return None
 
 
-def _stop(request: Request, token: int, num_out: int, max_seq_len: int) -> tuple[str, int | None] | None:
-    """(finish_reason, stop_reason) once a sequence whose num_out-th output token is token must finish, else None."""
-    params = request.params
-    # The value checks first only for the tokens that could stop it: this runs for every sequence every step.
-    stop = (_stop_token(request, token, num_out)
-            if token in request.eos_token_ids or token in params.stop_token_ids else None)
-    if stop is None and (num_out >= params.max_tokens or len(request.prompt_token_ids) + num_out >= max_seq_len):
-        return "length", None
-    return stop
-
 
 def postprocess(
     state: SchedulerState, batch: ScheduledBatch, sampled: Mapping[int, int], limits: SchedulerLimits,
@@ -667,66 +641,92 @@ def postprocess(
     Beams take their step's candidates (sequence id -> top tokens) instead of a token; once every
     beam of a group has them, the group chooses its next beams (`_step_beams`).
     """
-    index = {s.request.request_id if s.beam is None else s.beam.seq_id: i for i, s in enumerate(state.running)}
-    running = list(state.running)
-    ps, max_seq_len, register = limits.page_size, limits.max_seq_len, state.pool.enable_prefix_cache
-    to_register: list[tuple[_TokenPrefix, tuple[int, ...]]] = []
-    events: list[TokenEvent] = []
-    finished: set[int] = set()
-    beam_groups: set[int] = set()
-    for ss in batch.seqs:
-        i = index.get(ss.request_id)
-        if i is None:
-            continue  # aborted or preempted since it was scheduled
-        s = running[i]
-        end = ss.start_pos + len(ss.token_ids)
-        if register and end // ps > ss.start_pos // ps:
-            to_register.append((_TokenPrefix(s, end), s.pages))
-        if not ss.sample:
-            continue
-        assert s.num_inflight > 0, "postprocess got a token the scheduler did not expect"
-        if s.beam is not None:
-            assert ss.request_id in candidates, f"beam {ss.request_id} got no candidates"
-            running[i] = dataclasses.replace(s, num_inflight=s.num_inflight - 1,
-                                             beam=dataclasses.replace(s.beam, candidates=candidates[ss.request_id]))
-            beam_groups.add(s.request.request_id)
-            continue
-        token = sampled[ss.request_id]
-        output = append_token(s.output_token_ids, token)
-        running[i] = _sequence(s.request, output, s.num_computed_tokens, s.pages, s.num_inflight - 1, None)
-        stop = _stop(s.request, token, len(output), max_seq_len)
-        if stop is None:
-            events.append(_token_event(ss.request_id, one_token(token), None, None, ()))
-        else:
-            finished.add(i)
-            events.append(_token_event(ss.request_id, one_token(token), stop[0], stop[1], ()))
-    pool = register_pages(state.pool, to_register)
+    run, ps, max_seq_len = state.running, limits.page_size, limits.max_seq_len
+    cols = batch.columns if batch.columns is not None else BatchColumns.of(batch.seqs)
+    # Each batch row's table row; -1 for sequences aborted or preempted since they were scheduled.
+    rows = np.fromiter(map(run.row_of().get, cols.ids.tolist(), itertools.repeat(-1)), np.int64, len(cols.ids))
+    live = rows >= 0
+    pool = state.pool
+    if pool.enable_prefix_cache:  # pages this step filled: their tokens are all known now
+        ends = cols.starts + cols.counts
+        full = np.flatnonzero(live & (ends // ps > cols.starts // ps))
+        pool = register_pages(pool, [(TokenPrefix(run.requests[r].prompt_token_ids, run.outputs[r], e), run.pages[r])
+                                     for r, e in zip(rows[full].tolist(), ends[full].tolist())])
+    sampling = rows[live & cols.samples]
+    assert (run.inflight[sampling] > 0).all(), "postprocess got a token the scheduler did not expect"
+    beams = _beam_rows(run)
+    if beams:
+        is_beam = np.isin(sampling, beams)
+        beam_rows, sampling = sampling[is_beam], sampling[~is_beam]
+    ids = run.ids[sampling].tolist()
+    tokens = np.fromiter(map(sampled.__getitem__, ids), np.int64, len(ids))
+    token_list = tokens.tolist()
+    inflight, num_out, last = run.inflight.copy(), run.num_out.copy(), run.last.copy()
+    inflight[sampling] -= 1
+    num_out[sampling] += 1
+    last[sampling] = tokens
+    outputs = list(run.outputs)
+    for r, t in zip(sampling.tolist(), token_list):
+        outputs[r] = append_token(outputs[r], t)
+    # Finish reasons: a stop token (checked exactly only for tokens that stop some row), else length.
+    counts = num_out[sampling]
+    reasons: list[str | None] = [None] * len(ids)
+    stop_reasons: list[int | None] = [None] * len(ids)
+    if len(run.stop_ids):
+        for k in np.flatnonzero(np.isin(tokens, run.stop_ids)).tolist():
+            stop = _stop_token(run.requests[int(sampling[k])], token_list[k], int(counts[k]))
+            if stop is not None:
+                reasons[k], stop_reasons[k] = stop
+    at_length = (counts >= run.max_tokens[sampling]) | (run.prompt_lens[sampling] + counts >= max_seq_len)
+    for k in np.flatnonzero(at_length).tolist():
+        if reasons[k] is None:
+            reasons[k] = "length"
+    events = list(map(_token_event, ids, map(one_token, token_list), reasons, stop_reasons, itertools.repeat(())))
+    finished = sorted(int(sampling[k]) for k, reason in enumerate(reasons) if reason is not None)
     if finished:
-        pool = release(pool, (p for i in sorted(finished) for p in reversed(running[i].pages)))
-    replaced: dict[int, list[SequenceState]] = {}  # running index -> what takes its place
-    if beam_groups:
+        pool = release(pool, (p for i in finished for p in reversed(run.pages[i])))
+    table = run.replace(outputs=tuple(outputs), num_out=num_out, inflight=inflight, last=last)
+    replaced: dict[int, list[SequenceState]] = {}  # row -> what takes its place
+    if beams and len(beam_rows):
+        new_beams = list(run.beams)
+        for r in beam_rows.tolist():
+            seq_id = int(run.ids[r])
+            assert seq_id in candidates, f"beam {seq_id} got no candidates"
+            new_beams[r] = dataclasses.replace(new_beams[r], candidates=candidates[seq_id])
+        table = table.replace(beams=tuple(new_beams))
+        stepped = {run.requests[r].request_id for r in beam_rows.tolist()}
         members: dict[int, list[int]] = {}
-        for i, s in enumerate(running):
-            if s.beam is not None and s.request.request_id in beam_groups:
-                members.setdefault(s.request.request_id, []).append(i)
+        for i in beams:
+            if table.requests[i].request_id in stepped:
+                members.setdefault(table.requests[i].request_id, []).append(i)
         for group in members.values():
-            beams = [running[i] for i in group]
-            if any(b.beam.candidates is None for b in beams):
+            group_beams = [table[i] for i in group]
+            if any(b.beam.candidates is None for b in group_beams):
                 continue  # a beam of the group has not run this token yet
-            pool, forks, event = _step_beams(pool, beams, limits)
+            pool, forks, event = _step_beams(pool, group_beams, limits)
             replaced.update({i: [] for i in group})
             replaced[group[0]] = forks  # the group keeps its place in the admission order
             if event is not None:
                 events.append(event)
     if finished or replaced:
-        kept: list[SequenceState] = []
-        for i, s in enumerate(running):
-            if i in replaced:
-                kept.extend(replaced[i])
-            elif i not in finished:
-                kept.append(s)
-        running = kept
-    return dataclasses.replace(state, pool=pool, running=tuple(running)), tuple(events)
+        table = _splice(table, set(finished), replaced)
+    return dataclasses.replace(state, pool=pool, running=table), tuple(events)
+
+
+def _splice(table: Running, dropped: set[int], replaced: Mapping[int, list[SequenceState]]) -> Running:
+    """The table less the dropped rows, each replaced row swapped for its records (in its place)."""
+    if not replaced:
+        return table.without(dropped)
+    parts: list[Running] = []
+    kept: list[int] = []
+    for i in range(len(table)):
+        if i in replaced:
+            parts += [table.take(kept), Running.of(replaced[i])]
+            kept = []
+        elif i not in dropped:
+            kept.append(i)
+    parts.append(table.take(kept))
+    return sum(parts[1:], parts[0])
 
 
 def _step_beams(pool: PagePool, beams: Sequence[SequenceState],
@@ -771,6 +771,7 @@ def _step_beams(pool: PagePool, beams: Sequence[SequenceState],
     return pool, forks, None
 
 
+
 def abort(
     state: SchedulerState, request_ids: Iterable[int], reason: str = "abort"
 ) -> tuple[SchedulerState, tuple[TokenEvent, ...]]:
@@ -778,17 +779,19 @@ def abort(
     if reason not in ("abort", "error"):
         raise ValueError(f"abort reason must be 'abort' or 'error', got {reason!r}")
     ids = set(request_ids)
-    gone_running = [s for s in state.running if s.request.request_id in ids]
+    run = state.running
+    gone_running = [i for i, r in enumerate(run.requests) if r.request_id in ids]
     gone_waiting = [s for s in state.waiting if s.request.request_id in ids]
     if not gone_running and not gone_waiting:
         return state, ()
     # Not registered: after a failed step the KV of these pages may be garbage.
-    pool = release(state.pool, (p for s in gone_running for p in reversed(s.pages)))
+    pool = release(state.pool, (p for i in gone_running for p in reversed(run.pages[i])))
     state = dataclasses.replace(
         state,
         pool=pool,
-        running=tuple(s for s in state.running if s.request.request_id not in ids),
+        running=run.without(gone_running),
         waiting=tuple(s for s in state.waiting if s.request.request_id not in ids),
     )
-    ended = dict.fromkeys(s.request.request_id for s in gone_running + gone_waiting)
+    ended = dict.fromkeys([run.requests[i].request_id for i in gone_running] +
+                          [s.request.request_id for s in gone_waiting])
     return state, tuple(TokenEvent(request_id=rid, new_token_ids=(), finish_reason=reason) for rid in ended)

@@ -18,7 +18,7 @@ from llmfx.scheduler import (
     SchedulerLimits,
     SchedulerState,
     SequenceState,
-    _TokenPrefix,
+    TokenPrefix,
     abort,
     has_work,
     new_scheduler_state,
@@ -343,7 +343,7 @@ def test_a_decode_step_allocates_no_more_memory_with_thousands_of_cached_pages()
 def test_a_token_prefix_slices_like_the_tokens_it_stands_for(prompt, out, inflight, data):
     seq = SequenceState(request=req(1, prompt), output_token_ids=tuple(out), num_inflight=inflight)
     end = data.draw(st.integers(0, seq.num_tokens))
-    view, tokens = _TokenPrefix(seq, end), token_slice(seq, 0, end)
+    view, tokens = TokenPrefix(seq.request.prompt_token_ids, seq.output_token_ids, end), token_slice(seq, 0, end)
     start, stop = data.draw(st.integers(-10, 10)), data.draw(st.integers(-10, 10))
     assert len(view) == len(tokens) and view[start:stop] == tokens[start:stop] and tuple(view) == tokens
     if tokens:
