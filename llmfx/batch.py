@@ -1,9 +1,13 @@
-"""ForwardBatch: a packed batch as the model sees it (built by llmfx.step_inputs)."""
+"""A step's chunks: as arrays (BatchColumns, what the scheduler hands the engine) and packed as the model sees
+them (ForwardBatch, built by llmfx.step_inputs)."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence
+
+import numpy as np
 
 from torch import Tensor
 
@@ -14,6 +18,30 @@ class Chunk(Protocol):
     token_ids: Sequence[int]
     start_pos: int
     pages: Sequence[int]
+
+
+class BatchColumns(NamedTuple):
+    """A step's chunks as arrays, in batch order: what staging reads and postprocess matches rows by."""
+
+    ids: np.ndarray  # int64 [B] sequence ids
+    starts: np.ndarray  # int64 [B] each chunk's start_pos
+    counts: np.ndarray  # int64 [B] tokens each chunk feeds
+    samples: np.ndarray  # bool [B] the chunk reaches its sequence's end: a token is sampled
+    tokens: np.ndarray  # int64 [sum(counts)] every chunk's tokens, concatenated
+    pages: tuple[Sequence[int], ...]  # [B] each chunk's page list, covering start + count
+
+    @classmethod
+    def of(cls, chunks: Sequence[Chunk], ids: Sequence[int] | None = None,
+           samples: Sequence[bool] | None = None) -> BatchColumns:
+        """Columns of plain chunks (ids 0 and every row sampling unless given)."""
+        b = len(chunks)
+        counts = np.fromiter((len(c.token_ids) for c in chunks), np.int64, b)
+        return cls(ids=np.zeros(b, np.int64) if ids is None else np.asarray(ids, np.int64).reshape(b),
+                   starts=np.fromiter((c.start_pos for c in chunks), np.int64, b), counts=counts,
+                   samples=np.ones(b, bool) if samples is None else np.asarray(samples, bool).reshape(b),
+                   tokens=np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks), np.int64,
+                                      int(counts.sum())),
+                   pages=tuple(c.pages for c in chunks))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

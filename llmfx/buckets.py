@@ -27,7 +27,7 @@ class Buckets:
 
     def key(self, batch: ScheduledBatch) -> BucketKey:
         """The bucket a scheduled batch runs in."""
-        b, t = len(batch.seqs), batch.num_tokens
+        b, t = batch.num_seqs, batch.num_tokens
         if t == b:
             return BucketKey(num_tokens=_first_at_least(self.decode_sizes, b),
                              num_seqs=_first_at_least(self.decode_sizes, b), decode=True)

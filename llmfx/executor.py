@@ -163,14 +163,9 @@ class TracedBatch:
     @staticmethod
     def of(batch: ScheduledBatch, launch_s: float | None) -> TracedBatch:
         """The counts of a scheduled batch."""
-        tokens = decode = context = 0
-        for s in batch.seqs:
-            n = len(s.token_ids)
-            tokens += n
-            decode += n == 1
-            context += s.start_pos + n
-        return TracedBatch(num_seqs=len(batch.seqs), num_tokens=tokens, num_decode=decode, context_tokens=context,
-                           launch_s=launch_s)
+        c = batch.columns
+        return TracedBatch(num_seqs=batch.num_seqs, num_tokens=int(c.counts.sum()), num_decode=int((c.counts == 1).sum()),
+                           context_tokens=int((c.starts + c.counts).sum()), launch_s=launch_s)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,15 +204,15 @@ def step(state: ExecutorState, inbox: Iterable[Message], engine: ModelEngine,
     sched, batch = schedule(sched, (), cfg.limits, cfg.scheduler)
     launched = None
     launch_s = 0.0
-    if batch.seqs:
+    if batch.num_seqs:
         sequences = sched.running.by_id()  # records built only for the rows the engine reads
         started = time.perf_counter()
         try:
             kv, launched = engine.launch(kv, batch, sequences)
         except StepFailed as failure:
             kv = failure.kv
-            log.exception("step %d failed; failing its %d requests", sched.step, len(batch.seqs))
-            failed = tuple(dict.fromkeys(sequences[s.request_id].request.request_id for s in batch.seqs))
+            log.exception("step %d failed; failing its %d requests", sched.step, batch.num_seqs)
+            failed = tuple(dict.fromkeys(sequences[i].request.request_id for i in batch.columns.ids.tolist()))
             sched, ended = abort(sched, failed, "error")
             events.extend(ended)
             errors.update({rid: str(failure) for rid in failed})
@@ -350,7 +345,7 @@ class PyExecutor:
                 last: tuple[ScheduledBatch, TracedBatch | None] | None) -> tuple[ScheduledBatch, TracedBatch | None]:
         """Append this iteration to the trace (before delivery, so a caller woken by the outputs sees it)."""
         end = time.perf_counter()
-        launched = TracedBatch.of(out.batch, out.launch_s) if out.batch.seqs else None
+        launched = TracedBatch.of(out.batch, out.launch_s) if out.batch.num_seqs else None
         if out.collected is None:
             collected = None
         elif out.collected is out.batch:  # without overlap a step collects what it launched

@@ -33,7 +33,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
-from llmfx.batch import ForwardBatch
+from llmfx.batch import BatchColumns, ForwardBatch
 from llmfx.beam_search import Candidates
 from llmfx.buckets import BucketKey, Buckets
 from llmfx.config import ModelConfig
@@ -145,12 +145,13 @@ def read_results(inflight: InFlight) -> Collected:
     sampled = dict(zip(ids, map(SampledToken, tokens, picked[:, 1].tolist(), picked[:, 2].astype(np.int64).tolist())))
     candidates = {}
     ids_at, lps_at = 3, 3 + TOP_LOGPROBS
+    columns = inflight.batch.columns
     for row in inflight.top_rows:
-        seq = inflight.batch.seqs[row]
-        if seq.sample:
-            top = candidates[seq.request_id] = (tuple(out[row, ids_at:lps_at].astype(np.int64).tolist()),
-                                                tuple(out[row, lps_at:].tolist()))
-            sampled[seq.request_id] = sampled[seq.request_id]._replace(top_ids=top[0], top_logprobs=top[1])
+        if columns.samples[row]:
+            seq_id = int(columns.ids[row])
+            top = candidates[seq_id] = (tuple(out[row, ids_at:lps_at].astype(np.int64).tolist()),
+                                        tuple(out[row, lps_at:].tolist()))
+            sampled[seq_id] = sampled[seq_id]._replace(top_ids=top[0], top_logprobs=top[1])
     return Collected(sampled=sampled, tokens=dict(zip(ids, tokens)), candidates=candidates)
 
 
@@ -342,8 +343,8 @@ class ModelEngine:
                 if batch.page_copies:  # forked beams' partial pages, copied before the step writes into them
                     copy_pages(layers, batch.page_copies)
                 layout = self._layout(batch)
-                ids = [s.request_id for s in batch.seqs]
-                facts = self._stage(layout, batch, ids, sequences, parity)
+                ids = batch.columns.ids.tolist()
+                facts = self._stage(layout, batch, sequences, parity)
                 penalties = self._penalties(layout.num_seqs, ids, sequences, facts.penalized, parity)
                 variant = self._sampler_variant(facts.filtering, facts.sampled, bool(facts.top_rows), layout.num_seqs)
                 if self._graphs_by_hand:
@@ -365,7 +366,7 @@ class ModelEngine:
             # The pool is intact apart from this batch's rows, whose requests the caller fails.
             raise StepFailed(KVPool(layers), err) from err
         self._parity ^= 1
-        rows = [row for row, s in enumerate(batch.seqs) if s.sample]
+        rows = np.flatnonzero(batch.columns.samples).tolist()
         every = len(rows) == len(ids)
         return KVPool(layers), InFlight(batch=batch, host=host, ready=ready, top_rows=facts.top_rows,
                                         sampling_ids=ids if every else [ids[row] for row in rows],
@@ -431,7 +432,7 @@ class ModelEngine:
     def _layout(self, batch: ScheduledBatch) -> StepLayout:
         if self.engine_cfg.buckets is not None:
             return self._layout_of(self.engine_cfg.buckets.key(batch))
-        return StepLayout(num_tokens=batch.num_tokens, num_seqs=len(batch.seqs),
+        return StepLayout(num_tokens=batch.num_tokens, num_seqs=batch.num_seqs,
                           max_pages=self.engine_cfg.max_pages_per_seq)
 
     def _reserve_inputs(self, size: int) -> None:
@@ -465,12 +466,12 @@ class ModelEngine:
                 self._device_views[layout] = views
         return views
 
-    def _stage(self, layout: StepLayout, batch: ScheduledBatch, ids: list[int],
-               sequences: Mapping[int, SequenceState], parity: int) -> StagedFacts:
+    def _stage(self, layout: StepLayout, batch: ScheduledBatch, sequences: Mapping[int, SequenceState],
+               parity: int) -> StagedFacts:
         """Fill pinned buffer `parity` and queue its one copy to the device."""
         self._reserve_inputs(layout.size)
         host = self._host_in[parity]
-        facts = self._stager.fill(layout.views(host), batch.seqs, ids, lambda rid: sequences[rid].request.params)
+        facts = self._stager.fill(layout.views(host), batch.columns, lambda rid: sequences[rid].request.params)
         self._device_in[: layout.size].copy_(host[: layout.size], non_blocking=True)
         return facts
 
@@ -521,7 +522,7 @@ class ModelEngine:
         self._reserve_inputs(layout.size)
         host = self._host_in[0]
         views = layout.views(host)
-        fill_batch(views, [], self.engine_cfg.page_size)
+        fill_batch(views, BatchColumns.of([]), self.engine_cfg.page_size)
         fill_sampling(views, [])
         self._device_in[: layout.size].copy_(host[: layout.size])
         return self._step_args(layout, self._penalties_of(key.num_seqs))

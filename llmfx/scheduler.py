@@ -11,6 +11,7 @@ from types import MappingProxyType
 
 import numpy as np
 
+from llmfx.batch import BatchColumns
 from llmfx.beam_search import BeamConfig, BeamRow, Candidates, Hypothesis, beam_step
 from llmfx.kv_cache import (
     PagePool,
@@ -107,35 +108,67 @@ class ScheduledSeq:
 
 
 
-class BatchColumns(collections.namedtuple("BatchColumns", "ids starts counts samples")):
-    """A batch's seqs as int64 / bool arrays: request_id, start_pos, len(token_ids), sample."""
-
-    __slots__ = ()
-
-    @classmethod
-    def of(cls, seqs: Sequence[ScheduledSeq]) -> BatchColumns:
-        n = len(seqs)
-        return cls(np.fromiter((s.request_id for s in seqs), np.int64, n),
-                   np.fromiter((s.start_pos for s in seqs), np.int64, n),
-                   np.fromiter((len(s.token_ids) for s in seqs), np.int64, n),
-                   np.fromiter((s.sample for s in seqs), bool, n))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class ScheduledBatch:
-    """What one step computes."""
+    """What one step computes, as records (`seqs`) and as arrays (`columns`), each made from the other when first
+    read: the scheduler makes columns, which staging and postprocess use; tests and tools build from records.
 
-    seqs: tuple[ScheduledSeq, ...] = ()
-    preempted: tuple[int, ...] = ()  # sequence ids preempted this step (their KV pages are gone)
-    # (src, dst): copy KV page src to the fresh page dst before the step runs (a forked beam's partial page).
-    page_copies: tuple[tuple[int, int], ...] = ()
-    # seqs as arrays, made by schedule() for postprocess(); None for a batch built by hand (BatchColumns.of then).
-    columns: BatchColumns | None = dataclasses.field(default=None, compare=False, repr=False)
+    A value: never changed once made (a lazily made view is cached, which changes nothing observable).
+    """
+
+    __slots__ = ("_seqs", "_columns", "preempted", "page_copies")
+
+    def __init__(self, seqs: Sequence[ScheduledSeq] | None = None, *, preempted: tuple[int, ...] = (),
+                 page_copies: tuple[tuple[int, int], ...] = (), columns: BatchColumns | None = None) -> None:
+        if seqs is not None and columns is not None:
+            raise ValueError("ScheduledBatch takes seqs or columns, not both")
+        self._seqs = tuple(seqs) if seqs is not None else None if columns is not None else ()
+        self._columns = columns
+        self.preempted = preempted  # sequence ids preempted this step (their KV pages are gone)
+        # (src, dst): copy KV page src to the fresh page dst before the step runs (a forked beam's partial page).
+        self.page_copies = page_copies
+
+    @property
+    def seqs(self) -> tuple[ScheduledSeq, ...]:
+        """One record per sequence, in batch order."""
+        if self._seqs is None:
+            c = self._columns
+            flat = c.tokens.tolist()
+            ends = np.cumsum(c.counts).tolist()
+            tokens = [one_token(flat[e - 1]) if n == 1 else tuple(flat[e - n: e])
+                      for e, n in zip(ends, c.counts.tolist())]
+            self._seqs = tuple(map(_scheduled_seq, c.ids.tolist(), tokens, c.starts.tolist(), c.pages,
+                                   c.samples.tolist()))
+        return self._seqs
+
+    @property
+    def columns(self) -> BatchColumns:
+        """The sequences as arrays, in batch order."""
+        if self._columns is None:
+            seqs = self._seqs
+            self._columns = BatchColumns.of(seqs, [s.request_id for s in seqs], [s.sample for s in seqs])
+        return self._columns
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self._seqs) if self._seqs is not None else len(self._columns.ids)
 
     @property
     def num_tokens(self) -> int:
         """Tokens fed this step."""
-        return sum(len(s.token_ids) for s in self.seqs)
+        if self._seqs is not None:
+            return sum(len(s.token_ids) for s in self._seqs)
+        return int(self._columns.counts.sum())
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, ScheduledBatch):
+            return NotImplemented
+        return (self.seqs, self.preempted, self.page_copies) == (other.seqs, other.preempted, other.page_copies)
+
+    def __hash__(self) -> int:
+        return hash((self.seqs, self.preempted, self.page_copies))
+
+    def __repr__(self) -> str:
+        return f"ScheduledBatch(seqs={self.seqs!r}, preempted={self.preempted!r}, page_copies={self.page_copies!r})"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -512,10 +545,9 @@ def schedule(
         preempted += more
         chunks = _plan_running(state, limits)
     pool, fresh = allocate(state.pool, chunks.new_pages)
-    running, scheduled, copies = _advance(state.running, chunks, fresh)
+    running, columns, copies = _advance(state.running, chunks, fresh)
     if copies:  # each copier gives up its reference; a holder stays, so nothing is freed here
         pool = release(pool, (src for src, _ in copies))
-    columns = scheduled.columns
     budget = limits.max_num_tokens - int(columns.counts.sum())
 
     waiting = state.waiting
@@ -554,16 +586,16 @@ def schedule(
                 waiting = waiting[k:]
             else:
                 waiting = tuple(s for s in waiting if s.request_id not in ids)
-            extra = BatchColumns.of(admitted_seqs)
-            columns = BatchColumns(*(np.concatenate(pair) for pair in zip(columns, extra)))
+            extra = BatchColumns.of(admitted_seqs, [c.request_id for c in admitted_seqs],
+                                    [c.sample for c in admitted_seqs])
+            columns = _concat(columns, extra)
     state = dataclasses.replace(state, pool=pool, running=running, waiting=waiting, step=state.step + 1)
-    return state, ScheduledBatch(seqs=scheduled.seqs + tuple(admitted_seqs), preempted=preempted,
-                                 page_copies=copies, columns=columns)
+    return state, ScheduledBatch(preempted=preempted, page_copies=copies, columns=columns)
 
 
 def _advance(run: Running, plan: _RunningPlan,
-             fresh: tuple[int, ...]) -> tuple[Running, ScheduledBatch, tuple[tuple[int, int], ...]]:
-    """The table after the planned rows advance, their scheduled seqs (row order) and the page copies to make.
+             fresh: tuple[int, ...]) -> tuple[Running, BatchColumns, tuple[tuple[int, int], ...]]:
+    """The table after the planned rows advance, their chunks (row order) and the page copies to make.
 
     Fresh pages go to rows in row order, as many as each needs.
     """
@@ -595,22 +627,26 @@ def _advance(run: Running, plan: _RunningPlan,
     inflight_before = run.inflight[rows]
     samples = starts + counts == run.prompt_lens[rows] + run.num_out[rows] + inflight_before
     # A decode's one token: in flight (its value is on the device), else the last known one.
-    tokens = list(map(one_token, np.where(inflight_before > 0, PLACEHOLDER, run.last[rows]).tolist()))
+    tokens = np.where(inflight_before > 0, PLACEHOLDER, run.last[rows])
     row_list = rows.tolist()
     if plan.prefills:
+        per_row: list[Sequence[int]] = [(t,) for t in tokens.tolist()]
         for k in np.flatnonzero(is_prefill).tolist():
             r = row_list[k]
-            tokens[k] = tokens_between(run.requests[r].prompt_token_ids, run.outputs[r], int(starts[k]),
-                                       int(starts[k] + counts[k]))
-    ids = run.ids[rows]
-    seqs = tuple(map(_scheduled_seq, ids.tolist(), tokens, starts.tolist(), [pages[r] for r in row_list],
-                     samples.tolist()))
+            per_row[k] = tokens_between(run.requests[r].prompt_token_ids, run.outputs[r], int(starts[k]),
+                                        int(starts[k] + counts[k]))
+        tokens = np.fromiter(itertools.chain.from_iterable(per_row), np.int64, int(counts.sum()))
     computed, inflight = run.computed.copy(), run.inflight.copy()
     computed[rows] += counts
     inflight[rows] += samples
     table = run.replace(pages=tuple(pages), num_pages=num_pages, computed=computed, inflight=inflight)
-    columns = BatchColumns(ids, starts, counts, samples)
-    return table, ScheduledBatch(seqs=seqs, columns=columns), tuple(copies)
+    columns = BatchColumns(ids=run.ids[rows], starts=starts, counts=counts, samples=samples, tokens=tokens,
+                           pages=tuple(map(pages.__getitem__, row_list)))
+    return table, columns, tuple(copies)
+
+
+def _concat(a: BatchColumns, b: BatchColumns) -> BatchColumns:
+    return BatchColumns(*(np.concatenate([x, y]) for x, y in zip(a[:-1], b[:-1])), pages=a.pages + b.pages)
 
 
 def _scheduled(seq: SequenceState, n: int, pages: tuple[int, ...]) -> ScheduledSeq:
@@ -642,7 +678,7 @@ def postprocess(
     beam of a group has them, the group chooses its next beams (`_step_beams`).
     """
     run, ps, max_seq_len = state.running, limits.page_size, limits.max_seq_len
-    cols = batch.columns if batch.columns is not None else BatchColumns.of(batch.seqs)
+    cols = batch.columns
     # Each batch row's table row; -1 for sequences aborted or preempted since they were scheduled.
     rows = np.fromiter(map(run.row_of().get, cols.ids.tolist(), itertools.repeat(-1)), np.int64, len(cols.ids))
     live = rows >= 0

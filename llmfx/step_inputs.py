@@ -10,8 +10,6 @@ float32 values. `StepViews.unpack` converts the fields on the device, before the
 
 from __future__ import annotations
 
-import itertools
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from llmfx.batch import Chunk, ForwardBatch
+from llmfx.batch import BatchColumns, Chunk, ForwardBatch
 from llmfx.sampler import SAMPLING_FIELDS, SamplingTensors, request_seed, sampling_row, write_sampling_rows
 from llmfx.sampling_params import SamplingParams
 
@@ -73,27 +71,23 @@ class StepViews:
         return batch, SamplingTensors.unpack(seqs[_SAMPLING_AT:]), tokens[3]
 
 
-_token_ids, _start_pos, _pages = (operator.attrgetter(name) for name in ("token_ids", "start_pos", "pages"))
-
-
-def fill_batch(views: StepViews, chunks: Sequence[Chunk], page_size: int, *, table_done: bool = False) -> None:
+def fill_batch(views: StepViews, chunks: BatchColumns, page_size: int, *, table_done: bool = False) -> None:
     """Write the model inputs of `chunks` (and padding after them) into host views.
 
     table_done: the caller has written the page table already (StepStager keeps its rows cached).
     Sampling rows are left to the caller; gather rows are set to -1 (every token from the host).
-    Slots are read from the page table with numpy, so a step costs a few Python passes over its
-    chunks, not a Python loop per token or page.
+    Slots are read from the page table with numpy, so a step costs a few numpy operations over its
+    chunks and one C-level pass over their page lists, not a Python loop per token or page.
     """
     table = views.page_table.numpy()
     if not table_done:
         table[:] = 0  # unused entries point at the null page
-        for row, chunk in enumerate(chunks):
-            table[row, : len(chunk.pages)] = chunk.pages
-    b = len(chunks)
-    # map over attrgetters: the loops run in C, not as Python generator expressions.
-    counts = np.fromiter(map(len, map(_token_ids, chunks)), dtype=np.int64, count=b)
-    ends = np.fromiter(map(_start_pos, chunks), dtype=np.int64, count=b) + counts
-    num_pages = np.fromiter(map(len, map(_pages, chunks)), dtype=np.int64, count=b)
+        for row, pages in enumerate(chunks.pages):
+            table[row, : len(pages)] = pages
+    b = len(chunks.counts)
+    counts = chunks.counts
+    ends = chunks.starts + counts
+    num_pages = np.fromiter(map(len, chunks.pages), dtype=np.int64, count=b)
     assert (num_pages * page_size >= ends).all(), "a chunk's pages must cover its tokens"
     starts = np.zeros(b + 1, dtype=np.int64)
     np.cumsum(counts, out=starts[1:])
@@ -103,7 +97,7 @@ def fill_batch(views: StepViews, chunks: Sequence[Chunk], page_size: int, *, tab
     seq_of = np.repeat(np.arange(b), counts)  # [t] the sequence of each token row
     positions = np.arange(t) + np.repeat(ends - starts[1:], counts)  # a chunk's rows hold its last `count` positions
     rows = views.tokens.numpy()
-    rows[0, :t] = np.fromiter(itertools.chain.from_iterable(map(_token_ids, chunks)), dtype=np.float64, count=t)
+    rows[0, :t] = chunks.tokens
     rows[1, :t] = positions
     rows[2, :t] = table[seq_of, positions // page_size] * page_size + positions % page_size
     rows[:3, t:] = np.array([[0.0], [0.0], [-1.0]])
@@ -159,15 +153,14 @@ class StepStager:
         self._slots: dict[int, int] = {}  # request id -> slot
         self._sent: dict[int, tuple[int, ...]] = {}  # request id -> the pages its table row holds
 
-    def fill(self, views: StepViews, chunks: Sequence[Chunk], request_ids: Sequence[int],
-             params_of: Callable[[int], SamplingParams]) -> StagedFacts:
-        """Fill every field for chunks of the given requests.
+    def fill(self, views: StepViews, chunks: BatchColumns, params_of: Callable[[int], SamplingParams]) -> StagedFacts:
+        """Fill every field for chunks (of the sequences chunks.ids).
 
-        params_of(request id) is called only for a request not seen before (its facts are cached).
+        params_of(sequence id) is called only for a sequence not seen before (its facts are cached).
         """
-        b = len(chunks)
+        b = len(chunks.ids)
         slots = np.full(views.page_table.shape[0], self._padding_slot, dtype=np.int64)
-        slots[:b] = self._update_slots(chunks, request_ids, params_of)
+        slots[:b] = self._update_slots(chunks.pages, chunks.ids.tolist(), params_of)
         np.take(self._table, slots, axis=0, out=views.page_table.numpy())
         fill_batch(views, chunks, self.page_size, table_done=True)
         seqs = views.seqs.numpy()
@@ -185,7 +178,7 @@ class StepStager:
                            penalized=bool(self._penalized[mine].any()), filtering=bool(self._filters[mine].any()),
                            sampled=bool(self._sampled[mine].any()))
 
-    def _update_slots(self, chunks: Sequence[Chunk], request_ids: Sequence[int],
+    def _update_slots(self, page_lists: Sequence[Sequence[int]], request_ids: Sequence[int],
                       params_of: Callable[[int], SamplingParams]) -> list[int]:
         """Each request's slot, with its table row brought up to date; a new request's facts are read once."""
         present = set(request_ids)
@@ -194,8 +187,8 @@ class StepStager:
             del self._sent[rid]
         free = iter(sorted(set(range(self._padding_slot)) - set(self._slots.values()))) if len(present) > len(
             self._slots) else iter(())
-        for rid, chunk in zip(request_ids, chunks):
-            pages = tuple(chunk.pages)
+        for rid, pages in zip(request_ids, page_lists):
+            pages = tuple(pages)
             sent = self._sent.get(rid)
             if sent is not None and (pages is sent or pages == sent):
                 continue
@@ -239,6 +232,6 @@ def pack(chunks: Sequence[Chunk], page_size: int, device: torch.device | str = "
     device = torch.device(device)
     host = host_buffer(layout.size, pinned=device.type == "cuda")
     views = layout.views(host)
-    fill_batch(views, chunks, page_size)
+    fill_batch(views, BatchColumns.of(chunks), page_size)
     fill_sampling(views, [])
     return layout.views(host.to(device, non_blocking=True)).unpack()[0]

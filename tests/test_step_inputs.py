@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmfx.batch import SequenceChunk
+from llmfx.batch import BatchColumns, SequenceChunk
 from llmfx.sampler import SamplingTensors, request_seed
 from llmfx.sampling_params import SamplingParams
 from llmfx.scheduler import PLACEHOLDER
@@ -21,7 +21,7 @@ PARAMS = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k
 def _reference(layout, chunks, params, ids, gather, engine_seed):
     """Every field written from scratch, sampling rows from SamplingTensors.build's own packing."""
     views = layout.views(host_buffer(layout.size, pinned=False))
-    fill_batch(views, chunks, PAGE)
+    fill_batch(views, BatchColumns.of(chunks), PAGE)
     built = SamplingTensors.build([params[i] for i in ids], [request_seed(params[i].seed, engine_seed, i) for i in ids],
                                   [c.start_pos + len(c.token_ids) for c in chunks], "cpu", pad_to=layout.num_seqs)
     fill_sampling(views, [])
@@ -77,7 +77,7 @@ def test_stager_matches_a_fresh_fill_every_step(steps, pad, data):
         staged.seqs.fill_(7.0)
         staged.page_table.fill_(7.0)
         staged.query_start_loc.fill_(7.0)
-        facts = stager.fill(staged, chunks, ids, params.__getitem__)
+        facts = stager.fill(staged, BatchColumns.of(chunks, ids), params.__getitem__)
         expected = _reference(layout, chunks, params, ids, gather, engine_seed=3)
         for name in ("tokens", "seqs", "query_start_loc", "page_table"):
             torch.testing.assert_close(getattr(staged, name), getattr(expected, name), rtol=0, atol=0, msg=name)
@@ -92,7 +92,7 @@ def test_stager_matches_a_fresh_fill_every_step(steps, pad, data):
 def test_unpack_gives_the_model_and_sampler_their_dtypes():
     layout = StepLayout(num_tokens=3, num_seqs=2, max_pages=2)
     views = layout.views(host_buffer(layout.size, pinned=False))
-    fill_batch(views, [SequenceChunk((5, 6), 0, (3,)), SequenceChunk((9,), 4, (1, 2))], PAGE)
+    fill_batch(views, BatchColumns.of([SequenceChunk((5, 6), 0, (3,)), SequenceChunk((9,), 4, (1, 2))]), PAGE)
     fill_sampling(views, [])
     batch, sampling, gather = views.unpack()
     assert batch.token_ids.tolist() == [5, 6, 9] and batch.slot_mapping.tolist() == [12, 13, 8]
