@@ -353,6 +353,14 @@ class TokenTape(Sequence):
         self._items = list(items)
         self._len = len(self._items)
 
+    @classmethod
+    def prefix_of(cls, items: list[int], length: int) -> TokenTape:
+        """The version owning items[:length] of a list other versions may have grown (no copy)."""
+        assert length <= len(items), f"a tape of {length} items over a list of {len(items)}"
+        tape = object.__new__(cls)
+        tape._items, tape._len = items, length
+        return tape
+
     def appended(self, item: int) -> TokenTape:
         """This tape with item added at the end."""
         items = self._items

@@ -43,13 +43,16 @@ class Running(Sequence[SequenceState]):
     # Per row, as Python objects (tuples shared until a row changes):
     requests: tuple[Request, ...]
     beams: tuple[Beam | None, ...]
-    outputs: tuple[TokenTape | tuple[int, ...], ...]
+    # Each row's output tokens: a list that versions of the table share and append to, each owning the
+    # first num_out[i] items (TokenTape's scheme, with the lengths kept as a column: a step appends with
+    # one C-level map over list.append and makes no object per row).
+    outputs: tuple[list[int], ...]
     pages: tuple[tuple[int, ...], ...]  # cover `computed` tokens
     # Per row, read-only int64 arrays:
     ids: np.ndarray  # the sequence id (SequenceState.request_id)
     prompt_lens: np.ndarray
     max_tokens: np.ndarray  # its SamplingParams.max_tokens
-    num_out: np.ndarray  # len(outputs[i])
+    num_out: np.ndarray  # row i's output tokens are outputs[i][:num_out[i]]
     computed: np.ndarray  # SequenceState.num_computed_tokens
     inflight: np.ndarray  # SequenceState.num_inflight
     num_pages: np.ndarray  # len(pages[i])
@@ -63,7 +66,7 @@ class Running(Sequence[SequenceState]):
         seqs = tuple(seqs)
         n = len(seqs)
         requests = tuple(s.request for s in seqs)
-        outputs = tuple(s.output_token_ids for s in seqs)
+        outputs = tuple(list(s.output_token_ids) for s in seqs)  # each row's own list: rows never share one
         prompts = [r.prompt_token_ids for r in requests]
         return cls._make(
             requests, tuple(s.beam for s in seqs), outputs, tuple(s.pages for s in seqs),
@@ -86,10 +89,15 @@ class Running(Sequence[SequenceState]):
 
     def replace(self, **columns) -> Running:
         """This table with some columns replaced (same rows, same order); arrays are frozen on the way in."""
-        new = {name: getattr(self, name) for name in self.__slots__[:-1]}
+        t = object.__new__(Running)
+        for name, slot in _SLOTS:
+            slot.__set__(t, slot.__get__(self))
         for name, value in columns.items():
-            new[name] = frozen(value) if isinstance(value, np.ndarray) else value
-        return Running._make(**new)
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False  # the caller's fresh array, now the table's
+            getattr(Running, name).__set__(t, value)
+        t._row_of = None if "ids" in columns else self._row_of
+        return t
 
     def take(self, rows: Sequence[int] | np.ndarray) -> Running:
         """The table of these rows, in this order."""
@@ -147,8 +155,12 @@ class Running(Sequence[SequenceState]):
         if not -n <= index < n:
             raise IndexError(f"row {index} of a table of {n} running sequences")
         i = index % n
-        return build_sequence(self.requests[i], self.outputs[i], int(self.computed[i]), self.pages[i],
+        return build_sequence(self.requests[i], self.output_of(i), int(self.computed[i]), self.pages[i],
                               int(self.inflight[i]), self.beams[i])
+
+    def output_of(self, row: int) -> TokenTape:
+        """Row `row`'s output tokens, as a tape that owns its prefix of the row's list."""
+        return TokenTape.prefix_of(self.outputs[row], int(self.num_out[row]))
 
     def __iter__(self) -> Iterator[SequenceState]:
         return map(self.__getitem__, range(len(self)))
@@ -175,6 +187,7 @@ def _stop_ids(requests: Iterable[Request]) -> np.ndarray:
     return frozen(np.array(sorted(ids), dtype=np.int64)) if ids else _EMPTY
 
 
+_SLOTS = tuple((name, getattr(Running, name)) for name in Running.__slots__ if name != "_row_of")
 EMPTY_RUNNING = Running._make((), (), (), (), *(_EMPTY,) * len(_ARRAYS), _EMPTY)
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 from types import MappingProxyType
 
 import numpy as np
@@ -23,7 +25,6 @@ from llmfx.kv_cache import (
     release,
     share,
 )
-from llmfx.persistent import append_token
 from llmfx.records import positional_builder
 from llmfx.running import EMPTY_RUNNING, Running
 from llmfx.sampling_params import MAX_LOGPROBS
@@ -171,9 +172,12 @@ class ScheduledBatch:
         return f"ScheduledBatch(seqs={self.seqs!r}, preempted={self.preempted!r}, page_copies={self.page_copies!r})"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TokenEvent:
-    """New tokens of one request, and why it finished if it did."""
+class TokenEvent(NamedTuple):
+    """New tokens of one request, and why it finished if it did.
+
+    A named tuple, not a dataclass: one is made per sequence per step, and a tuple can be made by a
+    C-level map (`_token_events`) where a dataclass costs a Python call each.
+    """
 
     request_id: int
     new_token_ids: tuple[int, ...]
@@ -182,10 +186,10 @@ class TokenEvent:
     hypotheses: tuple[Hypothesis, ...] = ()  # beam search, on its final event: the best hypotheses, best first
 
 
-
-# Positional constructors for the records built for every sequence on every step (llmfx/records.py says why).
+# A positional constructor for the record built per sequence when a batch's records are read (llmfx/records.py).
 _scheduled_seq = positional_builder(ScheduledSeq)  # request_id, token_ids, start_pos, pages, sample
-_token_event = positional_builder(TokenEvent)  # request_id, new_token_ids, finish_reason, stop_reason, hypotheses
+# TokenEvent from a tuple of its five fields, with no Python frame.
+_token_event_of = functools.partial(tuple.__new__, TokenEvent)
 
 
 def new_scheduler_state(pool: PagePool) -> SchedulerState:
@@ -633,7 +637,7 @@ def _advance(run: Running, plan: _RunningPlan,
         per_row: list[Sequence[int]] = [(t,) for t in tokens.tolist()]
         for k in np.flatnonzero(is_prefill).tolist():
             r = row_list[k]
-            per_row[k] = tokens_between(run.requests[r].prompt_token_ids, run.outputs[r], int(starts[k]),
+            per_row[k] = tokens_between(run.requests[r].prompt_token_ids, run.output_of(r), int(starts[k]),
                                         int(starts[k] + counts[k]))
         tokens = np.fromiter(itertools.chain.from_iterable(per_row), np.int64, int(counts.sum()))
     computed, inflight = run.computed.copy(), run.inflight.copy()
@@ -680,13 +684,16 @@ def postprocess(
     run, ps, max_seq_len = state.running, limits.page_size, limits.max_seq_len
     cols = batch.columns
     # Each batch row's table row; -1 for sequences aborted or preempted since they were scheduled.
-    rows = np.fromiter(map(run.row_of().get, cols.ids.tolist(), itertools.repeat(-1)), np.int64, len(cols.ids))
+    if np.array_equal(cols.ids, run.ids):  # a steady decode: the batch is the table
+        rows = np.arange(len(run), dtype=np.int64)
+    else:
+        rows = np.fromiter(map(run.row_of().get, cols.ids.tolist(), itertools.repeat(-1)), np.int64, len(cols.ids))
     live = rows >= 0
     pool = state.pool
     if pool.enable_prefix_cache:  # pages this step filled: their tokens are all known now
         ends = cols.starts + cols.counts
         full = np.flatnonzero(live & (ends // ps > cols.starts // ps))
-        pool = register_pages(pool, [(TokenPrefix(run.requests[r].prompt_token_ids, run.outputs[r], e), run.pages[r])
+        pool = register_pages(pool, [(TokenPrefix(run.requests[r].prompt_token_ids, run.output_of(r), e), run.pages[r])
                                      for r, e in zip(rows[full].tolist(), ends[full].tolist())])
     sampling = rows[live & cols.samples]
     assert (run.inflight[sampling] > 0).all(), "postprocess got a token the scheduler did not expect"
@@ -701,9 +708,7 @@ def postprocess(
     inflight[sampling] -= 1
     num_out[sampling] += 1
     last[sampling] = tokens
-    outputs = list(run.outputs)
-    for r, t in zip(sampling.tolist(), token_list):
-        outputs[r] = append_token(outputs[r], t)
+    outputs = _append_outputs(run, sampling, token_list)
     # Finish reasons: a stop token (checked exactly only for tokens that stop some row), else length.
     counts = num_out[sampling]
     reasons: list[str | None] = [None] * len(ids)
@@ -717,11 +722,12 @@ def postprocess(
     for k in np.flatnonzero(at_length).tolist():
         if reasons[k] is None:
             reasons[k] = "length"
-    events = list(map(_token_event, ids, map(one_token, token_list), reasons, stop_reasons, itertools.repeat(())))
+    events = list(map(_token_event_of, zip(ids, map(one_token, token_list), reasons, stop_reasons,
+                                          itertools.repeat(()))))
     finished = sorted(int(sampling[k]) for k, reason in enumerate(reasons) if reason is not None)
     if finished:
         pool = release(pool, (p for i in finished for p in reversed(run.pages[i])))
-    table = run.replace(outputs=tuple(outputs), num_out=num_out, inflight=inflight, last=last)
+    table = run.replace(outputs=outputs, num_out=num_out, inflight=inflight, last=last)
     replaced: dict[int, list[SequenceState]] = {}  # row -> what takes its place
     if beams and len(beam_rows):
         new_beams = list(run.beams)
@@ -747,6 +753,24 @@ def postprocess(
     if finished or replaced:
         table = _splice(table, set(finished), replaced)
     return dataclasses.replace(state, pool=pool, running=table), tuple(events)
+
+
+def _append_outputs(run: Running, rows: np.ndarray, tokens: list[int]) -> tuple[list[int], ...]:
+    """run.outputs with tokens appended to these rows' lists; a list another version of the table grew past
+    this one's length is first replaced by a copy of this version's prefix (as TokenTape.appended does)."""
+    outputs = run.outputs
+    every = len(rows) == len(outputs) and np.array_equal(rows, np.arange(len(outputs)))
+    lists = outputs if every else [outputs[r] for r in rows.tolist()]
+    lengths = np.fromiter(map(len, lists), np.int64, len(lists))
+    forked = np.flatnonzero(lengths != run.num_out[rows]).tolist()
+    if forked:
+        new, lists = list(outputs), list(lists)
+        for k in forked:
+            r = int(rows[k])
+            new[r] = lists[k] = outputs[r][: int(run.num_out[r])]
+        outputs = tuple(new)
+    collections.deque(map(list.append, lists, tokens), maxlen=0)  # a C-level loop
+    return outputs
 
 
 def _splice(table: Running, dropped: set[int], replaced: Mapping[int, list[SequenceState]]) -> Running:

@@ -269,3 +269,11 @@ def test_tapes_grown_from_one_another_share_a_lineage_and_a_branch_does_not():
     assert grown.lineage is base.lineage and tuple(grown)[: len(base)] == tuple(base)
     branch = base.appended(9)  # the list was grown past base by another version: this one copies
     assert branch.lineage is not base.lineage and tuple(branch) == (1, 2, 9) and tuple(grown) == (1, 2, 3, 4)
+
+
+def test_a_tape_over_a_prefix_of_a_grown_list_owns_that_prefix():
+    items = [1, 2, 3]
+    tape = TokenTape.prefix_of(items, 2)
+    assert tape == (1, 2) and len(tape) == 2 and tape[-1] == 2
+    grown = tape.appended(9)  # another version holds items[2]: this one forks its prefix
+    assert grown == (1, 2, 9) and items == [1, 2, 3] and tape == (1, 2)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from llmfx.records import positional_builder
 from llmfx.sampling_params import SamplingParams
-from llmfx.scheduler import Beam, Request, ScheduledSeq, SequenceState, TokenEvent
+from llmfx.scheduler import Beam, Request, ScheduledSeq, SequenceState, TokenEvent, _token_event_of
 
 ids = st.tuples(*[st.integers(0, 1000)] * 3)
 small = st.integers(0, 1 << 20)
@@ -28,14 +28,17 @@ def test_scheduled_seq_and_token_event_built_positionally_equal_the_keyword_ones
                                                                                finish, stop):
     assert positional_builder(ScheduledSeq)(rid, tokens, start, pages, sample) == ScheduledSeq(
         request_id=rid, token_ids=tokens, start_pos=start, pages=pages, sample=sample)
-    assert positional_builder(TokenEvent)(rid, tokens, finish, stop, ()) == TokenEvent(
-        request_id=rid, new_token_ids=tokens, finish_reason=finish, stop_reason=stop)
+    event = _token_event_of((rid, tokens, finish, stop, ()))
+    assert type(event) is TokenEvent and event == TokenEvent(request_id=rid, new_token_ids=tokens,
+                                                             finish_reason=finish, stop_reason=stop)
 
 
 def test_built_records_stay_frozen():
-    event = positional_builder(TokenEvent)(1, (2,), None, None, ())
+    seq = positional_builder(ScheduledSeq)(1, (2,), 0, (1,), True)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        event.request_id = 3
+        seq.request_id = 3
+    with pytest.raises(AttributeError):
+        _token_event_of((1, (2,), None, None, ())).request_id = 3
 
 
 def test_builder_refuses_what_it_would_build_wrong():
