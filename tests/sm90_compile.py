@@ -94,6 +94,11 @@ def pdl_kernels():
            ("scale_log2",))
     yield ("paged_attention decode reduce", ta._decode_reduce_kernel,
            {**{k: v for k, v in shape.items() if k != "PAGE_SIZE"}, **split, "GROUP_PAD": 8}, tensors, ())
+    from llmfx.ops.triton_gemv import _gemv_partial_kernel, _gemv_reduce_kernel
+
+    yield ("gemv", _gemv_partial_kernel, dict(ROWS=1, BLOCK_N=16, BLOCK_K=256, EVEN_K=True, NUM_STAGES=1, PDL=True),
+           {"out_ptr": "fp32", "x_ptr": "bf16", "w_ptr": "bf16"}, ())
+    yield "gemv reduce", _gemv_reduce_kernel, dict(SPLITS=8, BLOCK=256, PDL=True), {"out_ptr": "bf16", "ws_ptr": "fp32"}, ()
 
 
 def main() -> None:
