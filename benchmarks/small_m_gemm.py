@@ -36,7 +36,7 @@ NUM_LAYERS = 22
 
 # (block_n, block_k) per M at 4 warps: each row keeps a [block_n, block_k] float32 accumulator, so the
 # tile per thread (block_n * block_k / 128 elements, >= 8 for one 16-byte load) shrinks as M grows
-# (rows x tile <= ~64-128 registers). benchmarks/gemv_compile_check.py --candidates shows their spills.
+# (rows x tile <= ~64-128 registers). `python -m tests.sm90_compile --gemv --candidates` shows their spills.
 TILES = {1: ((8, 256), (16, 256), (16, 512), (32, 256)),
          2: ((4, 256), (8, 256), (16, 256), (8, 512)),
          4: ((4, 256), (8, 128), (8, 256), (4, 512)),

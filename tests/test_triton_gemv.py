@@ -7,7 +7,11 @@ at TinyLlama's layer shapes and CUDA-graph replay with new inputs in the same bu
 
 from __future__ import annotations
 
+import json
+import os
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,6 +119,19 @@ def test_linear_op_is_f_linear_on_cpu_and_passes_torch_opcheck():
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="the kernel tests run in this process")
 def test_kernels_in_a_fresh_interpreter_process():
     run_kernel_tests_in_fresh_interpreter(__file__)
+
+
+@pytest.mark.skipif(KERNELS_RUN_HERE, reason="once per session, outside the interpreter; a GPU compiles for itself")
+def test_shipped_configs_compile_for_sm90_without_spills_and_with_16_byte_loads():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "tests.sm90_compile", "--gemv"], cwd=Path(__file__).parents[1],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    reports = [json.loads(line) for line in run.stdout.splitlines()]
+    partials = [r for r in reports if r["kernel"] == "gemv_partial"]
+    assert len(partials) == 3 * 4 and len(reports) == len(partials) + 1, reports  # 3 classes x M = 1, 2, 4, 8
+    assert all("error" not in r and r["local_bytes"] == 0 for r in reports), reports
+    assert all(r["global_loads"] == ["LDG.128"] for r in partials), partials  # one-stage loops: no cp.async
 
 
 # ---- CUDA only -------------------------------------------------------------------------------------------
