@@ -1,11 +1,19 @@
 """Compile Triton kernels for the H200 (sm_90) on a machine without a GPU; print their resource usage.
 
-    python -m tests.sm90_compile      # the rope + KV-write kernel's configurations, one JSON line each
-    python -m tests.sm90_compile --pdl  # each llmfx kernel: does it wait for the prior kernel before any memory access?
+    python -m tests.sm90_compile                      # the rope + KV-write kernel's configurations, one JSON line each
+    python -m tests.sm90_compile --pdl                # each llmfx kernel: does it wait for the prior kernel first?
+    python -m tests.sm90_compile --gemv               # the gemv's shipped configs (llmfx.ops.triton_gemv._CONFIGS)
+    python -m tests.sm90_compile --gemv --candidates  # also every config benchmarks/small_m_gemm.py tries
 
 The interpreter runs kernels but accepts code the compiler rejects and says nothing of registers;
 Triton ships ptxas and cuobjdump, so the real compile and its spill count need no device. Run without
 TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
+
+Each report has the registers and local (spilled) bytes cuobjdump reads from the cubin, the shared
+memory Triton allocates, the global load widths in the SASS (LDG = to registers, LDGSTS = cp.async to
+shared memory, which is how a pipelined loop loads; .128 is 16 bytes a thread), whether the main loop
+is pipelined, and how many layout conversions the TTGIR kept inside it (each one can cost a trip
+through shared memory).
 """
 
 from __future__ import annotations
@@ -23,34 +31,56 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
-def _compile(kernel, constexprs: dict, pointers: dict[str, str], num_warps: int, floats: tuple[str, ...] = ()):
+
+def _compile(kernel, constexprs: dict, pointers: dict[str, str], num_warps: int, floats: tuple[str, ...] = (),
+             ints: dict[str, int] | None = None, num_stages: int | None = None):
     """kernel compiled for sm_90.
 
-    pointers maps pointer arguments to Triton dtypes ("bf16", "i64", ...); floats names fp32 scalars; every
-    other argument not in constexprs is an int32, with strides named stride_*d taken as 1 (contiguous last
-    dims), as at runtime.
+    pointers maps pointer arguments to Triton dtypes ("bf16", "i64", ...), each 16-byte aligned as torch
+    allocations are; floats names fp32 scalars. ints gives runtime int arguments by value, specialized as
+    the launcher specializes them: 1 becomes a constant, a multiple of 16 is marked divisible by 16. Every
+    other argument not in constexprs is a plain int32, with strides named stride_*d taken as 1
+    (contiguous last dims), as at runtime.
     """
     names = list(inspect.signature(kernel.fn).parameters)
-    constexprs = {**constexprs, **{n: 1 for n in names if re.fullmatch(r"stride_\w*d", n)}}
+    ints = ints or {}
+    constexprs = {**constexprs, **{n: 1 for n in names if re.fullmatch(r"stride_\w*d", n)},
+                  **{n: v for n, v in ints.items() if v == 1}}
     signature = {n: "constexpr" if n in constexprs else f"*{pointers[n]}" if n in pointers else
                  "fp32" if n in floats else "i32" for n in names}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    divisible = {n for n in names if n in pointers or (n in ints and n not in constexprs and ints[n] % 16 == 0)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in divisible}
+    options = {"num_warps": num_warps, **({} if num_stages is None else {"num_stages": num_stages})}
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_sm90(kernel, constexprs: dict, pointers: dict[str, str], num_warps: int) -> dict:
-    """Registers, local (spilled) and shared bytes of kernel compiled for sm_90."""
-    compiled = _compile(kernel, constexprs, pointers, num_warps)
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+def resources(compiled) -> dict:
+    """Registers, local (spilled) and shared bytes, global load widths and main-loop facts of a compiled kernel."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        usage = subprocess.run([str(cuobjdump), "-res-usage", cubin.name], capture_output=True, text=True,
+        usage = subprocess.run([str(_BIN / "cuobjdump"), "-res-usage", cubin.name], capture_output=True, text=True,
                                check=True).stdout
-    fields = dict(re.findall(r"(REG|LOCAL|SHARED):(\d+)", usage))
-    return {"registers": int(fields["REG"]), "local_bytes": int(fields["LOCAL"]), "shared_bytes": int(fields["SHARED"])}
+        sass = subprocess.run([str(_BIN / "cuobjdump"), "-sass", cubin.name], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(re.findall(r"(REG|LOCAL):(\d+)", usage))
+    # The width suffix is absent for 32-bit loads; LDGDEPBAR is no load.
+    loads = re.findall(r"\b(LDGSTS|LDG)((?:\.\w+)*)(?=[\s;])", sass)
+    widths = {op + "." + (re.findall(r"\.(64|128)\b", mods) or ["32"])[0] for op, mods in loads}
+    ttgir = compiled.asm["ttgir"]
+    loop = ttgir[ttgir.find("scf.for"):ttgir.find("scf.yield")] if "scf.for" in ttgir else ""
+    # Triton's shared memory is dynamic, so cuobjdump's static SHARED count is 0; the metadata has it.
+    return {"registers": int(fields["REG"]), "local_bytes": int(fields["LOCAL"]),
+            "shared_bytes": compiled.metadata.shared, "global_loads": sorted(widths),
+            "pipelined": "async_copy_global_to_local" in loop, "converts_in_loop": loop.count("ttg.convert_layout")}
+
+
+def compile_sm90(kernel, constexprs: dict, pointers: dict[str, str], num_warps: int, **compile_args) -> dict:
+    """resources() of kernel compiled for sm_90 (compile_args: _compile's floats, ints, num_stages)."""
+    return resources(_compile(kernel, constexprs, pointers, num_warps, **compile_args))
 
 
 def rope_write_kv_configs():
@@ -66,6 +96,66 @@ def rope_write_kv_configs():
         pointers = {**{n: dtype for n in ("q_out_ptr", "q_ptr", "k_ptr", "v_ptr", "k_pages_ptr", "v_pages_ptr")},
                     "rope_ptr": "fp32", "positions_ptr": "i64", "slots_ptr": "i64"}
         yield f"H{heads} K{kv_heads} D{head_dim} {dtype}", constexprs, pointers, 4
+
+
+# One TinyLlama weight [N, K] per gemv shape class of triton_gemv._CONFIGS.
+GEMV_SHAPES = {"square": (2560, 2048), "deep": (2048, 5632), "wide": (11264, 2048)}
+
+
+def gemv_partial_args(m: int, n: int, k: int, cfg, dtype: str = "bf16") -> tuple[dict, dict, dict]:
+    """(constexprs, pointers, ints) of the gemv partial kernel for x [m, k] @ w[n, k].T, as the H200 launches it."""
+    splits, k_per_split = cfg.splits(k)
+    constexprs = dict(ROWS=m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
+                      NUM_STAGES=cfg.num_stages, PDL=True)
+    pointers = dict(out_ptr=dtype if splits == 1 else "fp32", x_ptr=dtype, w_ptr=dtype)
+    ints = dict(N=n, K=k, k_per_split=k_per_split, stride_xm=k, stride_wn=k, stride_om=n,
+                stride_os=m * n if splits > 1 else 0)
+    return constexprs, pointers, ints
+
+
+def gemv_report(shape: str, m: int, n: int, k: int, cfg, dtype: str = "bf16") -> dict:
+    """One JSON row: the gemv partial kernel's resources for x [m, k] @ w[n, k].T under cfg."""
+    from llmfx.ops.triton_gemv import _gemv_partial_kernel
+
+    row = {"kernel": "gemv_partial", "shape": shape, "N": n, "K": k, "M": m, "dtype": dtype,
+           "config": [cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages]}
+    constexprs, pointers, ints = gemv_partial_args(m, n, k, cfg, dtype)
+    try:
+        row.update(compile_sm90(_gemv_partial_kernel, constexprs, pointers, cfg.num_warps, ints=ints,
+                                num_stages=cfg.num_stages))
+    except Exception as err:  # noqa: BLE001 -- a config that does not compile is a result too
+        row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    return row
+
+
+def gemv_reports(candidates: bool = False):
+    """Rows for the shipped config of each shape class at M = 1, 2, 4, 8 and for the split-K reduce kernel;
+    with candidates, also one per distinct launch among benchmarks/small_m_gemm.py's candidate configs."""
+    from llmfx.ops.triton_gemv import _CONFIGS, _REDUCE_BLOCK, _gemv_reduce_kernel
+
+    for shape, table in _CONFIGS.items():
+        n, k = GEMV_SHAPES[shape]
+        for m in (1, 2, 4, 8):
+            yield gemv_report(shape, m, n, k, next(c for most, c in table if m <= most))
+    yield {"kernel": "gemv_reduce", "SPLITS": 8,
+           **compile_sm90(_gemv_reduce_kernel, dict(SPLITS=8, BLOCK=_REDUCE_BLOCK, PDL=True),
+                          {"out_ptr": "bf16", "ws_ptr": "fp32"}, 4, ints={"numel": 2048}, num_stages=1)}
+    if not candidates:
+        return
+    import runpy
+
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "small_m_gemm.py"),
+                           run_name="not_main")
+    for m in (1, 2, 4, 8):
+        seen = set()
+        for cfg in bench["candidates"](m):
+            for label, (n, k) in bench["SHAPES"].items():
+                # split_k changes only a runtime int, and the one-split store's dtype
+                key = (cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, k % cfg.block_k == 0,
+                       cfg.splits(k)[0] == 1)
+                if key not in seen:
+                    seen.add(key)
+                    yield {"candidate": True, **gemv_report(label, m, n, k, cfg)}
 
 
 def waits_before_memory(compiled) -> bool:
@@ -94,6 +184,12 @@ def pdl_kernels():
            ("scale_log2",))
     yield ("paged_attention decode reduce", ta._decode_reduce_kernel,
            {**{k: v for k, v in shape.items() if k != "PAGE_SIZE"}, **split, "GROUP_PAD": 8}, tensors, ())
+    from llmfx.ops.triton_gemv import _gemv_partial_kernel, _gemv_reduce_kernel
+
+    yield ("gemv", _gemv_partial_kernel, dict(ROWS=1, BLOCK_N=16, BLOCK_K=256, EVEN_K=True, NUM_STAGES=1, PDL=True),
+           {"out_ptr": "fp32", "x_ptr": "bf16", "w_ptr": "bf16"}, ())
+    yield ("gemv reduce", _gemv_reduce_kernel, dict(SPLITS=8, BLOCK=256, PDL=True),
+           {"out_ptr": "bf16", "ws_ptr": "fp32"}, ())
 
 
 def main() -> None:
@@ -102,6 +198,10 @@ def main() -> None:
         for name, kernel, constexprs, pointers, floats in pdl_kernels():
             compiled = _compile(kernel, constexprs, pointers, 4, floats)
             print(json.dumps({"kernel": name, "waits_before_memory": waits_before_memory(compiled)}), flush=True)
+        return
+    if "--gemv" in sys.argv[1:]:
+        for row in gemv_reports(candidates="--candidates" in sys.argv[1:]):
+            print(json.dumps(row), flush=True)
         return
     from llmfx.ops.triton_rope_kv import _rope_write_kv_kernel
 

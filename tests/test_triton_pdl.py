@@ -63,4 +63,4 @@ def test_every_kernel_waits_for_the_prior_kernel_before_any_memory_access():
                          env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
     reports = [json.loads(line) for line in run.stdout.splitlines()]
-    assert len(reports) == 4 and all(r["waits_before_memory"] for r in reports), reports
+    assert len(reports) == 6 and all(r["waits_before_memory"] for r in reports), reports

@@ -14,7 +14,7 @@ from torch import Tensor
 from llmfx.batch import ForwardBatch
 from llmfx.config import ModelConfig
 from llmfx.kv_pool import LayerKV
-from llmfx.ops import paged_attention, rms_norm, rope_write_kv
+from llmfx.ops import linear, paged_attention, rms_norm, rope_write_kv
 
 Params = dict[str, Any]  # {"embed", "layers": tuple of per-layer dicts, "final_norm", "lm_head", "rope"}
 
@@ -27,13 +27,13 @@ def forward(params: Params, cfg: ModelConfig, batch: ForwardBatch, kv: tuple[Lay
                            k_pages, v_pages)
         h = h + _mlp(layer, rms_norm(h, layer["mlp_norm"], cfg.rms_norm_eps))
     last = rms_norm(h[batch.logits_indices], params["final_norm"], cfg.rms_norm_eps)  # [B, hidden]
-    return F.linear(last, params["lm_head"]).float()  # [B, V]
+    return linear(last, params["lm_head"]).float()  # [B, V]
 
 
 def _attention(layer: Params, cfg: ModelConfig, x: Tensor, rope: Tensor, batch: ForwardBatch,
                k_pages: Tensor, v_pages: Tensor) -> Tensor:
     tokens = x.shape[0]
-    qkv = F.linear(x, layer["wqkv"], layer.get("bqkv"))  # [T, (H + 2K) * D]
+    qkv = linear(x, layer["wqkv"], layer.get("bqkv"))  # [T, (H + 2K) * D]
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     q = q.view(tokens, cfg.num_heads, cfg.head_dim)  # [T, H, D]
     k = k.view(tokens, cfg.num_kv_heads, cfg.head_dim)  # [T, K, D]
@@ -45,9 +45,9 @@ def _attention(layer: Params, cfg: ModelConfig, x: Tensor, rope: Tensor, batch: 
     q = rope_write_kv(k_pages, v_pages, q, k, v, rope, batch.positions, batch.slot_mapping)
     out = paged_attention(q, k_pages, v_pages, batch.page_table, batch.query_start_loc, batch.seq_lens,
                           cfg.head_dim**-0.5, cfg.sliding_window or 0)  # [T, H, D]
-    return F.linear(out.reshape(tokens, cfg.q_size), layer["wo"], layer.get("bo"))
+    return linear(out.reshape(tokens, cfg.q_size), layer["wo"], layer.get("bo"))
 
 
 def _mlp(layer: Params, x: Tensor) -> Tensor:
-    gate, up = F.linear(x, layer["w_gate_up"]).chunk(2, dim=-1)  # [T, I] each
-    return F.linear(F.silu(gate) * up, layer["w_down"])
+    gate, up = linear(x, layer["w_gate_up"]).chunk(2, dim=-1)  # [T, I] each
+    return linear(F.silu(gate) * up, layer["w_down"])

@@ -1,0 +1,23 @@
+"""llmfx::linear, the decoder's matmuls as one custom op, so that CUDA can route one-row calls to a Triton GEMV.
+
+CPU (and any device without a registered kernel) runs F.linear. On CUDA (ops/triton_gemv.py registers
+the kernel) a one-row call runs the Triton GEMV, which launches with PDL and so overlaps the kernels
+around it, as cuBLAS's do not; every other call runs F.linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@torch.library.custom_op("llmfx::linear", mutates_args=())
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T + bias for x [T, K], weight [N, K] (nn.Linear's layout): [T, N]."""
+    return F.linear(x, weight, bias)
+
+
+@linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
