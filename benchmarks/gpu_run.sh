@@ -14,6 +14,8 @@
 #   ab       served steps (step_profile, batch 64 / 256 or $AB_BATCHES, context 1024) of this tree and of the tree in $BASELINE,
 #            in $AB_ORDER (default "new base")
 #            (e.g. `git archive REV | tar -x -C .device/base`, carried), each with its own compile cache
+#   offlineab  `llmfx bench offline --no-peers --repeats ${AB_REPEATS:-2}` of this tree and of $BASELINE, in $AB_ORDER
+#            (default "new base"), each with its own compile cache
 #   startupab  `llmfx bench startup` of this tree and of $BASELINE, in $AB_ORDER (default "new base"), each run in its
 #            own fresh workdir, so both trees' cold runs start from empty inductor and Triton caches
 # Logs and results go to $OUT (the device tool brings them back).
@@ -58,6 +60,13 @@ for stage in "$@"; do
           (cd "$tree" && PYTHONPATH="$tree" TORCHINDUCTOR_CACHE_DIR=/tmp/llmfx-inductor-$name python3 \
              benchmarks/step_profile.py --batches ${AB_BATCHES:-64,256} --context 1024 --steps 100 --max-num-tokens 2048 \
              --save "$OUT" --tag=-ab-$name 2>&1 | tee -a "$OUT/ab.log" | grep '^{')
+        done ;;
+    offlineab) [ -d "${BASELINE:-}" ] || { echo "offlineab needs BASELINE=<a tree of the base revision>"; continue; }
+        for name in ${AB_ORDER:-new base}; do
+          tree=$([ "$name" = new ] && echo "$PWD" || echo "$BASELINE")
+          (cd "$tree" && PYTHONPATH="$tree" TORCHINDUCTOR_CACHE_DIR=/tmp/llmfx-inductor-$name python3 -m llmfx.cli bench \
+             offline --workdir $work --no-peers --repeats ${AB_REPEATS:-2} --save "$OUT" --tag=-offline-ab-$name 2>&1 \
+             | tee -a "$OUT/offlineab.log" | tail -8)
         done ;;
     startupab) [ -d "${BASELINE:-}" ] || { echo "startupab needs BASELINE=<a tree of the base revision>"; continue; }
         for name in ${AB_ORDER:-new base}; do

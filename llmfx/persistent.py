@@ -144,7 +144,10 @@ class MapEdit:
         return self._len
 
     def __setitem__(self, key, value) -> None:
-        leaf, parent, index, depth = self._leaf_for_write(key)
+        self._store(key, value, *self._leaf_for_write(key))
+
+    def _store(self, key, value, leaf: dict, parent: list | None, index: int, depth: int) -> None:
+        """Bind key in its owned leaf, splitting the leaf into a branch when it outgrows _LEAF_MAX."""
         if key not in leaf:
             self._len += 1
         leaf[key] = value
@@ -174,10 +177,12 @@ class MapEdit:
         return value
 
     def setdefault(self, key, default):
-        """key's value, binding it to default first when absent."""
-        value = self.get(key, _MISSING)
+        """key's value, binding it to default first when absent (one walk down the trie: keys are mostly new)."""
+        leaf, parent, index, depth = self._leaf_for_write(key)
+        value = leaf.get(key, _MISSING)
         if value is _MISSING:
-            self[key] = value = default
+            self._store(key, default, leaf, parent, index, depth)
+            return default
         return value
 
     def finish(self) -> PMap:

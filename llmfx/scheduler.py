@@ -605,9 +605,9 @@ def _advance(run: Running, plan: _RunningPlan,
     """
     pages, num_pages = list(run.pages), run.num_pages.copy()
     copies: list[tuple[int, int]] = []
-    grown = [(int(r), int(n), bool(c)) for r, n, c in zip(plan.decodes[plan.decode_pages > 0],
-                                                            plan.decode_pages[plan.decode_pages > 0],
-                                                            plan.decode_copies[plan.decode_pages > 0])]
+    paged = plan.decode_pages > 0
+    grown = list(zip(plan.decodes[paged].tolist(), plan.decode_pages[paged].tolist(),
+                     plan.decode_copies[paged].tolist()))
     grown += [(r, need, False) for r, _, need in plan.prefills if need]
     used = 0
     for row, need, copy in sorted(grown):
@@ -693,7 +693,7 @@ def postprocess(
     if pool.enable_prefix_cache:  # pages this step filled: their tokens are all known now
         ends = cols.starts + cols.counts
         full = np.flatnonzero(live & (ends // ps > cols.starts // ps))
-        pool = register_pages(pool, [(TokenPrefix(run.requests[r].prompt_token_ids, run.output_of(r), e), run.pages[r])
+        pool = register_pages(pool, [(TokenPrefix(run.requests[r].prompt_token_ids, run.outputs[r], e), run.pages[r])
                                      for r, e in zip(rows[full].tolist(), ends[full].tolist())])
     sampling = rows[live & cols.samples]
     assert (run.inflight[sampling] > 0).all(), "postprocess got a token the scheduler did not expect"
