@@ -714,7 +714,7 @@ def postprocess(
     reasons: list[str | None] = [None] * len(ids)
     stop_reasons: list[int | None] = [None] * len(ids)
     if len(run.stop_ids):
-        for k in np.flatnonzero(np.isin(tokens, run.stop_ids)).tolist():
+        for k in np.flatnonzero(_any_of(tokens, run.stop_ids)).tolist():
             stop = _stop_token(run.requests[int(sampling[k])], token_list[k], int(counts[k]))
             if stop is not None:
                 reasons[k], stop_reasons[k] = stop
@@ -753,6 +753,16 @@ def postprocess(
     if finished or replaced:
         table = _splice(table, set(finished), replaced)
     return dataclasses.replace(state, pool=pool, running=table), tuple(events)
+
+
+def _any_of(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """values' members of ids, as a bool mask; a few comparisons where ids are few (np.isin sorts)."""
+    if len(ids) > 8:
+        return np.isin(values, ids)
+    mask = values == ids[0]
+    for i in ids[1:].tolist():
+        mask |= values == i
+    return mask
 
 
 def _append_outputs(run: Running, rows: np.ndarray, tokens: list[int]) -> tuple[list[int], ...]:

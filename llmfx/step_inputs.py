@@ -10,6 +10,8 @@ float32 values. `StepViews.unpack` converts the fields on the device, before the
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -182,15 +184,18 @@ class StepStager:
                       params_of: Callable[[int], SamplingParams]) -> list[int]:
         """Each request's slot, with its table row brought up to date; a new request's facts are read once."""
         present = set(request_ids)
-        for rid in [r for r in self._slots if r not in present]:  # gone (finished, preempted, waiting)
+        for rid in self._slots.keys() - present:  # gone (finished, preempted, waiting)
             self._last_row[self._slots.pop(rid)] = -1
             del self._sent[rid]
         free = iter(sorted(set(range(self._padding_slot)) - set(self._slots.values()))) if len(present) > len(
             self._slots) else iter(())
-        for rid, pages in zip(request_ids, page_lists):
-            pages = tuple(pages)
+        # Most rows hold the very page tuple they held last step: find the others with C-level maps.
+        same = list(map(operator.is_, page_lists, map(self._sent.get, request_ids)))
+        for k in itertools.compress(range(len(same)), map(operator.not_, same)):
+            rid, pages = request_ids[k], tuple(page_lists[k])
             sent = self._sent.get(rid)
-            if sent is not None and (pages is sent or pages == sent):
+            if sent is not None and pages == sent:
+                self._sent[rid] = pages
                 continue
             if sent is None:
                 self._slots[rid] = slot = next(free)
@@ -202,7 +207,7 @@ class StepStager:
                 row[:] = 0
                 row[: len(pages)] = pages
             self._sent[rid] = pages
-        return [self._slots[rid] for rid in request_ids]
+        return list(map(self._slots.__getitem__, request_ids))
 
     def _admit(self, slot: int, rid: int, p: SamplingParams) -> None:
         self._sampling[slot] = sampling_row(p, request_seed(p.seed, self.engine_seed, rid), 0)
