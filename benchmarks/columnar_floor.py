@@ -2,9 +2,10 @@
 
     python benchmarks/columnar_floor.py [--batch 256] [--steps 600] [--save DIR]
 
-llmfx's scheduler keeps one frozen record per sequence and rebuilds it twice a step, plus a
-ScheduledSeq and a TokenEvent: ~7 us of Python per sequence (benchmarks/host_step.py: ~1.9 ms at
-batch 256 on the 2-core CPU box, PERF.md's target is 0.5 ms). This sketch does one steady decode
+Written when llmfx's scheduler kept one frozen record per sequence and rebuilt it twice a step, plus
+a ScheduledSeq and a TokenEvent: ~7 us of Python per sequence (benchmarks/host_step.py: ~1.9 ms at
+batch 256 on the 2-core CPU box, PERF.md's target is 0.5 ms); session 10 made it columnar
+(llmfx/running.py). This sketch does one steady decode
 step's worth of the same bookkeeping over arrays instead: append the sampled tokens to an
 append-only output tape (a state sees its prefix), stop on length or EOS, allocate a page where the
 last one is full (page table copied, as an immutable state would), and compute the step's slots

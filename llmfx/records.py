@@ -1,8 +1,9 @@
-"""Fast positional constructors for frozen, slotted dataclasses built on every step for every sequence.
+"""Fast positional constructors for frozen, slotted dataclasses built per sequence (SequenceState, ScheduledSeq).
 
 A frozen dataclass's generated __init__ sets each field through object.__setattr__ (to get past
-its own frozen __setattr__) and takes keywords: 1.1-1.5 us a record on our CPU box, four times
-per sequence per step. `positional_builder(cls)` returns a function that takes every field
+its own frozen __setattr__) and takes keywords: 1.1-1.5 us a record on our CPU box. The scheduler
+once built four per sequence per step; since its running set became columns (llmfx/running.py)
+it builds them only where they are read. `positional_builder(cls)` returns a function that takes every field
 positionally and stores each through its slot descriptor, which is what the slot assignment does
 underneath anyway: 0.5-1.0 us (benchmarks/records.py, results/2026-11-29-cpu-records.json). The
 object is the same class, equally frozen afterwards. It skips __post_init__, so use it only for
