@@ -8,11 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmfx.batch import BatchColumns
-from llmfx.kv_cache import new_page_pool
+from llmfx.kv_cache import new_page_pool, num_available, pages_for_tokens
 from llmfx.running import EMPTY_RUNNING, Running
 from llmfx.sampling_params import SamplingParams
 from llmfx.scheduler import (
     Beam,
+    Plan,
     Request,
     ScheduledBatch,
     ScheduledSeq,
@@ -20,10 +21,11 @@ from llmfx.scheduler import (
     SchedulerLimits,
     SequenceState,
     new_scheduler_state,
+    _plan_running,
     postprocess,
     schedule,
 )
-from llmfx.testing.strategies import requests
+from llmfx.testing.strategies import SchedulerMachine, requests
 
 small = st.integers(0, 50)
 
@@ -126,3 +128,82 @@ def test_a_batch_made_from_columns_reads_back_as_records_and_back():
     assert again.pages == columns.pages and ScheduledBatch(expected) == batch
     with pytest.raises(ValueError, match="seqs or columns"):
         ScheduledBatch(expected, columns=columns)
+
+
+# --- the vectorized running plan against the per-sequence loop it replaced ---
+
+
+def reference_plan(state, limits):
+    """_plan_running's decisions, one sequence at a time, as the record-based scheduler made them (5e05cfb)."""
+    ps, budget, available = limits.page_size, limits.max_num_tokens, num_available(state.pool)
+    copied: dict[int, int] = {}
+    decodes, prefills = [], []
+    num_decodes = 0
+    for i, s in enumerate(state.running):
+        outputs, params = len(s.output_token_ids), s.request.params
+        num_tokens = len(s.request.prompt_token_ids) + outputs + s.num_inflight
+        if s.num_inflight and (s.beam is not None or outputs + s.num_inflight >= params.max_tokens
+                               or num_tokens >= limits.max_seq_len):
+            continue
+        left = num_tokens - s.num_computed_tokens
+        if left > 1:
+            prefills.append((i, s.num_computed_tokens, left))
+            continue
+        if left < 1:
+            continue
+        num_decodes += 1
+        source = None
+        if s.beam is not None and s.num_computed_tokens % ps:
+            page = s.pages[-1]
+            source = page if state.pool.refcounts[page] - copied.get(page, 0) > 1 else None
+        need = 1 if s.num_computed_tokens == len(s.pages) * ps or source is not None else 0
+        if need > available or budget == 0:
+            continue
+        if source is not None:
+            copied[source] = copied.get(source, 0) + 1
+        decodes.append((i, need, source is not None))
+        budget, available = budget - 1, available - need
+    stalled = len(decodes) < num_decodes and budget > 0
+    planned = []
+    for i, computed, left in prefills:
+        num_pages = len(state.running[i].pages)
+        n = min(left, budget, (num_pages + available) * ps - computed)
+        if n <= 0:
+            stalled |= budget > 0
+            continue
+        need = pages_for_tokens(computed + n, ps) - num_pages
+        planned.append((i, n, need))
+        budget, available = budget - n, available - need
+    return decodes, planned, stalled
+
+
+def admit_everyone(state, limits):
+    """A greedy policy: admit every waiting request, so that running sequences starve for pages."""
+    return Plan(admit=tuple(s.request_id for s in state.waiting))
+
+
+class PlanMachine(SchedulerMachine):
+    """The scheduler machine, checking before every step that the plan equals the reference's."""
+
+    policy = admit_everyone
+
+    def step_once(self, inbox=()):
+        if self.limits is not None and len(self.state.running):
+            plan = _plan_running(self.state, self.limits)
+            decodes, prefills, stalled = reference_plan(self.state, self.limits)
+            assert list(zip(plan.decodes.tolist(), plan.decode_pages.tolist(), plan.decode_copies.tolist())) == decodes
+            assert plan.prefills == prefills and plan.stalled == stalled
+            assert plan.new_pages == sum(n for _, n, _ in decodes) + sum(n for _, _, n in prefills)
+        return super().step_once(inbox)
+
+
+TestPlanMachine = PlanMachine.TestCase
+TestPlanMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+class MaxUtilizationPlanMachine(PlanMachine):
+    policy = "max_utilization"
+
+
+TestMaxUtilizationPlanMachine = MaxUtilizationPlanMachine.TestCase
+TestMaxUtilizationPlanMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
