@@ -196,16 +196,20 @@ def register_pages(pool: PagePool, seqs: Iterable[tuple[Sequence[int], Sequence[
     for token_ids, pages in seqs:
         num_full = min(len(token_ids) // ps, len(pages))
         keys = pool.page_keys if page_keys is None else page_keys
-        # A sequence's registered pages form a prefix of its page list: walk back to its end.
-        first = num_full
-        while first > 0 and pages[first - 1] not in keys:
+        # A sequence's registered pages form a prefix of its page list: walk back to its end, keeping the
+        # last registered page's key (its hash is the next page's parent).
+        first, last_key = num_full, None
+        while first > 0:
+            last_key = keys.get(pages[first - 1])
+            if last_key is not None:
+                break
             first -= 1
         if first == num_full:
             continue
         if page_keys is None:
             page_keys, cached = pool.page_keys.edit(), pool.cached.edit()
         assert cached is not None
-        parent = page_keys[pages[first - 1]][0] if first > 0 else None
+        parent = last_key[0] if first > 0 else None
         for i in range(first, num_full):
             page = pages[i]
             assert pool.refcounts.get(page, 0) > 0, f"page {page} registered while not held"
