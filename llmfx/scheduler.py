@@ -706,6 +706,8 @@ def postprocess(
     token_list = tokens.tolist()
     inflight, num_out, last = run.inflight.copy(), run.num_out.copy(), run.last.copy()
     inflight[sampling] -= 1
+    if beams:
+        inflight[beam_rows] -= 1  # a beam's token is chosen by its group's step, from the candidates below
     num_out[sampling] += 1
     last[sampling] = tokens
     outputs = _append_outputs(run, sampling, token_list)

@@ -25,7 +25,7 @@ from llmfx.scheduler import (
     postprocess,
     schedule,
 )
-from llmfx.testing.strategies import SchedulerMachine, requests
+from llmfx.testing.strategies import SchedulerMachine, fake_candidates, requests
 
 small = st.integers(0, 50)
 
@@ -207,3 +207,22 @@ class MaxUtilizationPlanMachine(PlanMachine):
 
 TestMaxUtilizationPlanMachine = MaxUtilizationPlanMachine.TestCase
 TestMaxUtilizationPlanMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+def test_a_beam_waiting_for_the_rest_of_its_group_has_no_token_in_flight():
+    """A token budget of 1 runs one beam a step: it holds its candidates until its sibling has run too."""
+    limits = SchedulerLimits(max_batch_size=4, max_num_tokens=1, max_seq_len=32, page_size=4)
+    params = SamplingParams(use_beam_search=True, beam_width=2, n=2, temperature=0.0, max_tokens=6, ignore_eos=True,
+                            detokenize=False)
+    request = Request(request_id=0, prompt_token_ids=(1,), params=params, beam_ids=(0, 1))
+    state, batch = schedule(new_scheduler_state(new_page_pool(32, 4)), [request], limits, SchedulerConfig())
+    waited = 0
+    for _ in range(6):
+        seqs = state.running.by_id()
+        candidates = {s.request_id: fake_candidates(request.prompt_token_ids + tuple(seqs[s.request_id].output_token_ids))
+                      for s in batch.seqs if s.sample}
+        state, _ = postprocess(state, batch, {}, limits, candidates)
+        assert [s.num_inflight for s in state.running] == [0] * len(state.running)
+        waited += any(s.beam.candidates is not None for s in state.running)
+        state, batch = schedule(state, (), limits, SchedulerConfig())
+    assert waited >= 2  # the case under test happened

@@ -320,6 +320,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                                                     + beams[s.request_id].output_token_ids)
                       for s in batch.seqs if s.sample and s.request_id in beams}
         self.state, events = postprocess(self.state, batch, sampled, self.limits, candidates)
+        # The step's batch is postprocessed at once: no sequence may still count a token in flight.
+        assert all(s.num_inflight == 0 for s in self.state.running), "a sampled token was not accounted for"
         check_pool(self.state.pool)
         check_page_references(self.state)
         self._record(events)
