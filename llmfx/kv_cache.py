@@ -116,6 +116,7 @@ def release(pool: PagePool, pages: Iterable[int]) -> PagePool:
     refcounts, evictable = pool.refcounts.edit(), pool.evictable.edit()
     page_keys, cached = pool.page_keys.edit(), pool.cached.edit()
     freed: list[int] = []
+    kept: list[int] = []  # cached pages nobody holds any more, oldest first: appended to the LRU at once
     for page in pages:
         count = refcounts.get(page, 0)
         assert count > 0, f"page {page} released while not held (double free)"
@@ -125,11 +126,16 @@ def release(pool: PagePool, pages: Iterable[int]) -> PagePool:
         del refcounts[page]
         key = page_keys.get(page)
         # A duplicate of a cached page is dropped, unless the canonical copy has been evicted meanwhile.
-        if key is not None and cached.setdefault(key[0], page) == page:
-            evictable.append(page)
+        # Read first: the page is nearly always its hash's canonical page already (no write then).
+        canonical = None if key is None else cached.get(key[0])
+        if key is not None and canonical is None:
+            cached[key[0]] = canonical = page
+        if canonical == page:
+            kept.append(page)
         else:
             page_keys.pop(page, None)
             freed.append(page)
+    evictable.extend(kept)
     return dataclasses.replace(
         pool,
         free=pool.free.push(freed),

@@ -253,6 +253,23 @@ class LinkedSetEdit:
         links[key] = (tail, None)
         self._tail = key
 
+    def extend(self, keys: Sequence) -> None:
+        """append() each key in order, writing each link once (append rewrites the previous newest's)."""
+        if not keys:
+            return
+        links, tail = self._links, self._tail
+        assert None not in keys and len(set(keys)) == len(keys) and not any(k in links for k in keys), \
+            "extend() keys must be new and distinct"
+        if tail is None:
+            self._head = keys[0]
+        else:
+            links[tail] = (links[tail][0], keys[0])
+        before = (tail, *keys[:-1])
+        after = (*keys[1:], None)
+        for key, prev, nxt in zip(keys, before, after):
+            links[key] = (prev, nxt)
+        self._tail = keys[-1]
+
     def remove(self, key) -> None:
         """Drop key, wherever it is; KeyError if absent."""
         links = self._links

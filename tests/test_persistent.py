@@ -124,8 +124,8 @@ class LinkedSetMachine(RuleBasedStateMachine):
         super().__init__()
         self.versions: list[tuple[LinkedSet, list[int]]] = [(LinkedSet(), [])]
 
-    @rule(data=st.data(), batch=st.lists(st.tuples(st.sampled_from(["append", "remove", "pop"]), st.integers(0, 60)),
-                                         max_size=40))
+    @rule(data=st.data(), batch=st.lists(st.tuples(st.sampled_from(["append", "extend", "remove", "pop"]),
+                                                   st.integers(0, 60)), max_size=40))
     def edit(self, data, batch) -> None:
         s, model = self.versions[data.draw(st.integers(0, len(self.versions) - 1))]
         model = list(model)
@@ -134,6 +134,10 @@ class LinkedSetMachine(RuleBasedStateMachine):
             if op == "append" and key not in model:
                 e.append(key)
                 model.append(key)
+            elif op == "extend":  # key..key+k, those not present yet, in order
+                keys = [k for k in range(key, key + data.draw(st.integers(0, 4))) if k not in model]
+                e.extend(keys)
+                model.extend(keys)
             elif op == "remove" and key in model:
                 e.remove(key)
                 model.remove(key)
