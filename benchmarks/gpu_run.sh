@@ -58,7 +58,7 @@ for stage in "$@"; do
         for name in ${AB_ORDER:-new base}; do
           tree=$([ "$name" = new ] && echo "$PWD" || echo "$BASELINE")
           (cd "$tree" && PYTHONPATH="$tree" TORCHINDUCTOR_CACHE_DIR=/tmp/llmfx-inductor-$name python3 \
-             benchmarks/step_profile.py --batches ${AB_BATCHES:-64,256} --context 1024 --steps 100 --max-num-tokens 2048 \
+             benchmarks/step_profile.py --batches ${AB_BATCHES:-64,256} --context 1024 --steps ${AB_STEPS:-100} --max-num-tokens 2048 \
              --save "$OUT" --tag=-ab-$name 2>&1 | tee -a "$OUT/ab.log" | grep '^{')
         done ;;
     offlineab) [ -d "${BASELINE:-}" ] || { echo "offlineab needs BASELINE=<a tree of the base revision>"; continue; }

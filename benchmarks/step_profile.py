@@ -4,7 +4,8 @@ Builds the TinyLlama-shape engine as serving does (dummy weights), fills decode 
 sizes and drives `llmfx.executor.step` by hand with the overlap scheduler on (off with
 --disable-overlap-scheduler). For each batch size it reports the wall time per step, the device
 time of the step's work (CUDA events around the launch, read after the fact), their ratio
-(`gpu_busy`, PERF.md's GPU-busy figure) and the host time of each phase: schedule, input building,
+(`gpu_busy`, PERF.md's GPU-busy figure), the median and longest period between steps returning (the mean
+hides whether a gap is every step or a few outliers) and the host time of each phase: schedule, input building,
 the compiled call, the result copy, collect and postprocess. A step is host-bound when the phases
 sum to more than its device time. `--save DIR` writes the table as JSON; `--trace` adds a torch
 profiler table of the busiest host ops at the smallest batch.
@@ -121,13 +122,20 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
+            ends = []
             for _ in range(args.steps):
                 e.step()
+                ends.append(time.perf_counter())
             if cuda:
                 torch.cuda.synchronize()
             wall = (time.perf_counter() - t0) / args.steps
+            # Per-step periods: in steady state a step returns once per device step, so their median shows
+            # the typical step and the mean (wall) adds the outliers (a GC pause, a page boundary).
+            periods = [b - a for a, b in zip([t0] + ends[:-1], ends)]
             device = statistics.median(s.elapsed_time(t) for s, t in device_events) if cuda else float("nan")
             row = {"batch": batch, "wall_ms_per_step": round(wall * 1e3, 3), "device_ms_per_step": round(device, 3),
+                   "median_step_period_ms": round(statistics.median(periods) * 1e3, 3),
+                   "max_step_period_ms": round(max(periods) * 1e3, 3),
                    # PERF.md's "GPU busy": the fraction of wall time the device spends on the steps' work.
                    "gpu_busy": round(device / (wall * 1e3), 3)}
             row.update({f"host_{k.replace(' ', '_')}_ms": round(statistics.median(v) * 1e3, 3)
