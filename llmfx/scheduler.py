@@ -88,6 +88,10 @@ class SchedulerState:
     step: int = 0
     num_preemptions: int = 0
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.running, Running):  # records, from a caller building a state by hand
+            object.__setattr__(self, "running", Running.of(self.running))
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Plan:

@@ -19,6 +19,7 @@ from llmfx.scheduler import (
     ScheduledSeq,
     SchedulerConfig,
     SchedulerLimits,
+    SchedulerState,
     SequenceState,
     new_scheduler_state,
     _plan_running,
@@ -226,3 +227,9 @@ def test_a_beam_waiting_for_the_rest_of_its_group_has_no_token_in_flight():
         waited += any(s.beam.candidates is not None for s in state.running)
         state, batch = schedule(state, (), limits, SchedulerConfig())
     assert waited >= 2  # the case under test happened
+
+
+@given(tables())
+def test_a_state_built_by_hand_from_records_holds_them_as_a_table(seqs):
+    state = SchedulerState(pool=new_page_pool(8, 4), running=tuple(seqs))
+    assert isinstance(state.running, Running) and list(state.running) == seqs
