@@ -16,6 +16,8 @@
 #            (e.g. `git archive REV | tar -x -C .device/base`, carried), each with its own compile cache
 #   offlineab  `llmfx bench offline --no-peers --repeats ${AB_REPEATS:-2}` of this tree and of $BASELINE, in $AB_ORDER
 #            (default "new base"), each with its own compile cache
+#   timelineab  offline_timeline.py of this tree and of $BASELINE, in $AB_ORDER (default "new base"), each with its own
+#            compile cache: host vs device time per decode batch size for both
 #   startupab  `llmfx bench startup` of this tree and of $BASELINE, in $AB_ORDER (default "new base"), each run in its
 #            own fresh workdir, so both trees' cold runs start from empty inductor and Triton caches
 # Logs and results go to $OUT (the device tool brings them back).
@@ -67,6 +69,13 @@ for stage in "$@"; do
           (cd "$tree" && PYTHONPATH="$tree" TORCHINDUCTOR_CACHE_DIR=/tmp/llmfx-inductor-$name python3 -m llmfx.cli bench \
              offline --workdir $work --no-peers --repeats ${AB_REPEATS:-2} --save "$OUT" --tag=-offline-ab-$name 2>&1 \
              | tee -a "$OUT/offlineab.log" | tail -8)
+        done ;;
+    timelineab) [ -d "${BASELINE:-}" ] || { echo "timelineab needs BASELINE=<a tree of the base revision>"; continue; }
+        for name in ${AB_ORDER:-new base}; do
+          tree=$([ "$name" = new ] && echo "$PWD" || echo "$BASELINE")
+          (cd "$tree" && PYTHONPATH="$tree" TORCHINDUCTOR_CACHE_DIR=/tmp/llmfx-inductor-$name python3 \
+             benchmarks/offline_timeline.py --workdir $work --save "$OUT/timeline-$name" 2>&1 \
+             | tee -a "$OUT/timelineab.log" | tail -14)
         done ;;
     startupab) [ -d "${BASELINE:-}" ] || { echo "startupab needs BASELINE=<a tree of the base revision>"; continue; }
         for name in ${AB_ORDER:-new base}; do
