@@ -83,10 +83,17 @@ class SequenceState:
 build_sequence = positional_builder(SequenceState)  # request, output_token_ids, num_computed_tokens, pages, num_inflight, beam
 
 
+# Tokens from here up are not vocabulary ids (the largest vocabularies hold ~262k): the simulator's fake
+# tokens are unique per request and position, and caching each would grow the table without bound.
+_CACHED_TOKENS = 1 << 20
+
+
 class _TokenTuples(dict):
     """token -> (token,), filled on first use; a hit is one C-level lookup, no Python frame."""
 
     def __missing__(self, token: int) -> tuple[int]:
+        if not -1 <= token < _CACHED_TOKENS:
+            return (token,)
         t = self[token] = (token,)
         return t
 

@@ -49,15 +49,10 @@ class BatchShape:
     @staticmethod
     def of(batch: ScheduledBatch) -> BatchShape:
         """The shape of a scheduled batch."""
-        prefill = decode = context = 0
-        for s in batch.seqs:
-            n = len(s.token_ids)
-            if n == 1:
-                decode += 1
-            else:
-                prefill += n
-            context += s.start_pos + n
-        return BatchShape(prefill_tokens=prefill, decode_seqs=decode, context_tokens=context)
+        counts, starts = batch.columns.counts, batch.columns.starts
+        single = counts == 1
+        return BatchShape(prefill_tokens=int(counts[~single].sum()), decode_seqs=int(single.sum()),
+                          context_tokens=int((starts + counts).sum()))
 
     def features(self) -> tuple[float, float, float, float]:
         """The regressors, in the order of COEFFICIENTS."""

@@ -76,8 +76,9 @@ class SimConfig:
                                                    enable_chunked_prefill=enable_chunked_prefill))
 
 
-def fake_token(request_id: int, position: int) -> int:
-    """The token 'sampled' at a position: unique per request, continuing SimRequest.tokens()."""
+def fake_token(request_id, position):
+    """The token 'sampled' at a position: unique per request, continuing SimRequest.tokens() (ints, or int64
+    arrays of ids and positions)."""
     return ((request_id + 1) << 32) + position
 
 
@@ -109,6 +110,7 @@ def simulate(requests: Iterable[SimRequest], cfg: SimConfig, cost_model: CostMod
     state = new_scheduler_state(new_page_pool(cfg.num_pages, lim.page_size, cfg.enable_prefix_cache))
     track = {r.request_id: dict(first_scheduled_time=None, first_token_time=None, finish_time=None,
                                 finish_reason=None, num_output_tokens=0, num_preemptions=0) for r in reqs}
+    unscheduled = set(track)  # requests not scheduled yet: their first_scheduled_time is still to set
     steps: list[StepRecord] = []
     batches: list[ScheduledBatch] = []
     t, i, a, idle = 0.0, 0, 0, 0
@@ -137,13 +139,13 @@ def simulate(requests: Iterable[SimRequest], cfg: SimConfig, cost_model: CostMod
         preempted += len(batch.preempted)
         for rid in batch.preempted:
             track[rid]["num_preemptions"] += 1
-        for s in batch.seqs:
-            if track[s.request_id]["first_scheduled_time"] is None:
-                track[s.request_id]["first_scheduled_time"] = t
+        for rid in unscheduled.intersection(batch.columns.ids.tolist()):
+            track[rid]["first_scheduled_time"] = t
+            unscheduled.discard(rid)
         if keep_batches:
             batches.append(batch)
         if cfg.overlap:
-            done, pending = pending, (batch if batch.seqs else None)
+            done, pending = pending, (batch if batch.num_seqs else None)
             if done is None and pending is not None:
                 continue  # launched after an idle loop: its time is charged when the next step collects it
         else:
@@ -153,10 +155,11 @@ def simulate(requests: Iterable[SimRequest], cfg: SimConfig, cost_model: CostMod
         duration = cost_model.step_time(shape)
         end = t + duration
         finished = 0
-        if done is not None and done.seqs:
+        if done is not None and done.num_seqs:
             idle = 0
-            sampled = {s.request_id: fake_token(s.request_id, s.start_pos + len(s.token_ids))
-                       for s in done.seqs if s.sample}
+            c = done.columns
+            ids = c.ids[c.samples]
+            sampled = dict(zip(ids.tolist(), fake_token(ids, (c.starts + c.counts)[c.samples]).tolist()))
             state, events = postprocess(state, done, sampled, lim)
             for e in events:
                 rec = track[e.request_id]
@@ -177,7 +180,7 @@ def simulate(requests: Iterable[SimRequest], cfg: SimConfig, cost_model: CostMod
                     f"{len(state.waiting)} waiting and {len(state.running)} running requests and no more arrivals")
         pool = state.pool
         steps.append(StepRecord(
-            step=len(steps), start_time=t, duration=duration, num_seqs=0 if done is None else len(done.seqs),
+            step=len(steps), start_time=t, duration=duration, num_seqs=0 if done is None else done.num_seqs,
             prefill_tokens=shape.prefill_tokens, decode_seqs=shape.decode_seqs, context_tokens=shape.context_tokens,
             num_waiting=len(state.waiting), num_running=len(state.running), kv_pages_used=len(pool.refcounts),
             kv_pages_cached=len(pool.evictable), kv_usage=(usable - num_available(pool)) / usable,
