@@ -107,7 +107,10 @@ class Running(Sequence[SequenceState]):
         if not len(rows):
             return EMPTY_RUNNING
         pick = rows.tolist()
-        get = (lambda col: tuple(col[i] for i in pick))
+
+        def get(column: tuple) -> tuple:
+            return tuple(map(column.__getitem__, pick))
+
         return Running._make(get(self.requests), get(self.beams), get(self.outputs), get(self.pages),
                              *(frozen(getattr(self, name)[rows]) for name in _ARRAYS), self.stop_ids)
 
