@@ -56,7 +56,7 @@ class SequenceState:
     """One sequence inside the scheduler: a request, or one beam of a beam-search request."""
 
     request: Request
-    output_token_ids: tuple[int, ...] | TokenTape = ()  # a TokenTape once postprocess appends (equal to its tuple)
+    output_token_ids: tuple[int, ...] | TokenTape = ()  # a TokenTape (equal to its tuple) when read from a running table
     num_computed_tokens: int = 0  # tokens whose KV is written or scheduled to be written
     pages: tuple[int, ...] = ()  # covers num_computed_tokens
     num_inflight: int = 0  # tokens sampled by a launched step that postprocess has not seen yet
