@@ -7,11 +7,7 @@ at TinyLlama's layer shapes and CUDA-graph replay with new inputs in the same bu
 
 from __future__ import annotations
 
-import json
-import os
 import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +18,7 @@ from hypothesis import strategies as st
 
 # First: it turns the interpreter on (without CUDA) before anything imports triton.
 from tests.triton_interpreter import (DEVICE, KERNELS_RUN_HERE, kernels, needs_cuda,  # isort: skip
-                                      run_kernel_tests_in_fresh_interpreter)
+                                      run_kernel_tests_in_fresh_interpreter, sm90_reports)
 
 from llmfx.ops import triton_gemv as tg
 from llmfx.ops.triton_gemv import GemvConfig, gemv
@@ -123,11 +119,7 @@ def test_kernels_in_a_fresh_interpreter_process():
 
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="once per session, outside the interpreter; a GPU compiles for itself")
 def test_shipped_configs_compile_for_sm90_without_spills_and_with_16_byte_loads():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "tests.sm90_compile", "--gemv"], cwd=Path(__file__).parents[1],
-                         env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-4000:]
-    reports = [json.loads(line) for line in run.stdout.splitlines()]
+    reports = sm90_reports("--gemv")
     partials = [r for r in reports if r["kernel"] == "gemv_partial"]
     assert len(partials) == 3 * 4 and len(reports) == len(partials) + 1, reports  # 3 classes x M = 1, 2, 4, 8
     assert all("error" not in r and r["local_bytes"] == 0 for r in reports), reports

@@ -7,16 +7,11 @@ metadata; every engine test there runs with it).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.triton_interpreter import KERNELS_RUN_HERE  # isort: skip
+from tests.triton_interpreter import KERNELS_RUN_HERE, sm90_reports  # isort: skip
 
 from llmfx.model_engine import _pdl_option
 from llmfx.ops import triton_pdl
@@ -58,9 +53,5 @@ def test_inductor_kernels_follow_the_same_rule(capability):
 
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="once per session, outside the interpreter; a GPU compiles for itself")
 def test_every_kernel_waits_for_the_prior_kernel_before_any_memory_access():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "tests.sm90_compile", "--pdl"], cwd=Path(__file__).parents[1],
-                         env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-4000:]
-    reports = [json.loads(line) for line in run.stdout.splitlines()]
+    reports = sm90_reports("--pdl")
     assert len(reports) == 6 and all(r["waits_before_memory"] for r in reports), reports

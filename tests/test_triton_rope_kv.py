@@ -12,11 +12,6 @@ interpreter accepts and the compiler does not, and register spills.
 from __future__ import annotations
 
 import functools
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +20,7 @@ from hypothesis import strategies as st
 
 # First: it turns the interpreter on (without CUDA) before anything imports triton.
 from tests.triton_interpreter import (DEVICE, INTERPRET, KERNELS_RUN_HERE, kernels, needs_cuda,  # isort: skip
-                                      run_kernel_tests_in_fresh_interpreter)
+                                      run_kernel_tests_in_fresh_interpreter, sm90_reports)
 
 from llmfx.ops import apply_rope
 from llmfx.ops import triton_rope_kv as tr
@@ -172,11 +167,7 @@ def test_kernels_in_a_fresh_interpreter_process():
 
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="once per session, outside the interpreter; a GPU compiles for itself")
 def test_kernel_compiles_for_sm90_without_spilling_registers():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "tests.sm90_compile"], cwd=Path(__file__).parents[1], env=env,
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-4000:]
-    reports = [json.loads(line) for line in run.stdout.splitlines()]
+    reports = sm90_reports()
     assert len(reports) == 5 and all(r["local_bytes"] == 0 for r in reports), reports
 
 

@@ -8,6 +8,7 @@ session that has already imported it the interpreter is off: kernel tests are th
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -63,3 +64,13 @@ def run_kernel_tests_in_fresh_interpreter(test_file: str) -> None:
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", test_file],
                          cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+
+
+def sm90_reports(*flags: str) -> list[dict]:
+    """The JSON reports of `python -m tests.sm90_compile *flags`, run without the interpreter (it compiles for
+    sm_90 whatever the machine); fails with its stderr if the run fails."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "tests.sm90_compile", *flags], cwd=Path(__file__).parents[1], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return [json.loads(line) for line in run.stdout.splitlines()]
