@@ -144,25 +144,26 @@ class MapEdit:
         return self._len
 
     def __setitem__(self, key, value) -> None:
-        self._store(key, value, *self._leaf_for_write(key))
-
-    def _store(self, key, value, leaf: dict, parent: list | None, index: int, depth: int) -> None:
-        """Bind key in its owned leaf, splitting the leaf into a branch when it outgrows _LEAF_MAX."""
+        leaf, parent, index, depth = self._leaf_for_write(key)
         if key not in leaf:
             self._len += 1
         leaf[key] = value
         if len(leaf) > _LEAF_MAX and depth < _MAX_DEPTH:
-            branch: list[dict] = [{} for _ in range(_WIDTH)]
-            shift = depth * _BITS
-            for k, v in leaf.items():
-                branch[(hash(k) >> shift) & _MASK][k] = v
-            owned = self._owned
-            owned.update((id(node), node) for node in branch)
-            owned[id(branch)] = branch
-            if parent is None:
-                self._root = branch
-            else:
-                parent[index] = branch
+            self._split(leaf, parent, index, depth)
+
+    def _split(self, leaf: dict, parent: list | None, index: int, depth: int) -> None:
+        """Replace an owned leaf that outgrew _LEAF_MAX by a branch of leaves on the next 5 bits of the hash."""
+        branch: list[dict] = [{} for _ in range(_WIDTH)]
+        shift = depth * _BITS
+        for k, v in leaf.items():
+            branch[(hash(k) >> shift) & _MASK][k] = v
+        owned = self._owned
+        owned.update((id(node), node) for node in branch)
+        owned[id(branch)] = branch
+        if parent is None:
+            self._root = branch
+        else:
+            parent[index] = branch
 
     def __delitem__(self, key) -> None:
         del self._leaf_for_write(key)[0][key]  # a KeyError leaves only unshared copies behind
@@ -180,10 +181,13 @@ class MapEdit:
         """key's value, binding it to default first when absent (one walk down the trie: keys are mostly new)."""
         leaf, parent, index, depth = self._leaf_for_write(key)
         value = leaf.get(key, _MISSING)
-        if value is _MISSING:
-            self._store(key, default, leaf, parent, index, depth)
-            return default
-        return value
+        if value is not _MISSING:
+            return value
+        self._len += 1
+        leaf[key] = default
+        if len(leaf) > _LEAF_MAX and depth < _MAX_DEPTH:
+            self._split(leaf, parent, index, depth)
+        return default
 
     def finish(self) -> PMap:
         """The edited map; the edit is spent (further use raises) so the map's nodes are never written again."""

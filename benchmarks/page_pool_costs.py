@@ -1,0 +1,67 @@
+"""Host costs of the page pool's persistent maps: one map write, and one finished sequence's release.
+
+    python benchmarks/page_pool_costs.py [--pages 70] [--trials 300] [--save DIR] [--tag TAG]
+
+`write_us`: 16 writes in one edit of a 20,000-key PMap (a batch-256 decode step allocates, and
+registers into two maps, about 16 pages), per write. `release_us`: a 1k-token sequence's ~70 full,
+registered pages released into the evictable LRU (`kv_cache.release`) beside 20,000 pages that
+others hold, each trial on fresh tokens. Both are medians.
+"""
+
+import argparse
+import random
+import statistics
+import time
+from pathlib import Path
+
+from llmfx.kv_cache import allocate, new_page_pool, register_pages, release
+from llmfx.persistent import PMap
+
+
+def write_us(trials: int) -> float:
+    m = PMap((i, (i, None, ())) for i in range(20000))
+    keys = random.Random(0).sample(range(20000, 40000), 16)
+    times = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        edit = m.edit()
+        for k in keys:
+            edit[k] = 1
+        edit.finish()
+        times.append((time.perf_counter() - start) / len(keys))
+    return statistics.median(times) * 1e6
+
+
+def release_us(pages: int, trials: int) -> float:
+    pool = new_page_pool(20000 + 2 * pages + 1, 16, True)
+    pool, held = allocate(pool, 20000)
+    pool = register_pages(pool, [(tuple(range(20000 * 16)), held)])
+    times = []
+    for trial in range(trials):
+        with_seq, own = allocate(pool, pages)
+        tokens = tuple((trial * 1000003 + i) % 32000 for i in range(pages * 16))
+        with_seq = register_pages(with_seq, [(tokens, own)])
+        start = time.perf_counter()
+        release(with_seq, reversed(own))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pages", type=int, default=70)
+    p.add_argument("--trials", type=int, default=300)
+    p.add_argument("--save", type=Path, default=None)
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+    row = {"pages": args.pages, "trials": args.trials, "write_us": round(write_us(args.trials), 2),
+           "release_us": round(release_us(args.pages, args.trials), 1)}
+    print(row)
+    if args.save:
+        from llmfx.bench import save_rows
+
+        print("saved", save_rows(args.save, f"{time.strftime('%Y-%m-%d')}-cpu-page-pool-costs{args.tag}.json", [row]))
+
+
+if __name__ == "__main__":
+    main()
