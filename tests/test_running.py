@@ -233,3 +233,15 @@ def test_a_beam_waiting_for_the_rest_of_its_group_has_no_token_in_flight():
 def test_a_state_built_by_hand_from_records_holds_them_as_a_table(seqs):
     state = SchedulerState(pool=new_page_pool(8, 4), running=tuple(seqs))
     assert isinstance(state.running, Running) and list(state.running) == seqs
+
+
+def test_the_step_path_reads_host_arrays_only():
+    """The scheduler's and staging's .tolist() calls are on these columns: numpy arrays in host memory, so none
+    of them can wait for a device (tests/test_step_path_syncs.py catches tensor reads on the executor thread)."""
+    state, batch, limits, cfg = _steady_state()
+    state, _ = postprocess(state, batch, dict.fromkeys(range(4), 9), limits)
+    state, batch = schedule(state, (), limits, cfg)
+    columns = batch.columns
+    assert all(type(getattr(columns, name)) is np.ndarray for name in ("ids", "starts", "counts", "samples", "tokens"))
+    assert all(type(getattr(state.running, name)) is np.ndarray
+               for name in ("ids", "prompt_lens", "max_tokens", "num_out", "computed", "inflight", "num_pages", "last"))
