@@ -475,6 +475,7 @@ class _RunningPlan:
     decode_pages: np.ndarray  # new pages per decode row: 0 or 1
     decode_copies: np.ndarray  # bool per decode row: it writes a private copy of its shared last page
     prefills: list[tuple[int, int, int]]  # (row, tokens, new pages), rows ascending
+    num_tokens: np.ndarray  # per table row: prompt + output + in-flight tokens (a chunk reaching it samples)
     new_pages: int
     stalled: bool  # some sequence could not progress for lack of pages
 
@@ -534,7 +535,7 @@ def _plan_running(state: SchedulerState, limits: SchedulerLimits) -> _RunningPla
         prefills.append((i, n, pages))
         budget, available, new_pages = budget - n, available - pages, new_pages + pages
     return _RunningPlan(decodes=decodes[taken], decode_pages=decode_pages, decode_copies=copies[taken],
-                        prefills=prefills, new_pages=new_pages, stalled=stalled)
+                        prefills=prefills, num_tokens=num_tokens, new_pages=new_pages, stalled=stalled)
 
 
 def schedule(
@@ -633,7 +634,7 @@ def _advance(run: Running, plan: _RunningPlan,
         is_prefill = (order >= len(plan.decodes))
     starts = run.computed[rows]
     inflight_before = run.inflight[rows]
-    samples = starts + counts == run.prompt_lens[rows] + run.num_out[rows] + inflight_before
+    samples = starts + counts == plan.num_tokens[rows]
     # A decode's one token: in flight (its value is on the device), else the last known one.
     tokens = np.where(inflight_before > 0, PLACEHOLDER, run.last[rows])
     row_list = rows.tolist()
