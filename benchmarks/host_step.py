@@ -42,7 +42,7 @@ def fill_prefix_cache(state, limits, cfg, num_pages: int, context: int):
 
 def measure(batch: int, context: int, steps: int, policy: str, cached_pages: int = 0,
             num_pages: int | None = None, time_gc: bool = False, gc_freeze: bool = False,
-            gc_threshold: int | None = None) -> dict[str, float]:
+            gc_threshold: int | None = None, prefix_cache: bool = True) -> dict[str, float]:
     limits = SchedulerLimits(max_batch_size=batch, max_num_tokens=8192, max_seq_len=context + steps + 64, page_size=16)
     cfg = SchedulerConfig(capacity_scheduler_policy=policy)
     pages = batch * (context + steps + 64) // 16 + 1 + cached_pages
@@ -50,7 +50,7 @@ def measure(batch: int, context: int, steps: int, policy: str, cached_pages: int
         if num_pages < pages:
             raise ValueError(f"--num-pages must be at least {pages} for this batch, context and cache, got {num_pages}")
         pages = num_pages
-    state = new_scheduler_state(new_page_pool(pages, 16, True))
+    state = new_scheduler_state(new_page_pool(pages, 16, prefix_cache))
     if cached_pages:
         state = fill_prefix_cache(state, limits, cfg, cached_pages, context)
     params = SamplingParams(max_tokens=steps + 32, ignore_eos=True, detokenize=False)
@@ -103,11 +103,14 @@ if __name__ == "__main__":
     parser.add_argument("--gc", action="store_true", help="also time the cyclic GC's collections per step")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() before the timed steps")
     parser.add_argument("--gc-threshold", type=int, default=None, help="the GC's gen-0 threshold for the timed steps")
+    parser.add_argument("--no-prefix-cache", action="store_true", help="a pool that registers no pages (what they cost)")
     parser.add_argument("--save", default=None)
     parser.add_argument("--tag", default="", help="suffix of the results file name")
     args = parser.parse_args()
+    if args.no_prefix_cache and args.cached_pages:
+        parser.error("--cached-pages needs the prefix cache: drop --no-prefix-cache")
     runs = [measure(args.batch, args.context, args.steps, args.policy, args.cached_pages, args.num_pages, args.gc,
-                    args.gc_freeze, args.gc_threshold) for _ in range(args.repeats)]
+                    args.gc_freeze, args.gc_threshold, not args.no_prefix_cache) for _ in range(args.repeats)]
     steps = [r["schedule_ms"] + r["postprocess_ms"] for r in runs]
     rows = [bench.Row(benchmark="host_step", system="llmfx scheduler", batch=args.batch, metric=k,
                       value=statistics.median(r[k] for r in runs)) for k in runs[0]]
@@ -120,4 +123,5 @@ if __name__ == "__main__":
     if args.save:
         from pathlib import Path
         pool = "" if args.num_pages is None else f"-pool{args.num_pages}"
-        print(f"saved {bench.save(rows, Path(args.save), f'-host-step-b{args.batch}-cached{args.cached_pages}{pool}{args.tag}')}")
+        cache = "-no-prefix-cache" if args.no_prefix_cache else f"-cached{args.cached_pages}"
+        print(f"saved {bench.save(rows, Path(args.save), f'-host-step-b{args.batch}{cache}{pool}{args.tag}')}")
