@@ -226,3 +226,25 @@ def test_bench_summary_layer_sums_and_class_table():
     # wide = gate_up (i=2) + lm_head (i=4): block_n 8 sums 11 + 13 = 24, block_n 16 sums 11 + 15 = 26.
     assert table[("wide", 1)]["config"] == {"block_n": 8} and table[("wide", 1)]["summed_us"] == 24.0
     assert table[("square", 1)]["shapes"] == ["o", "qkv"] and table[("square", 1)]["config"] == {"block_n": 16}
+
+
+# ---- benchmarks/gemv_graph_sweep.py's plain logic ------------------------------------------------------------
+
+SWEEP = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "gemv_graph_sweep.py"),
+                       run_name="not_main")
+
+
+def test_graph_sweep_candidates_load_16_bytes_and_fit_the_register_budget():
+    configs = SWEEP["candidates"]()
+    assert len(configs) == len(set(configs)) > 50
+    assert all(8 <= c.block_n * c.block_k // (32 * c.num_warps) <= 128 and c.num_stages == 1 for c in configs)
+
+
+def test_graph_sweep_swaps_only_the_one_row_setting(monkeypatch):
+    monkeypatch.setattr(tg, "_CONFIGS", dict(tg._CONFIGS))
+    before = tg._CONFIGS["deep"]
+    config = GemvConfig(4, 1024, 2, 8, 1)
+    SWEEP["with_one_row_config"]("deep", config)
+    assert tg.gemv_config(1, 2048, 5632) == config
+    assert tg._CONFIGS["deep"][1:] == before[1:] and tg._CONFIGS["square"] is tg._CONFIGS["square"]
+    assert all(tg.gemv_config(m, 2048, 5632) == next(c for most, c in before if m <= most) for m in range(2, 9))
