@@ -7,6 +7,7 @@ at TinyLlama's layer shapes and CUDA-graph replay with new inputs in the same bu
 
 from __future__ import annotations
 
+import itertools
 import runpy
 from pathlib import Path
 
@@ -61,8 +62,8 @@ def test_gemv_reads_rows_of_a_strided_x(m):
 
 @kernels
 def test_gemv_shipped_config_matches_reference():
-    for m in (1, 2, 5, 8):
-        x, w = random_problem(m, 130, 270, m)
+    for (n, k), m in itertools.product([(130, 270), (200, 180), (600, 100)], (1, 2, 5, 8)):  # deep, square, wide
+        x, w = random_problem(m, n, k, m)
         torch.testing.assert_close(gemv(x, w).cpu(), reference(x, w), rtol=1e-4, atol=1e-4)
 
 

@@ -51,11 +51,15 @@ class GemvConfig:
         return triton.cdiv(k_blocks, per_split), per_split * self.block_k
 
 
-# (largest M, config) per shape class: the best single config of each class and M in the H200 sweep
-# (benchmarks/small_m_gemm.py; benchmarks/results/2026-11-30-nvidia-h200-small-m-gemm-small-m-gemv.json).
-# Only M = 1 matched cuBLAS there (a layer's four matmuls 35.1 vs 35.8 us); from M = 2 cuBLAS won.
+# (largest M, config) per shape class: the best single config of each class and M in the H200 sweep of
+# kernels alone (benchmarks/small_m_gemm.py; results/2026-11-30-nvidia-h200-small-m-gemm-small-m-gemv.json).
+# Only M = 1 matched cuBLAS there (a layer's four matmuls 35.1 vs 35.8 us); from M = 2 cuBLAS won. The M = 1
+# rows were then swept inside the batch-1 forward's CUDA graph, where the GEMVs run back to back with PDL
+# (benchmarks/gemv_graph_sweep.py; results/2026-11-30-nvidia-h200-gemv_graph_sweep.json): square went from
+# 16 x 512 to 4 x 1024 with 8 warps (forward 1,102 -> 1,010 us: four times the programs, each streaming
+# whole rows); wide and deep kept theirs (the best was within 0.3%).
 _CONFIGS: dict[str, tuple[tuple[int, GemvConfig], ...]] = {
-    "square": ((1, GemvConfig(16, 512, 1)), (2, GemvConfig(8, 512, 1)), (4, GemvConfig(4, 512, 1)),
+    "square": ((1, GemvConfig(4, 1024, 1, num_warps=8)), (2, GemvConfig(8, 512, 1)), (4, GemvConfig(4, 512, 1)),
                (8, GemvConfig(4, 256, 1))),  # qkv, o: N ~ K ~ 2k
     "deep": ((1, GemvConfig(16, 256, 8)), (2, GemvConfig(8, 512, 2)), (4, GemvConfig(4, 512, 1)),
              (8, GemvConfig(8, 256, 1))),  # down: K much larger than N
