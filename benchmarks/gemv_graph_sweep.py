@@ -1,18 +1,20 @@
-"""The one-row GEMV's launch settings, swept inside the batch-1 forward's CUDA graph (GPU only).
+"""The GEMV's launch settings, swept inside a small-batch decode forward's CUDA graph (GPU only).
 
-benchmarks/small_m_gemm.py times each GEMV alone (cold L2, one launch); at batch 1 the GEMVs run
+benchmarks/small_m_gemm.py times each GEMV alone (cold L2, one launch); in a decode step the GEMVs run
 back to back with PDL inside one graph, where what counts is the forward's time. For the TinyLlama
-shape at batch 1 (dummy bf16 weights, context 1024) this compiles the forward once (inductor, no
-cudagraphs); then, for each candidate config of one shape class of `triton_gemv._CONFIGS` (the other
-classes as shipped), it captures the forward as a CUDA graph and times its replays with CUDA events.
-llmfx::linear is opaque to inductor and reads its config when called, so a candidate costs a capture,
-not a compile. The shipped table is re-timed between classes to show drift.
+shape at --batch rows (default 1; dummy bf16 weights, context 1024) this compiles the forward once
+(inductor, no cudagraphs); then, for each candidate config of one shape class of `triton_gemv._CONFIGS`
+at that row count (the other classes as shipped), it captures the forward as a CUDA graph and times
+its replays with CUDA events. llmfx::linear is opaque to inductor and reads its config and its routing
+(`LINEAR_GEMV_ROWS`) when called, so a candidate costs a capture, not a compile. The shipped table is
+re-timed between classes to show drift; above LINEAR_GEMV_ROWS rows, where serving runs cuBLAS, the
+forward with cuBLAS is timed too.
 
 With --no-pdl-trace it also captures the forward with llmfx's kernels launched without PDL and prints
 its kernel table: with PDL each kernel's time in a trace includes its wait for the one before, so
 only the table without PDL splits the step into kernels.
 
-    python benchmarks/gemv_graph_sweep.py [--classes square,wide,deep] [--no-pdl-trace] [--save DIR]
+    python benchmarks/gemv_graph_sweep.py [--batch 1] [--classes square,wide,deep] [--no-pdl-trace] [--save DIR]
 """
 
 import argparse
@@ -32,27 +34,29 @@ from llmfx.step_inputs import pack
 from llmfx.weights import load_params, resolve_model
 
 
-def candidates() -> list[GemvConfig]:
-    """One-row configs: 16-byte loads at least (block_n * block_k >= 8 elements a thread), at most 128 a thread."""
+def candidates(rows: int = 1) -> list[GemvConfig]:
+    """Configs for rows rows: 16-byte loads at least (8 weight elements a thread), at most 128 accumulators a thread."""
     out = []
     for block_n, block_k, split_k, warps in itertools.product((4, 8, 16, 32), (128, 256, 512, 1024), (1, 2, 4, 8),
                                                              (4, 8)):
         per_thread = block_n * block_k // (32 * warps)
-        if 8 <= per_thread <= 128:
+        if per_thread >= 8 and rows * per_thread <= 128:
             out.append(GemvConfig(block_n, block_k, split_k, warps, 1))
     return out
 
 
-def with_one_row_config(shape_class: str, config: GemvConfig) -> None:
-    """Make config the shape class's setting for one row (the rows above keep theirs)."""
+def with_config(shape_class: str, rows: int, config: GemvConfig) -> None:
+    """Make config the shape class's setting for the row counts its table entry covering rows covers."""
     table = triton_gemv._CONFIGS[shape_class]
-    triton_gemv._CONFIGS[shape_class] = ((1, config),) + tuple(row for row in table if row[0] > 1)
+    at = next(i for i, (most, _) in enumerate(table) if rows <= most)
+    triton_gemv._CONFIGS[shape_class] = table[:at] + ((table[at][0], config),) + table[at + 1:]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="tinyllama-1.1b")
     parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1, help=f"decode rows, 1 to {triton_gemv.MAX_ROWS}")
     parser.add_argument("--classes", default="square,wide,deep")
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--no-pdl-trace", action="store_true")
@@ -64,10 +68,13 @@ def main() -> None:
     params = load_params(source, dtype="bfloat16", device=device, load_format="dummy", seed=0, max_positions=4096)
     page = 16
     per_seq = -(-(args.context + 1) // page)
-    kv = KVPool.allocate(cfg, per_seq + 1, page, torch.bfloat16, device).take()
-    inputs = pack([SequenceChunk((5,), args.context, tuple(range(1, 1 + per_seq)))], page, device, max_pages=per_seq)
+    kv = KVPool.allocate(cfg, args.batch * per_seq + 1, page, torch.bfloat16, device).take()
+    chunks = [SequenceChunk((5,), args.context, tuple(range(1 + b * per_seq, 1 + (b + 1) * per_seq)))
+              for b in range(args.batch)]
+    inputs = pack(chunks, page, device, max_pages=per_seq)
     fwd = torch.compile(lambda: forward(params, cfg, inputs, kv), fullgraph=True, dynamic=False)
-    shipped = {name: table[0][1] for name, table in triton_gemv._CONFIGS.items()}
+    shipped = dict(triton_gemv._CONFIGS)
+    served_rows = triton_gemv.LINEAR_GEMV_ROWS
     rows = []
 
     def timed(label: dict) -> float:
@@ -78,23 +85,28 @@ def main() -> None:
         return us
 
     with torch.inference_mode():
+        if args.batch > served_rows:
+            timed({"class": "cublas (as served at this batch)"})
+        triton_gemv.LINEAR_GEMV_ROWS = max(served_rows, args.batch)  # the GEMV at this batch from here on
         for shape_class in args.classes.split(","):
             timed({"class": "shipped"})
-            for config in candidates():
-                with_one_row_config(shape_class, config)
+            for config in candidates(args.batch):
+                with_config(shape_class, args.batch, config)
                 timed({"class": shape_class, "config": [config.block_n, config.block_k, config.split_k,
                                                         config.num_warps, config.num_stages]})
-            with_one_row_config(shape_class, shipped[shape_class])
+            triton_gemv._CONFIGS[shape_class] = shipped[shape_class]
         timed({"class": "shipped"})
         best = {}
         for shape_class in args.classes.split(","):
             mine = [r for r in rows if r["class"] == shape_class]
             best[shape_class] = min(mine, key=lambda r: r["forward_us"])
-            with_one_row_config(shape_class, GemvConfig(*best[shape_class]["config"]))
+            with_config(shape_class, args.batch, GemvConfig(*best[shape_class]["config"]))
         timed({"class": "best of each class together", "configs": {k: v["config"] for k, v in best.items()}})
-        for shape_class in args.classes.split(","):
-            with_one_row_config(shape_class, shipped[shape_class])
+        triton_gemv._CONFIGS.update(shipped)
         timed({"class": "shipped"})
+        if args.batch > served_rows:
+            triton_gemv.LINEAR_GEMV_ROWS = served_rows
+            timed({"class": "cublas (as served at this batch)"})
         if args.no_pdl_trace:
             triton_pdl._capable = lambda index: False  # llmfx's kernels launch without PDL from here on
             us, graph = graph_replay_us(fwd, args.iters)
@@ -107,9 +119,10 @@ def main() -> None:
             table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
             print(table)
             if args.save:
-                Path(args.save, "gemv_graph_sweep_trace_no_pdl_b1.txt").write_text(table)
+                Path(args.save, f"gemv_graph_sweep_trace_no_pdl_b{args.batch}.txt").write_text(table)
     if args.save:
-        save_rows(Path(args.save), "gemv_graph_sweep.json", rows, model=args.model, context=args.context)
+        save_rows(Path(args.save), f"gemv_graph_sweep_b{args.batch}.json", rows, model=args.model,
+                  context=args.context, batch=args.batch)
 
 
 if __name__ == "__main__":

@@ -235,17 +235,24 @@ SWEEP = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / 
                        run_name="not_main")
 
 
-def test_graph_sweep_candidates_load_16_bytes_and_fit_the_register_budget():
-    configs = SWEEP["candidates"]()
-    assert len(configs) == len(set(configs)) > 50
-    assert all(8 <= c.block_n * c.block_k // (32 * c.num_warps) <= 128 and c.num_stages == 1 for c in configs)
+@pytest.mark.parametrize("rows", [1, 4, 8])
+def test_graph_sweep_candidates_load_16_bytes_and_fit_the_register_budget(rows):
+    configs = SWEEP["candidates"](rows)
+    assert len(configs) == len(set(configs)) > 20
+    assert all(c.block_n * c.block_k // (32 * c.num_warps) >= 8 and c.num_stages == 1 for c in configs)
+    assert all(rows * c.block_n * c.block_k // (32 * c.num_warps) <= 128 for c in configs)
 
 
-def test_graph_sweep_swaps_only_the_one_row_setting(monkeypatch):
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_graph_sweep_swaps_only_the_setting_of_those_rows(monkeypatch, rows):
     monkeypatch.setattr(tg, "_CONFIGS", dict(tg._CONFIGS))
-    before = tg._CONFIGS["deep"]
+    before = dict(tg._CONFIGS)
     config = GemvConfig(4, 1024, 2, 8, 1)
-    SWEEP["with_one_row_config"]("deep", config)
-    assert tg.gemv_config(1, 2048, 5632) == config
-    assert tg._CONFIGS["deep"][1:] == before[1:] and tg._CONFIGS["square"] is tg._CONFIGS["square"]
-    assert all(tg.gemv_config(m, 2048, 5632) == next(c for most, c in before if m <= most) for m in range(2, 9))
+    SWEEP["with_config"]("deep", rows, config)
+    assert tg.gemv_config(rows, 2048, 5632) == config
+    covered = {m for m in range(1, 9) if next(most for most, _ in before["deep"] if m <= most)
+               == next(most for most, _ in before["deep"] if rows <= most)}
+    for m in range(1, 9):  # the rows of the same table entry take the new config, the others keep theirs
+        shipped = next(c for most, c in before["deep"] if m <= most)
+        assert tg.gemv_config(m, 2048, 5632) == (config if m in covered else shipped)
+    assert all(tg._CONFIGS[name] == before[name] for name in ("square", "wide"))
