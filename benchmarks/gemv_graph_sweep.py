@@ -24,13 +24,10 @@ from pathlib import Path
 
 import torch
 
-from llmfx.batch import SequenceChunk
-from llmfx.bench import graph_replay_us, save_rows
-from llmfx.kv_pool import KVPool
+from llmfx.bench import decode_batch, graph_kernel_table, graph_replay_us, save_rows
 from llmfx.models import forward
 from llmfx.ops import triton_gemv, triton_pdl
 from llmfx.ops.triton_gemv import GemvConfig
-from llmfx.step_inputs import pack
 from llmfx.weights import load_params, resolve_model
 
 
@@ -66,12 +63,7 @@ def main() -> None:
     source = resolve_model(args.model)
     cfg = source.config
     params = load_params(source, dtype="bfloat16", device=device, load_format="dummy", seed=0, max_positions=4096)
-    page = 16
-    per_seq = -(-(args.context + 1) // page)
-    kv = KVPool.allocate(cfg, args.batch * per_seq + 1, page, torch.bfloat16, device).take()
-    chunks = [SequenceChunk((5,), args.context, tuple(range(1 + b * per_seq, 1 + (b + 1) * per_seq)))
-              for b in range(args.batch)]
-    inputs = pack(chunks, page, device, max_pages=per_seq)
+    kv, inputs = decode_batch(cfg, args.batch, args.context, torch.bfloat16, device)
     fwd = torch.compile(lambda: forward(params, cfg, inputs, kv), fullgraph=True, dynamic=False)
     shipped = dict(triton_gemv._CONFIGS)
     served_rows = triton_gemv.LINEAR_GEMV_ROWS
@@ -112,11 +104,7 @@ def main() -> None:
             us, graph = graph_replay_us(fwd, args.iters)
             rows.append({"class": "shipped, llmfx kernels without PDL", "forward_us": us})
             print(json.dumps(rows[-1]), flush=True)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    graph.replay()
-                torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
+            table = graph_kernel_table(graph)
             print(table)
             if args.save:
                 Path(args.save, f"gemv_graph_sweep_trace_no_pdl_b{args.batch}.txt").write_text(table)

@@ -15,10 +15,7 @@ from pathlib import Path
 
 import torch
 
-from llmfx.batch import SequenceChunk
-from llmfx.bench import graph_replay_us, save_rows
-from llmfx.step_inputs import pack
-from llmfx.kv_pool import KVPool
+from llmfx.bench import decode_batch, graph_kernel_table, graph_replay_us, save_rows
 from llmfx.models import forward
 from llmfx.sampler import PenaltyState, SamplingTensors, sample
 from llmfx.sampling_params import SamplingParams
@@ -39,14 +36,9 @@ def main() -> None:
     source = resolve_model(args.model)
     cfg = source.config
     params = load_params(source, dtype="bfloat16", device=device, load_format="dummy", seed=0, max_positions=4096)
-    page = 16
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        per_seq = -(-(args.context + 1) // page)
-        kv = KVPool.allocate(cfg, batch * per_seq + 1, page, torch.bfloat16, device).take()
-        chunks = [SequenceChunk((5,), args.context, tuple(range(1 + b * per_seq, 1 + (b + 1) * per_seq)))
-                  for b in range(batch)]
-        inputs = pack(chunks, page, device, max_pages=per_seq)
+        kv, inputs = decode_batch(cfg, batch, args.context, torch.bfloat16, device)
         p = SamplingParams(temperature=0.0) if args.sampling == "greedy" else SamplingParams(temperature=0.8, top_p=0.9)
         tensors = SamplingTensors.build([p] * batch, [1] * batch, [args.context + 1] * batch, device)
         penalties = PenaltyState(prompt_mask=torch.zeros(batch, cfg.vocab_size, dtype=torch.bool, device=device),
@@ -69,11 +61,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
             if args.trace and batch == int(args.batches.split(",")[0]):
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                    for _ in range(10):
-                        graph.replay()
-                    torch.cuda.synchronize()
-                table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
+                table = graph_kernel_table(graph)
                 print(table)
                 if args.save:
                     Path(args.save, f"graph_parts_trace_b{batch}.txt").write_text(table)

@@ -20,8 +20,11 @@ from pathlib import Path
 
 import torch
 
+from llmfx.batch import SequenceChunk
 from llmfx.executor import check_gc_gen0_threshold
+from llmfx.kv_pool import KVPool
 from llmfx.presets import preset
+from llmfx.step_inputs import pack
 
 # Measured on the project's H200 (PERF.md): device-to-device copy, bytes read + written per second.
 H200_COPY_BYTES_PER_S = 4.27e12
@@ -322,6 +325,26 @@ def graph_replay_us(fn, iters: int = 200) -> tuple[float, torch.cuda.CUDAGraph]:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / iters, graph
+
+
+def decode_batch(cfg, batch: int, context: int, dtype: torch.dtype, device, page_size: int = 16):
+    """(KV layers, ForwardBatch) of `batch` decode rows, each one token at position `context` with pages of its own."""
+    per_seq = -(-(context + 1) // page_size)
+    kv = KVPool.allocate(cfg, batch * per_seq + 1, page_size, dtype, device).take()
+    chunks = [SequenceChunk((5,), context, tuple(range(1 + b * per_seq, 1 + (b + 1) * per_seq))) for b in range(batch)]
+    return kv, pack(chunks, page_size, device, max_pages=per_seq)
+
+
+def graph_kernel_table(graph: torch.cuda.CUDAGraph, replays: int = 10, row_limit: int = 40) -> str:
+    """The CUDA kernels of `replays` replays of graph, grouped by name, as torch.profiler's table.
+
+    Under PDL a kernel's time includes its wait for the one before: split a step into kernels without it.
+    """
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=row_limit)
 
 
 def device_timed(fn, events: list[tuple[torch.cuda.Event, torch.cuda.Event]]):

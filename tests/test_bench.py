@@ -86,6 +86,22 @@ def test_step_profile_refuses_a_token_budget_the_decodes_would_use_up():
     assert done.returncode == 2 and "--max-num-tokens must exceed the largest batch (8)" in done.stderr
 
 
+def test_decode_batch_gives_each_row_one_token_at_the_context_and_pages_of_its_own():
+    from llmfx.models import forward
+    from llmfx.weights import load_params, resolve_model
+
+    source = resolve_model("tiny")
+    cfg = source.config
+    kv, batch = bench.decode_batch(cfg, 3, 40, torch.float32, "cpu", page_size=8)
+    assert batch.positions.tolist() == [40] * 3 and batch.seq_lens.tolist() == [41] * 3
+    pages = batch.page_table.tolist()
+    assert all(len(row) == 6 for row in pages)  # 41 tokens in pages of 8
+    assert len({p for row in pages for p in row}) == 18 and 0 not in {p for row in pages for p in row}
+    assert len(kv) == cfg.num_layers and kv[0][0].shape[0] == 3 * 6 + 1
+    params = load_params(source, dtype="float32", load_format="dummy", seed=0)
+    assert forward(params, cfg, batch, kv).shape == (3, cfg.vocab_size)
+
+
 def test_kernel_benchmark_rows_are_saved_with_where_they_ran(tmp_path):
     rows = [{"batch": 1, "us": 2.5}]
     path = save_rows(tmp_path / "out", "sweep.json", rows, context=1024)
