@@ -96,10 +96,12 @@ def test_gemv_refuses_more_rows_than_it_holds():
 
 @kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_linear_routes_one_row_to_the_gemv_and_the_rest_to_f_linear(dtype):
-    x, w = random_problem(3, 96, 160, 7, dtype)
+def test_linear_routes_few_rows_to_the_gemv_and_the_rest_to_f_linear(dtype):
+    few = tg.LINEAR_GEMV_ROWS
+    x, w = random_problem(few + 1, 96, 160, 7, dtype)
     bias = torch.randn(96).to(device=w.device, dtype=dtype)
-    assert torch.equal(tg.triton_linear(x[:1], w), gemv(x[:1], w))
+    for rows in range(1, few + 1):
+        assert torch.equal(tg.triton_linear(x[:rows], w), gemv(x[:rows], w))
     for args in ((x, w), (x[:1], w, bias), (x[:1].float(), w.float())):
         assert torch.equal(tg.triton_linear(*args), F.linear(*args))
 
@@ -175,9 +177,10 @@ def test_cuda_graph_replays_new_x_in_the_same_buffer(m):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_linear_op_takes_the_gemv_for_one_row_launched_with_pdl():
-    x, w = random_problem(2, 2048, 5632, 5, torch.bfloat16, "cuda")
-    assert torch.equal(torch.ops.llmfx.linear(x[:1], w), gemv(x[:1], w))
+def test_cuda_linear_op_takes_the_gemv_for_few_rows_launched_with_pdl():
+    few = tg.LINEAR_GEMV_ROWS
+    x, w = random_problem(few + 1, 2048, 5632, 5, torch.bfloat16, "cuda")
+    assert torch.equal(torch.ops.llmfx.linear(x[:few], w), gemv(x[:few], w))
     assert torch.equal(torch.ops.llmfx.linear(x, w), F.linear(x, w))
     expected = torch.cuda.get_device_capability()[0] >= 9
     kernels = [k for fn in (tg._gemv_partial_kernel, tg._gemv_reduce_kernel)

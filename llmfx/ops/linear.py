@@ -1,8 +1,8 @@
-"""llmfx::linear, the decoder's matmuls as one custom op, so that CUDA can route one-row calls to a Triton GEMV.
+"""llmfx::linear, the decoder's matmuls as one custom op, so that CUDA can route calls of a row or two to a Triton GEMV.
 
 CPU (and any device without a registered kernel) runs F.linear. On CUDA (ops/triton_gemv.py registers
-the kernel) a one-row call runs the Triton GEMV, which launches with PDL and so overlaps the kernels
-around it, as cuBLAS's do not; every other call runs F.linear.
+the kernel) a call of up to LINEAR_GEMV_ROWS rows runs the Triton GEMV, which launches with PDL and so
+overlaps the kernels around it, as cuBLAS's do not; every other call runs F.linear.
 """
 
 from __future__ import annotations

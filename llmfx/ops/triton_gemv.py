@@ -27,9 +27,10 @@ from llmfx.ops.linear import linear
 from llmfx.ops.triton_pdl import pdl_launch, wait_for_prior_kernel
 
 MAX_ROWS = 8
-# llmfx::linear runs the GEMV up to this many rows, cuBLAS beyond: in the H200 sweep the GEMV matched
-# cuBLAS at one row and lost from two.
-LINEAR_GEMV_ROWS = 1
+# llmfx::linear runs the GEMV up to this many rows, cuBLAS beyond. Timed alone, the GEMV matched cuBLAS at
+# one row and lost from two; inside the decode forward's graph (gemv_graph_sweep.py, H200) it won at two rows
+# (1,141.8 vs 1,186 us a forward) and lost at eight (2,178 vs 1,230); three to seven are not measured.
+LINEAR_GEMV_ROWS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +58,14 @@ class GemvConfig:
 # rows were then swept inside the batch-1 forward's CUDA graph, where the GEMVs run back to back with PDL
 # (benchmarks/gemv_graph_sweep.py; results/2026-11-30-nvidia-h200-gemv_graph_sweep.json): square went from
 # 16 x 512 to 4 x 1024 with 8 warps (forward 1,102 -> 1,010 us: four times the programs, each streaming
-# whole rows); wide and deep kept theirs (the best was within 0.3%).
+# whole rows); wide and deep kept theirs (the best was within 0.3%). The M = 2 rows are the best of each class
+# in the batch-2 forward (results/2026-11-30-nvidia-h200-gemv_graph_sweep_b2.json).
 _CONFIGS: dict[str, tuple[tuple[int, GemvConfig], ...]] = {
     "square": ((1, GemvConfig(4, 1024, 1, num_warps=8)), (2, GemvConfig(8, 512, 1)), (4, GemvConfig(4, 512, 1)),
                (8, GemvConfig(4, 256, 1))),  # qkv, o: N ~ K ~ 2k
-    "deep": ((1, GemvConfig(16, 256, 8)), (2, GemvConfig(8, 512, 2)), (4, GemvConfig(4, 512, 1)),
+    "deep": ((1, GemvConfig(16, 256, 8)), (2, GemvConfig(16, 256, 4, num_warps=8)), (4, GemvConfig(4, 512, 1)),
              (8, GemvConfig(8, 256, 1))),  # down: K much larger than N
-    "wide": ((1, GemvConfig(16, 256, 1)), (2, GemvConfig(8, 256, 1)), (4, GemvConfig(8, 128, 1)),
+    "wide": ((1, GemvConfig(16, 256, 1)), (2, GemvConfig(32, 128, 1)), (4, GemvConfig(8, 128, 1)),
              (8, GemvConfig(8, 128, 1))),  # gate_up, lm_head: N alone gives hundreds of column blocks
 }
 
