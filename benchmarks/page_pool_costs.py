@@ -8,7 +8,7 @@ other objects were read, as the serving loop's other work does between two steps
 the nodes on its path, and copying increments the reference count of every key, value and child
 they hold, each a cache miss once the map has gone cold. `release_us`: a 1k-token sequence's ~70 full,
 registered pages released into the evictable LRU (`kv_cache.release`) beside 20,000 pages that
-others hold, each trial on fresh tokens. Both are medians.
+others hold, each trial on fresh tokens. All three are medians.
 """
 
 import argparse
