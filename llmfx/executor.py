@@ -164,8 +164,9 @@ class TracedBatch:
     def of(batch: ScheduledBatch, launch_s: float | None) -> TracedBatch:
         """The counts of a scheduled batch."""
         c = batch.columns
-        return TracedBatch(num_seqs=batch.num_seqs, num_tokens=int(c.counts.sum()), num_decode=int((c.counts == 1).sum()),
-                           context_tokens=int((c.starts + c.counts).sum()), launch_s=launch_s)
+        return TracedBatch(num_seqs=batch.num_seqs, num_tokens=int(c.counts.sum()),
+                           num_decode=int((c.counts == 1).sum()), context_tokens=int((c.starts + c.counts).sum()),
+                           launch_s=launch_s)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -362,7 +363,8 @@ class PyExecutor:
 
     def _abort_everything(self, inbox: list[Message]) -> None:
         sched = self._state.sched
-        ids = list(dict.fromkeys([r.request_id for r in sched.running.requests] + [s.request.request_id for s in sched.waiting]))
+        ids = list(dict.fromkeys([r.request_id for r in sched.running.requests]
+                                 + [s.request.request_id for s in sched.waiting]))
         ids += [m.request.request_id for m in inbox if isinstance(m, AddRequest)]
         sched, ended = abort(sched, ids, "abort")
         pending = {e.request_id for e in ended}
