@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--num-stages", type=parse_ints, default=(2, 3))
     p.add_argument("--splits", type=parse_splits,
                    default=parse_splits("64x32,128x32,256x32,512x32,1024x32,128x1,128x2,128x4,128x8"))
+    p.add_argument("--layout", choices=("nhd", "hnd"), default="nhd",
+                   help="page memory order: token-major as the KV pool stores it, or head-major")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--save", type=Path, default=None)
     args = p.parse_args()
@@ -73,8 +75,11 @@ def main() -> None:
         lens = torch.randint(low, high + 1, (batch,), device=device, generator=gen, dtype=torch.int32)
         per_seq = -(-high // page)
         num_pages = 1 + batch * per_seq
-        k_pages = torch.randn(num_pages, page, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
-        v_pages = torch.randn(num_pages, page, kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
+        # The kernel takes [P, S, K, D] by strides; "hnd" stores each KV head's slice of a page contiguously.
+        dims = (num_pages, page, kv_heads, head_dim) if args.layout == "nhd" else (num_pages, kv_heads, page, head_dim)
+        k_pages, v_pages = (torch.randn(dims, device=device, dtype=dtype, generator=gen) for _ in range(2))
+        if args.layout == "hnd":
+            k_pages, v_pages = k_pages.transpose(1, 2), v_pages.transpose(1, 2)
         table = (1 + torch.randperm(num_pages - 1, device=device, generator=gen)).view(batch, per_seq).int()
         q = torch.randn(batch, heads, head_dim, device=device, dtype=dtype, generator=gen)
         qsl = torch.arange(batch + 1, device=device, dtype=torch.int32)
@@ -83,7 +88,8 @@ def main() -> None:
         shipped = shipped_setting(batch)
         reference = paged_attention_decode(*run_args, **shipped)
         for setting in trials:
-            row = {"batch": batch, "lengths": f"{low}-{high}", **setting, "shipped": setting == shipped}
+            row = {"batch": batch, "lengths": f"{low}-{high}", "layout": args.layout, **setting,
+               "shipped": setting == shipped}
             try:
                 out = torch.empty_like(q)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -35,12 +36,13 @@ def paged_batches(draw):
     seqs = draw(st.lists(st.tuples(st.integers(1, 40), st.integers(0, 40)), min_size=1, max_size=4))
     seqs = [(min(n_q, n_q + cached), cached) for n_q, cached in seqs]  # (queries, cached tokens)
     seed = draw(st.integers(0, 2**16))
-    return page_size, kv_heads, group, head_dim, window, seqs, seed
+    head_major = draw(st.booleans())  # pools stored as KVPool stores them, or token-major
+    return page_size, kv_heads, group, head_dim, window, seqs, seed, head_major
 
 
 @given(paged_batches())
 def test_paged_reference_equals_dense_causal_attention(case):
-    page_size, kv_heads, group, head_dim, window, seqs, seed = case
+    page_size, kv_heads, group, head_dim, window, seqs, seed, head_major = case
     gen = torch.Generator().manual_seed(seed)
     heads = kv_heads * group
     pages_needed = [-(-(n_q + cached) // page_size) for n_q, cached in seqs]
@@ -48,6 +50,8 @@ def test_paged_reference_equals_dense_causal_attention(case):
     order = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()  # pages in shuffled order
     k_pages = torch.randn(num_pages, page_size, kv_heads, head_dim, generator=gen)
     v_pages = torch.randn(num_pages, page_size, kv_heads, head_dim, generator=gen)
+    if head_major:
+        k_pages, v_pages = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k_pages, v_pages))
     table = torch.zeros(len(seqs), max(pages_needed), dtype=torch.int32)
     qs, expected, starts, lens = [], [], [0], []
     for b, (n_q, cached) in enumerate(seqs):
@@ -68,9 +72,10 @@ def test_paged_reference_equals_dense_causal_attention(case):
     torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-5)
 
 
-def test_write_kv_sends_padding_slots_to_the_null_page():
-    k_pages = torch.zeros(3, 2, 1, 4)
-    v_pages = torch.zeros(3, 2, 1, 4)
+@pytest.mark.parametrize("head_major", [False, True])
+def test_write_kv_sends_padding_slots_to_the_null_page(head_major):
+    k_pages = torch.zeros(3, 1, 2, 4).transpose(1, 2) if head_major else torch.zeros(3, 2, 1, 4)
+    v_pages = torch.zeros_like(k_pages)
     k = torch.ones(3, 1, 4)
     write_kv(k_pages, v_pages, k, 2 * k, torch.tensor([5, -1, 2]))
     assert k_pages[2, 1].eq(1).all() and k_pages[1, 0].eq(1).all() and v_pages[1, 0].eq(2).all()

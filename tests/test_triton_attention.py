@@ -25,7 +25,8 @@ def random_batch(seqs, page_size, kv_heads, group, head_dim, pad_rows, seed, dty
     """Args of paged_attention for seqs [(n_q, cached)]; n_q == 0 is a padding sequence (length 0).
 
     Pages are handed out in shuffled order; every pool slot that holds no token is NaN, as are padding
-    query rows, so a kernel that reads past a sequence's end or a padding row shows it.
+    query rows, so a kernel that reads past a sequence's end or a padding row shows it. Odd seeds store
+    the pools head-major, as KVPool does, even ones token-major: the kernels read either by strides.
     """
     gen = torch.Generator().manual_seed(seed)
     lengths = [n_q + cached if n_q else 0 for n_q, cached in seqs]
@@ -33,7 +34,9 @@ def random_batch(seqs, page_size, kv_heads, group, head_dim, pad_rows, seed, dty
     num_pages = sum(pages_needed) + 1
     order = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
     k_pages = torch.full((num_pages, page_size, kv_heads, head_dim), float("nan"))
-    v_pages = torch.full_like(k_pages, float("nan"))
+    if seed % 2:
+        k_pages = k_pages.transpose(1, 2).contiguous().transpose(1, 2)
+    v_pages = torch.full_like(k_pages, float("nan"))  # full_like keeps the strides
     table = torch.zeros(len(seqs), max(pages_needed + [1]) + extra_cols, dtype=torch.int32)
     starts = [0]
     for b, n in enumerate(lengths):

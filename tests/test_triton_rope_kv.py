@@ -37,10 +37,11 @@ def table(head_dim: int) -> torch.Tensor:
 
 
 def make_case(tokens, heads, kv_heads, head_dim, page_size, num_pages, pad, positions, dtype, seed, packed=True,
-              device=DEVICE):
+              head_major=False, device=DEVICE):
     """Args of rope_write_kv: real rows get distinct slots on pages 1.. in shuffled order, pad rows slot -1.
 
     The pools start random (not zero), so a slot the kernel must not touch shows any stray write.
+    head_major stores them as KVPool does ([P, K, S, D] memory seen as [P, S, K, D]).
     """
     gen = torch.Generator().manual_seed(seed)
     q, k, v = packed_qkv(tokens, heads, kv_heads, head_dim, dtype, gen)
@@ -49,6 +50,8 @@ def make_case(tokens, heads, kv_heads, head_dim, page_size, num_pages, pad, posi
     slots = torch.randperm((num_pages - 1) * page_size, generator=gen)[:tokens] + page_size
     slots[torch.as_tensor(pad, dtype=torch.bool)] = -1
     pools = torch.randn(2, num_pages, page_size, kv_heads, head_dim, generator=gen).to(dtype)
+    if head_major:
+        pools = pools.transpose(2, 3).contiguous().transpose(2, 3)  # same values, head-major memory
     to = dict(device=device)
     return (pools[0].to(**to), pools[1].to(**to), q.to(**to), k.to(**to), v.to(**to), table(head_dim).to(**to),
             torch.as_tensor(positions, dtype=torch.int64).to(**to), slots.to(**to))
@@ -60,8 +63,9 @@ def float32_rotation(args):
     k_pages, v_pages = k_pages.clone(), v_pages.clone()
     cos_sin = rope[positions]
     real = slots >= 0
-    k_pages.flatten(0, 1)[slots[real]] = apply_rope(k.float(), cos_sin).to(k_pages.dtype)[real]
-    v_pages.flatten(0, 1)[slots[real]] = v.to(v_pages.dtype)[real]
+    page, offset = slots[real] // k_pages.shape[1], slots[real] % k_pages.shape[1]
+    k_pages[page, offset] = apply_rope(k.float(), cos_sin).to(k_pages.dtype)[real]
+    v_pages[page, offset] = v.to(v_pages.dtype)[real]
     return apply_rope(q.float(), cos_sin).to(q.dtype), k_pages, v_pages
 
 
@@ -97,16 +101,17 @@ def batches(draw):
     positions = draw(st.lists(st.integers(0, TABLE_ROWS - 1), min_size=tokens, max_size=tokens))
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
     packed = draw(st.booleans())
+    head_major = draw(st.booleans())
     return tokens, heads, kv_heads, head_dim, page_size, num_pages, pad, positions, dtype, draw(
-        st.integers(0, 2**16)), packed
+        st.integers(0, 2**16)), packed, head_major
 
 
 @kernels
 @settings(max_examples=25)
 @given(batches())
 def test_kernel_rotates_in_float32_and_writes_only_real_slots(case):
-    *shape, packed = case
-    args = make_case(*shape, packed=packed)
+    *shape, packed, head_major = case
+    args = make_case(*shape, packed=packed, head_major=head_major)
     assert_same_as_float32_rotation(run_kernel(args), float32_rotation(args))
 
 
@@ -114,8 +119,8 @@ def test_kernel_rotates_in_float32_and_writes_only_real_slots(case):
 @settings(max_examples=10)
 @given(batches())
 def test_kernel_agrees_with_the_reference_op_to_the_dtypes_rounding(case):
-    *shape, packed = case
-    args = make_case(*shape, packed=packed)
+    *shape, packed, head_major = case
+    args = make_case(*shape, packed=packed, head_major=head_major)
     k_pages, v_pages = args[0].clone().cpu(), args[1].clone().cpu()
     q_ref = rope_write_kv_reference(k_pages, v_pages, *[a.cpu() for a in args[2:]])
     q_out, k_out, v_out = run_kernel(args)

@@ -14,14 +14,15 @@ from torch import Tensor
 
 @torch.library.custom_op("llmfx::write_kv", mutates_args=("k_pages", "v_pages"))
 def write_kv(k_pages: Tensor, v_pages: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
-    """Scatter k, v [T, K, D] into the pools [P, S, K, D] at slot_mapping [T] (page * S + offset).
+    """Scatter k, v [T, K, D] into the pools [P, S, K, D] (any strides) at slot_mapping [T] (page * S + offset).
 
     Slot -1 means padding and lands in the null page 0, whose contents are never read unmasked.
     """
-    num_pages, page_size, kv_heads, head_dim = k_pages.shape
-    slots = slot_mapping.clamp_min(0)
-    k_pages.view(num_pages * page_size, kv_heads, head_dim).index_copy_(0, slots, k.to(k_pages.dtype))
-    v_pages.view(num_pages * page_size, kv_heads, head_dim).index_copy_(0, slots, v.to(v_pages.dtype))
+    page_size = k_pages.shape[1]
+    slots = slot_mapping.clamp_min(0).long()
+    pages, offsets = slots // page_size, slots % page_size
+    k_pages.index_put_((pages, offsets), k.to(k_pages.dtype))
+    v_pages.index_put_((pages, offsets), v.to(v_pages.dtype))
 
 
 @write_kv.register_fake
