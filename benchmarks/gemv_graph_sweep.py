@@ -6,9 +6,9 @@ shape at --batch rows (default 1; dummy bf16 weights, context 1024) this compile
 (inductor, no cudagraphs); then, for each candidate config of one shape class of `triton_gemv._CONFIGS`
 at that row count (the other classes as shipped), it captures the forward as a CUDA graph and times
 its replays with CUDA events. llmfx::linear is opaque to inductor and reads its config and its routing
-(`LINEAR_GEMV_ROWS`) when called, so a candidate costs a capture, not a compile. The shipped table is
-re-timed between classes to show drift; above LINEAR_GEMV_ROWS rows, where serving runs cuBLAS, the
-forward with cuBLAS is timed too.
+(`triton_linear.LINEAR_GEMV_ROWS`) when called, so a candidate costs a capture, not a compile. The
+shipped table is re-timed between classes to show drift; above LINEAR_GEMV_ROWS rows, where serving
+runs another kernel (the Triton matmul to 16 rows, then cuBLAS), the forward as served is timed too.
 
 With --no-pdl-trace it also captures the forward with llmfx's kernels launched without PDL and prints
 its kernel table: with PDL each kernel's time in a trace includes its wait for the one before, so
@@ -26,7 +26,7 @@ import torch
 
 from llmfx.bench import decode_batch, graph_kernel_table, graph_replay_us, save_rows
 from llmfx.models import forward
-from llmfx.ops import triton_gemv, triton_pdl
+from llmfx.ops import triton_gemv, triton_linear, triton_pdl
 from llmfx.ops.triton_gemv import GemvConfig
 from llmfx.weights import load_params, resolve_model
 
@@ -66,7 +66,7 @@ def main() -> None:
     kv, inputs = decode_batch(cfg, args.batch, args.context, torch.bfloat16, device)
     fwd = torch.compile(lambda: forward(params, cfg, inputs, kv), fullgraph=True, dynamic=False)
     shipped = dict(triton_gemv._CONFIGS)
-    served_rows = triton_gemv.LINEAR_GEMV_ROWS
+    served_rows = triton_linear.LINEAR_GEMV_ROWS
     rows = []
 
     def timed(label: dict) -> float:
@@ -78,8 +78,8 @@ def main() -> None:
 
     with torch.inference_mode():
         if args.batch > served_rows:
-            timed({"class": "cublas (as served at this batch)"})
-        triton_gemv.LINEAR_GEMV_ROWS = max(served_rows, args.batch)  # the GEMV at this batch from here on
+            timed({"class": "as served at this batch"})
+        triton_linear.LINEAR_GEMV_ROWS = max(served_rows, args.batch)  # the GEMV at this batch from here on
         for shape_class in args.classes.split(","):
             timed({"class": "shipped"})
             for config in candidates(args.batch):
@@ -97,8 +97,8 @@ def main() -> None:
         triton_gemv._CONFIGS.update(shipped)
         timed({"class": "shipped"})
         if args.batch > served_rows:
-            triton_gemv.LINEAR_GEMV_ROWS = served_rows
-            timed({"class": "cublas (as served at this batch)"})
+            triton_linear.LINEAR_GEMV_ROWS = served_rows
+            timed({"class": "as served at this batch"})
         if args.no_pdl_trace:
             triton_pdl._capable = lambda index: False  # llmfx's kernels launch without PDL from here on
             us, graph = graph_replay_us(fwd, args.iters)

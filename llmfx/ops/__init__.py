@@ -11,7 +11,7 @@ from llmfx.ops.rope_kv import rope_write_kv
 
 if torch.cuda.is_available():  # registers the Triton kernels; CPU-only torch wheels ship no triton
     try:
-        from llmfx.ops import triton_attention, triton_gemv, triton_rope_kv  # noqa: F401
+        from llmfx.ops import triton_attention, triton_linear, triton_rope_kv  # noqa: F401
     except ModuleNotFoundError as missing:
         if missing.name != "triton":
             raise

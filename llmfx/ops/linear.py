@@ -1,8 +1,9 @@
-"""llmfx::linear, the decoder's matmuls as one custom op, so that CUDA can route calls of a row or two to a Triton GEMV.
+"""llmfx::linear, the decoder's matmuls as one custom op, so that CUDA can route small calls to Triton kernels.
 
-CPU (and any device without a registered kernel) runs F.linear. On CUDA (ops/triton_gemv.py registers
-the kernel) a call of up to LINEAR_GEMV_ROWS rows runs the Triton GEMV, which launches with PDL and so
-overlaps the kernels around it, as cuBLAS's do not; every other call runs F.linear.
+CPU (and any device without a registered kernel) runs F.linear. On CUDA (ops/triton_linear.py registers
+the kernel) a call of up to LINEAR_GEMV_ROWS rows runs the Triton GEMV and one of up to
+LINEAR_GEMM_ROWS the Triton tensor-core matmul; both launch with PDL and so overlap the kernels around
+them, as cuBLAS's do not. Every other call runs F.linear.
 """
 
 from __future__ import annotations

@@ -18,19 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from llmfx.ops.linear import linear
 from llmfx.ops.triton_pdl import pdl_launch, wait_for_prior_kernel
 
 MAX_ROWS = 8
-# llmfx::linear runs the GEMV up to this many rows, cuBLAS beyond. Timed alone, the GEMV matched cuBLAS at
-# one row and lost from two; inside the decode forward's graph (gemv_graph_sweep.py, H200) it won at two rows
-# (1,141.8 vs 1,186 us a forward) and lost at eight (2,178 vs 1,230); three to seven are not measured.
-LINEAR_GEMV_ROWS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,14 +169,3 @@ def gemv(x: Tensor, weight: Tensor, *, config: GemvConfig | None = None) -> Tens
         _gemv_reduce_kernel[(triton.cdiv(rows * n, _REDUCE_BLOCK),)](
             out, partial, rows * n, SPLITS=splits, BLOCK=_REDUCE_BLOCK, num_warps=4, **pdl_launch(x.device))
     return out
-
-
-def triton_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """llmfx::linear on CUDA: the GEMV for up to LINEAR_GEMV_ROWS rows of bf16/fp16 without bias, else F.linear."""
-    if (x.dim() == 2 and 1 <= x.shape[0] <= LINEAR_GEMV_ROWS and bias is None and x.dtype == weight.dtype
-            and x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1 and weight.stride(1) == 1):
-        return gemv(x, weight)
-    return F.linear(x, weight, bias)
-
-
-linear.register_kernel("cuda")(triton_linear)

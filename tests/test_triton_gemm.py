@@ -1,0 +1,142 @@
+"""The Triton tensor-core matmul equals x @ weight.T, and llmfx::linear routes each call by rows.
+
+Without CUDA the kernel tests run in TRITON_INTERPRET mode on small fp32 shapes that are not multiples
+of the tiles, with K splits that divide K's blocks unevenly; with CUDA the `gpu` tests add bf16 at
+TinyLlama's layer shapes, CUDA-graph replay and the op's routing on the device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+# First: it turns the interpreter on (without CUDA) before anything imports triton.
+from tests.triton_interpreter import (DEVICE, KERNELS_RUN_HERE, kernels, needs_cuda,  # isort: skip
+                                      run_kernel_tests_in_fresh_interpreter)
+
+from llmfx.ops import triton_gemm, triton_linear
+from llmfx.ops.triton_gemm import GemmConfig, gemm
+from llmfx.ops.triton_gemv import gemv
+
+# One tile, several row tiles, uneven K splits, more splits than K blocks, tiles wider than N or K.
+CONFIGS = [GemmConfig(16, 16, 16), GemmConfig(16, 32, 32, split_k=3), GemmConfig(32, 16, 64, split_k=2),
+           GemmConfig(16, 64, 16, split_k=64, num_warps=2, num_stages=2)]
+
+
+def random_problem(m, n, k, seed, dtype=torch.float32, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) / k**0.5
+    return x.to(device=device, dtype=dtype), w.to(device=device, dtype=dtype)
+
+
+def reference(x, w):
+    return (x.cpu().double() @ w.cpu().double().T).float()
+
+
+@kernels
+@settings(max_examples=20)
+@given(st.integers(1, 40), st.integers(1, 150), st.integers(1, 150), st.sampled_from(CONFIGS), st.integers(0, 2**16))
+def test_gemm_matches_float64_reference(m, n, k, config, seed):
+    x, w = random_problem(m, n, k, seed)
+    out = gemm(x, w, config)
+    assert out.shape == (m, n) and out.dtype == x.dtype
+    torch.testing.assert_close(out.cpu(), reference(x, w), rtol=1e-4, atol=1e-4)
+    assert torch.equal(gemm(x, w, config), out)  # no atomics: the same bits again
+
+
+@kernels
+def test_gemm_reads_rows_of_a_strided_x():
+    wide, w = random_problem(5, 40, 150, 3)
+    x = wide[:, 10:110]  # a row stride wider than K
+    out = gemm(x, w[:, :100].contiguous(), CONFIGS[1])
+    torch.testing.assert_close(out.cpu(), reference(x, w[:, :100]), rtol=1e-4, atol=1e-4)
+
+
+def test_gemm_refuses_mismatched_operands():
+    with pytest.raises(AssertionError, match="disagree on K"):
+        gemm(torch.zeros(3, 16), torch.zeros(4, 8))
+    with pytest.raises(AssertionError, match="dtype"):
+        gemm(torch.zeros(3, 16), torch.zeros(4, 16, dtype=torch.float64))
+
+
+def test_every_shape_class_has_a_config_with_one_row_tile():
+    for n, k in [(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632), (32000, 2048)]:
+        assert triton_gemm.gemm_config(n, k).block_m >= triton_linear.LINEAR_GEMM_ROWS
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_routes_calls_by_rows(dtype):
+    gemv_rows, gemm_rows = triton_linear.LINEAR_GEMV_ROWS, triton_linear.LINEAR_GEMM_ROWS
+    x, w = random_problem(gemm_rows + 1, 96, 160, 7, dtype)
+    bias = torch.randn(96).to(device=w.device, dtype=dtype)
+    for rows in range(1, gemv_rows + 1):
+        assert torch.equal(triton_linear.triton_linear(x[:rows], w), gemv(x[:rows], w))
+    for rows in range(gemv_rows + 1, gemm_rows + 1):
+        assert torch.equal(triton_linear.triton_linear(x[:rows], w), gemm(x[:rows], w))
+    for args in ((x, w), (x[:4], w, bias), (x[:4].float(), w.float())):  # many rows, a bias, float32
+        assert torch.equal(triton_linear.triton_linear(*args), F.linear(*args))
+
+
+@pytest.mark.skipif(KERNELS_RUN_HERE, reason="the kernel tests run in this process")
+def test_kernels_in_a_fresh_interpreter_process():
+    run_kernel_tests_in_fresh_interpreter(__file__)
+
+
+# ---- CUDA only -------------------------------------------------------------------------------------------
+
+# TinyLlama-1.1B's linear layers: qkv, o, gate_up, down, lm_head.
+SHAPES = [(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632), (32000, 2048)]
+
+
+def assert_close_bf16(out, expected):
+    """Within bf16 rounding of the output (a few ulps of the largest value) plus fp32-order noise."""
+    scale = max(1.0, expected.abs().amax().item())
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2 * scale)
+
+
+@pytest.mark.parametrize("m", [3, 4, 8, 16])
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_bf16_matches_linear_at_tinyllama_shapes(n, k, m):
+    x, w = random_problem(m, n, k, n + m, torch.bfloat16, "cuda")
+    out = gemm(x, w)
+    assert out.dtype == torch.bfloat16
+    assert_close_bf16(out, F.linear(x.float(), w.float()))
+    assert torch.equal(out, gemm(x, w))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_replays_new_x_in_the_same_buffer():
+    n, k = 2048, 5632  # the down projection: K splits and the reduce kernel
+    x_static, w = random_problem(8, n, k, 0, torch.bfloat16, "cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile before capture
+        gemm(x_static, w)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemm(x_static, w)
+    for seed in (1, 2):
+        x_new, _ = random_problem(8, n, k, seed, torch.bfloat16, "cuda")
+        x_static.copy_(x_new)
+        graph.replay()
+        assert torch.equal(out, gemm(x_new, w))  # the same bits as an eager call
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_linear_op_takes_the_matmul_for_3_to_16_rows_launched_with_pdl():
+    x, w = random_problem(triton_linear.LINEAR_GEMM_ROWS + 1, 2048, 5632, 5, torch.bfloat16, "cuda")
+    for rows in (triton_linear.LINEAR_GEMV_ROWS + 1, triton_linear.LINEAR_GEMM_ROWS):
+        assert torch.equal(torch.ops.llmfx.linear(x[:rows], w), gemm(x[:rows], w))
+    assert torch.equal(torch.ops.llmfx.linear(x, w), F.linear(x, w))
+    expected = torch.cuda.get_device_capability()[0] >= 9
+    kernels = [k for cache in triton_gemm._gemm_kernel.device_caches.values() for k in cache[0].values()]
+    assert kernels and all(k.metadata.launch_pdl == expected for k in kernels)
