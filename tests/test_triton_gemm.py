@@ -7,6 +7,10 @@ TinyLlama's layer shapes, CUDA-graph replay and the op's routing on the device.
 
 from __future__ import annotations
 
+import argparse
+import runpy
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,3 +144,18 @@ def test_cuda_linear_op_takes_the_matmul_for_3_to_16_rows_launched_with_pdl():
     expected = torch.cuda.get_device_capability()[0] >= 9
     kernels = [k for cache in triton_gemm._gemm_kernel.device_caches.values() for k in cache[0].values()]
     assert kernels and all(k.metadata.launch_pdl == expected for k in kernels)
+
+
+# ---- benchmarks/mid_m_gemm.py's plain logic ----------------------------------------------------------------
+
+BENCH = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "mid_m_gemm.py"), run_name="not_main")
+
+
+@given(st.integers(1, 300))
+def test_bench_row_tiles_cover_m_once_padded_at_most_to_the_next_power_of_two(m):
+    args = argparse.Namespace(block_m=(16, 32, 64, 128), block_n=(32, 64), block_k=(64,), split_k=(1, 2),
+                              num_warps=(4,), num_stages=(4,))
+    configs = BENCH["candidates"](m, args)
+    tiles = {c.block_m for c in configs}
+    assert 16 in tiles and all(t <= max(16, 2 * m - 1) for t in tiles)  # never a tile of only padding rows
+    assert len(configs) == len(tiles) * 2 * 2 and len(set(configs)) == len(configs)

@@ -41,8 +41,8 @@ class GemmConfig:
 # One config per shape class of triton_gemv.shape_class for 3-16 rows: the best summed time over M = 4, 8
 # and 16 and the class's shapes in the H200 sweep of kernels alone (benchmarks/mid_m_gemm.py; results/
 # 2026-11-30-nvidia-h200-mid-m-gemm.json), where each beat cuBLAS: square (qkv, o) 35.3 vs 38.3 us,
-# wide (gate_up, lm_head) 140.2 vs 148.6, deep (down) 27.3 vs 30.6. From 17 rows cuBLAS was as fast or
-# faster except at 32 and 64 exactly.
+# wide (gate_up, lm_head) 140.2 vs 148.6, deep (down) 27.3 vs 30.6. From 17 rows the kernels alone were
+# mixed (faster at 24, 32, 56, 64; slower at 40, 48, 128, 256) and not tried in served steps: cuBLAS.
 _CONFIGS = {
     "square": GemmConfig(16, 128, 128, split_k=4),
     "wide": GemmConfig(16, 128, 128),
