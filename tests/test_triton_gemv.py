@@ -18,27 +18,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 # First: it turns the interpreter on (without CUDA) before anything imports triton.
-from tests.triton_interpreter import (DEVICE, KERNELS_RUN_HERE, kernels, needs_cuda,  # isort: skip
+from tests.triton_interpreter import (KERNELS_RUN_HERE, kernels, needs_cuda,  # isort: skip
                                       run_kernel_tests_in_fresh_interpreter, sm90_reports)
 
 from llmfx.ops import triton_gemv as tg
 from llmfx.ops import triton_linear
 from llmfx.ops.triton_gemv import GemvConfig, gemv
+from tests.linear_problems import (SHAPES, check_bf16_at_shape, check_graph_replays_new_x, random_problem,
+                                   reference)
 
 # (block_n, block_k, split_k, num_warps, num_stages): one split, splits that divide the K blocks unevenly,
 # more splits than K blocks, tiles wider than N or K.
 CONFIGS = [GemvConfig(16, 32, 1, 4, 1), GemvConfig(8, 64, 3, 4, 1), GemvConfig(32, 16, 5, 2, 2),
            GemvConfig(4, 128, 2, 1, 1), GemvConfig(16, 64, 4, 4, 3), GemvConfig(16, 16, 64, 1, 1)]
-
-
-def random_problem(m, n, k, seed, dtype=torch.float32, device=DEVICE):
-    gen = torch.Generator().manual_seed(seed)
-    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) / k**0.5
-    return x.to(device=device, dtype=dtype), w.to(device=device, dtype=dtype)
-
-
-def reference(x, w):
-    return (x.cpu().double() @ w.cpu().double().T).float()
 
 
 @kernels
@@ -120,48 +112,20 @@ def test_shipped_configs_compile_for_sm90_without_spills_and_with_16_byte_loads(
 
 # ---- CUDA only -------------------------------------------------------------------------------------------
 
-# TinyLlama-1.1B's linear layers: qkv, o, gate_up, down, lm_head.
-SHAPES = [(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632), (32000, 2048)]
-
-
-def assert_close_bf16(out, expected):
-    """Within bf16 rounding of the output (a few ulps of the largest value) plus fp32-order noise."""
-    scale = max(1.0, expected.abs().amax().item())
-    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2 * scale)
-
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("n, k", SHAPES)
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_bf16_matches_linear_at_tinyllama_shapes(n, k, m):
-    x, w = random_problem(m, n, k, n + m, torch.bfloat16, "cuda")
-    out = gemv(x, w)
-    assert out.dtype == torch.bfloat16
-    assert_close_bf16(out, F.linear(x.float(), w.float()))
-    assert torch.equal(out, gemv(x, w))
+    check_bf16_at_shape(gemv, n, k, m)
 
 
 @pytest.mark.parametrize("m", [1, 4])
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_graph_replays_new_x_in_the_same_buffer(m):
-    n, k = 2048, 5632  # the down projection: several K splits and the reduce kernel
-    x_static, w = random_problem(m, n, k, 0, torch.bfloat16, "cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile before capture
-        gemv(x_static, w)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = gemv(x_static, w)
-    for seed in (1, 2, 3):
-        x_new, _ = random_problem(m, n, k, seed, torch.bfloat16, "cuda")
-        x_static.copy_(x_new)
-        graph.replay()
-        assert torch.equal(out, gemv(x_new, w))  # the same bits as an eager call
-        assert_close_bf16(out, F.linear(x_new.float(), w.float()))
+    check_graph_replays_new_x(gemv, m)
 
 
 @pytest.mark.gpu

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from llmfx.ops.triton_gemv import _REDUCE_BLOCK, _gemv_reduce_kernel, shape_class
+from llmfx.ops.triton_gemv import _REDUCE_BLOCK, _gemv_reduce_kernel, k_ranges, shape_class
 from llmfx.ops.triton_pdl import pdl_launch, wait_for_prior_kernel
 
 
@@ -32,10 +32,8 @@ class GemmConfig:
     num_stages: int = 4
 
     def splits(self, k: int) -> tuple[int, int]:
-        """(number of K ranges, elements per range): ranges of whole BLOCK_K blocks, none empty."""
-        k_blocks = triton.cdiv(k, self.block_k)
-        per_split = triton.cdiv(k_blocks, self.split_k)
-        return triton.cdiv(k_blocks, per_split), per_split * self.block_k
+        """(number of K ranges, elements per range): see triton_gemv.k_ranges."""
+        return k_ranges(k, self.block_k, self.split_k)
 
 
 # One config per shape class of triton_gemv.shape_class for 3-16 rows: the best summed time over M = 4, 8

@@ -40,10 +40,15 @@ class GemvConfig:
     num_stages: int = 1
 
     def splits(self, k: int) -> tuple[int, int]:
-        """(number of K ranges, elements per range): ranges of whole BLOCK_K blocks, none empty."""
-        k_blocks = triton.cdiv(k, self.block_k)
-        per_split = triton.cdiv(k_blocks, self.split_k)
-        return triton.cdiv(k_blocks, per_split), per_split * self.block_k
+        """(number of K ranges, elements per range): see k_ranges."""
+        return k_ranges(k, self.block_k, self.split_k)
+
+
+def k_ranges(k: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(number of K ranges, elements per range): at most split_k ranges of whole block_k blocks, none empty."""
+    k_blocks = triton.cdiv(k, block_k)
+    per_split = triton.cdiv(k_blocks, split_k)
+    return triton.cdiv(k_blocks, per_split), per_split * block_k
 
 
 # (largest M, config) per shape class: the best single config of each class and M in the H200 sweep of
