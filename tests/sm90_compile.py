@@ -4,6 +4,7 @@
     python -m tests.sm90_compile --pdl                # each llmfx kernel: does it wait for the prior kernel first?
     python -m tests.sm90_compile --gemv               # the gemv's shipped configs (llmfx.ops.triton_gemv._CONFIGS)
     python -m tests.sm90_compile --gemv --candidates  # also every config benchmarks/small_m_gemm.py tries
+    python -m tests.sm90_compile --gemm               # the tensor-core matmul's shipped configs (triton_gemm._CONFIGS)
 
 The interpreter runs kernels but accepts code the compiler rejects and says nothing of registers;
 Triton ships ptxas and cuobjdump, so the real compile and its spill count need no device. Run without
@@ -158,6 +159,28 @@ def gemv_reports(candidates: bool = False):
                     yield {"candidate": True, **gemv_report(label, m, n, k, cfg)}
 
 
+def gemm_reports():
+    """One row per shape class of triton_gemm._CONFIGS: its kernel at 16 rows (one tile), as the H200 launches it."""
+    from llmfx.ops.triton_gemm import _CONFIGS, _gemm_kernel
+
+    for shape, cfg in _CONFIGS.items():
+        n, k = GEMV_SHAPES[shape]
+        splits, k_per_split = cfg.splits(k)
+        row = {"kernel": "gemm", "shape": shape, "N": n, "K": k, "M": 16,
+               "config": [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages]}
+        constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
+                          IEEE=False, PDL=True)
+        pointers = dict(out_ptr="bf16" if splits == 1 else "fp32", x_ptr="bf16", w_ptr="bf16")
+        ints = dict(M=16, N=n, K=k, k_per_split=k_per_split, stride_xm=k, stride_wn=k, stride_om=n,
+                    stride_os=16 * n if splits > 1 else 0)
+        try:
+            row.update(compile_sm90(_gemm_kernel, constexprs, pointers, cfg.num_warps, ints=ints,
+                                    num_stages=cfg.num_stages))
+        except Exception as err:  # noqa: BLE001 -- a config that does not compile is a result too
+            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        yield row
+
+
 def waits_before_memory(compiled) -> bool:
     """Whether the PTX's first global or shared memory access comes after griddepcontrol.wait (PDL's wait)."""
     lines = compiled.asm["ptx"].splitlines()
@@ -198,6 +221,10 @@ def main() -> None:
         for name, kernel, constexprs, pointers, floats in pdl_kernels():
             compiled = _compile(kernel, constexprs, pointers, 4, floats)
             print(json.dumps({"kernel": name, "waits_before_memory": waits_before_memory(compiled)}), flush=True)
+        return
+    if "--gemm" in sys.argv[1:]:
+        for row in gemm_reports():
+            print(json.dumps(row), flush=True)
         return
     if "--gemv" in sys.argv[1:]:
         for row in gemv_reports(candidates="--candidates" in sys.argv[1:]):

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 # First: it turns the interpreter on (without CUDA) before anything imports triton.
 from tests.triton_interpreter import (KERNELS_RUN_HERE, kernels, needs_cuda,  # isort: skip
-                                      run_kernel_tests_in_fresh_interpreter)
+                                      run_kernel_tests_in_fresh_interpreter, sm90_reports)
 
 from llmfx.ops import triton_gemm, triton_linear
 from llmfx.ops.triton_gemm import GemmConfig, gemm
@@ -79,6 +79,16 @@ def test_linear_routes_calls_by_rows(dtype):
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="the kernel tests run in this process")
 def test_kernels_in_a_fresh_interpreter_process():
     run_kernel_tests_in_fresh_interpreter(__file__)
+
+
+@pytest.mark.skipif(KERNELS_RUN_HERE, reason="once per session, outside the interpreter; a GPU compiles for itself")
+def test_shipped_configs_compile_for_sm90_pipelined_without_spills():
+    reports = sm90_reports("--gemm")
+    assert len(reports) == len(triton_gemm._CONFIGS), reports
+    for r in reports:
+        assert "error" not in r and r["local_bytes"] == 0 and r["pipelined"], r
+        assert r["global_loads"] == ["LDGSTS.128"], r  # every tile load is a 16-byte cp.async into shared memory
+        assert r["shared_bytes"] <= 227 * 1024, r  # fits an H200 SM
 
 
 # ---- CUDA only -------------------------------------------------------------------------------------------
