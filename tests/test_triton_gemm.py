@@ -72,7 +72,7 @@ def test_linear_routes_calls_by_rows(dtype):
         assert torch.equal(triton_linear.triton_linear(x[:rows], w), gemv(x[:rows], w))
     for rows in range(gemv_rows + 1, gemm_rows + 1):
         assert torch.equal(triton_linear.triton_linear(x[:rows], w), gemm(x[:rows], w))
-    for args in ((x, w), (x[:4], w, bias), (x[:4].float(), w.float())):  # many rows, a bias, float32
+    for args in ((x, w), (x[:0], w), (x[:4], w, bias), (x[:4].float(), w.float())):  # many or no rows, a bias, fp32
         assert torch.equal(triton_linear.triton_linear(*args), F.linear(*args))
 
 

@@ -25,7 +25,7 @@ def triton_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
         rows = x.shape[0]
         if 1 <= rows <= LINEAR_GEMV_ROWS:
             return gemv(x, weight)
-        if rows <= LINEAR_GEMM_ROWS:
+        if LINEAR_GEMV_ROWS < rows <= LINEAR_GEMM_ROWS:
             return gemm(x, weight)
     return F.linear(x, weight, bias)
 
