@@ -43,6 +43,10 @@ class BatchColumns(NamedTuple):
                                       int(counts.sum())),
                    pages=tuple(c.pages for c in chunks))
 
+    def token_counts(self) -> tuple[int, int, int]:
+        """(tokens fed, decode rows (fed one token), context tokens: the sum of start + count over rows)."""
+        return int(self.counts.sum()), int((self.counts == 1).sum()), int((self.starts + self.counts).sum())
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ForwardBatch:

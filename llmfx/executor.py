@@ -163,10 +163,9 @@ class TracedBatch:
     @staticmethod
     def of(batch: ScheduledBatch, launch_s: float | None) -> TracedBatch:
         """The counts of a scheduled batch."""
-        c = batch.columns
-        return TracedBatch(num_seqs=batch.num_seqs, num_tokens=int(c.counts.sum()),
-                           num_decode=int((c.counts == 1).sum()), context_tokens=int((c.starts + c.counts).sum()),
-                           launch_s=launch_s)
+        num_tokens, num_decode, context_tokens = batch.columns.token_counts()
+        return TracedBatch(num_seqs=batch.num_seqs, num_tokens=num_tokens, num_decode=num_decode,
+                           context_tokens=context_tokens, launch_s=launch_s)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -100,3 +100,10 @@ def test_unpack_gives_the_model_and_sampler_their_dtypes():
     assert batch.seq_lens.tolist() == [2, 5] and batch.logits_indices.tolist() == [1, 2]
     assert sampling.top_p.dtype == torch.float32 and sampling.seed.dtype == torch.int64
     assert gather.tolist() == [-1, -1, -1]
+
+
+@given(st.lists(st.tuples(st.integers(1, 9), st.integers(0, 50)), max_size=12))
+def test_token_counts_of_columns_are_the_chunks_counts(chunks):
+    columns = BatchColumns.of([SequenceChunk((7,) * n, start, ()) for n, start in chunks])
+    assert columns.token_counts() == (sum(n for n, _ in chunks), sum(n == 1 for n, _ in chunks),
+                                      sum(start + n for n, start in chunks))

@@ -49,10 +49,8 @@ class BatchShape:
     @staticmethod
     def of(batch: ScheduledBatch) -> BatchShape:
         """The shape of a scheduled batch."""
-        counts, starts = batch.columns.counts, batch.columns.starts
-        single = counts == 1
-        return BatchShape(prefill_tokens=int(counts[~single].sum()), decode_seqs=int(single.sum()),
-                          context_tokens=int((starts + counts).sum()))
+        num_tokens, num_decode, context_tokens = batch.columns.token_counts()
+        return BatchShape(prefill_tokens=num_tokens - num_decode, decode_seqs=num_decode, context_tokens=context_tokens)
 
     def features(self) -> tuple[float, float, float, float]:
         """The regressors, in the order of COEFFICIENTS."""
