@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from llmfx.bench import decode_batch, graph_kernel_table, graph_replay_us, save_rows
+from llmfx.bench import decode_batch, graph_replay_us, print_kernel_table, save_rows
 from llmfx.models import forward
 from llmfx.ops import triton_gemv, triton_linear, triton_pdl
 from llmfx.ops.triton_gemv import GemvConfig
@@ -104,10 +104,7 @@ def main() -> None:
             us, graph = graph_replay_us(fwd, args.iters)
             rows.append({"class": "shipped, llmfx kernels without PDL", "forward_us": us})
             print(json.dumps(rows[-1]), flush=True)
-            table = graph_kernel_table(graph)
-            print(table)
-            if args.save:
-                Path(args.save, f"gemv_graph_sweep_trace_no_pdl_b{args.batch}.txt").write_text(table)
+            print_kernel_table(graph, args.save and Path(args.save, f"gemv_graph_sweep_trace_no_pdl_b{args.batch}.txt"))
     if args.save:
         save_rows(Path(args.save), f"gemv_graph_sweep_b{args.batch}.json", rows, model=args.model,
                   context=args.context, batch=args.batch)

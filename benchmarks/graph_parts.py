@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from llmfx.bench import decode_batch, graph_kernel_table, graph_replay_us, save_rows
+from llmfx.bench import decode_batch, graph_replay_us, print_kernel_table, save_rows
 from llmfx.models import forward
 from llmfx.sampler import PenaltyState, SamplingTensors, sample
 from llmfx.sampling_params import SamplingParams
@@ -61,10 +61,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
             if args.trace and batch == int(args.batches.split(",")[0]):
-                table = graph_kernel_table(graph)
-                print(table)
-                if args.save:
-                    Path(args.save, f"graph_parts_trace_b{batch}.txt").write_text(table)
+                print_kernel_table(graph, args.save and Path(args.save, f"graph_parts_trace_b{batch}.txt"))
     if args.save:
         save_rows(Path(args.save), f"graph_parts-{args.sampling}.json", rows, model=args.model,
                   context=args.context)

@@ -347,6 +347,14 @@ def graph_kernel_table(graph: torch.cuda.CUDAGraph, replays: int = 10, row_limit
     return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=row_limit)
 
 
+def print_kernel_table(graph: torch.cuda.CUDAGraph, save_as: Path | None = None) -> None:
+    """Print graph_kernel_table(graph), and write it to save_as when given."""
+    table = graph_kernel_table(graph)
+    print(table)
+    if save_as is not None:
+        save_as.write_text(table)
+
+
 def device_timed(fn, events: list[tuple[torch.cuda.Event, torch.cuda.Event]]):
     """fn, with CUDA events recorded around what each call queues, appended to events (read after the fact)."""
     def timed(*args, **kwargs):
