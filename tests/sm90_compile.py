@@ -84,6 +84,15 @@ def compile_sm90(kernel, constexprs: dict, pointers: dict[str, str], num_warps: 
     return resources(_compile(kernel, constexprs, pointers, num_warps, **compile_args))
 
 
+def report_row(row: dict, kernel, constexprs: dict, pointers: dict[str, str], num_warps: int, **compile_args) -> dict:
+    """row with compile_sm90's resources added, or the compile's error: a config that does not compile is a result."""
+    try:
+        row.update(compile_sm90(kernel, constexprs, pointers, num_warps, **compile_args))
+    except Exception as err:  # noqa: BLE001
+        row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    return row
+
+
 def rope_write_kv_configs():
     """(name, constexprs, pointers, num_warps) for the shapes the engine runs and the extremes."""
     from llmfx.ops.triton_rope_kv import _heads_per_tile
@@ -121,12 +130,8 @@ def gemv_report(shape: str, m: int, n: int, k: int, cfg, dtype: str = "bf16") ->
     row = {"kernel": "gemv_partial", "shape": shape, "N": n, "K": k, "M": m, "dtype": dtype,
            "config": [cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages]}
     constexprs, pointers, ints = gemv_partial_args(m, n, k, cfg, dtype)
-    try:
-        row.update(compile_sm90(_gemv_partial_kernel, constexprs, pointers, cfg.num_warps, ints=ints,
-                                num_stages=cfg.num_stages))
-    except Exception as err:  # noqa: BLE001 -- a config that does not compile is a result too
-        row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-    return row
+    return report_row(row, _gemv_partial_kernel, constexprs, pointers, cfg.num_warps, ints=ints,
+                      num_stages=cfg.num_stages)
 
 
 def gemv_reports(candidates: bool = False):
@@ -173,12 +178,7 @@ def gemm_reports():
         pointers = dict(out_ptr="bf16" if splits == 1 else "fp32", x_ptr="bf16", w_ptr="bf16")
         ints = dict(M=16, N=n, K=k, k_per_split=k_per_split, stride_xm=k, stride_wn=k, stride_om=n,
                     stride_os=16 * n if splits > 1 else 0)
-        try:
-            row.update(compile_sm90(_gemm_kernel, constexprs, pointers, cfg.num_warps, ints=ints,
-                                    num_stages=cfg.num_stages))
-        except Exception as err:  # noqa: BLE001 -- a config that does not compile is a result too
-            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-        yield row
+        yield report_row(row, _gemm_kernel, constexprs, pointers, cfg.num_warps, ints=ints, num_stages=cfg.num_stages)
 
 
 def waits_before_memory(compiled) -> bool:
