@@ -13,6 +13,7 @@ import itertools
 import threading
 import traceback
 
+import pytest
 import torch
 
 from llmfx import model_engine
@@ -81,6 +82,16 @@ def test_a_tensor_read_on_the_step_path_is_caught(monkeypatch):
     assert reads and all(r.startswith("Tensor.tolist") for r in reads)
 
 
+def _record_reads(monkeypatch) -> list[str]:
+    """The names of the tensor reads made from here until monkeypatch.undo() (from any thread)."""
+    reads: list[str] = []
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _o=original, **k: (
+            reads.append(_n), _o(self, *a, **k))[1])
+    return reads
+
+
 def test_the_sampler_reads_no_tensor_back_in_any_variant(monkeypatch):
     # On the GPU the sampler runs inside a CUDA graph, where a read would fail the capture; on the
     # eager path (CPU, enforce_eager) it would stall the step. Every variant the engine picks, with penalties.
@@ -91,13 +102,41 @@ def test_the_sampler_reads_no_tensor_back_in_any_variant(monkeypatch):
               SamplingParams(temperature=0.7, min_p=0.1, repetition_penalty=1.2), SamplingParams(temperature=1.0)]
     tensors = SamplingTensors.build(params, [1, 2, 3, 4], [7, 7, 7, 7], "cpu")
     penalties = PenaltyState.build([[1, 2]] * 4, [[3]] * 4, 50, "cpu")
-    reads: list[str] = []
-    for name in READS:
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _o=original, **k: (
-            reads.append(_n), _o(self, *a, **k))[1])
+    reads = _record_reads(monkeypatch)
     for filtering, noise, top in itertools.product((True, False), repeat=3):
         sample(logits, tensors, penalties, filtering=filtering, noise=noise, top_logprobs=top)
     penalties.write([[4]] * 4, [[5, 6]] * 4)
+    monkeypatch.undo()
+    assert reads == []
+
+
+def test_the_cuda_linear_route_reads_no_tensor_back(monkeypatch):
+    # llmfx::linear's CUDA kernel picks the GEMV, the Triton matmul or F.linear by rows on every layer of
+    # every step (inside the graph when compiled, per call when eager). Its host side, with the Triton
+    # launches recorded instead of run, must read no value back: shapes, strides and dtypes only.
+    pytest.importorskip("triton")
+    from llmfx.ops import triton_gemm, triton_gemv, triton_linear
+
+    launched: list[str] = []
+
+    class Recorded:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(self.name)
+
+    for module, name in ((triton_gemv, "_gemv_partial_kernel"), (triton_gemv, "_gemv_reduce_kernel"),
+                         (triton_gemm, "_gemm_kernel"), (triton_gemm, "_gemv_reduce_kernel")):
+        monkeypatch.setattr(module, name, Recorded(name))
+    w = torch.randn(64, 5632).bfloat16()  # the down projection's K: the GEMV and the matmul both split K
+    x = torch.randn(triton_linear.LINEAR_GEMM_ROWS + 1, 5632).bfloat16()
+    reads = _record_reads(monkeypatch)
+    for rows in range(1, len(x) + 1):
+        launched.clear()
+        triton_linear.triton_linear(x[:rows], w)
+        kernel = ("_gemv_partial_kernel" if rows <= triton_linear.LINEAR_GEMV_ROWS else
+                  "_gemm_kernel" if rows <= triton_linear.LINEAR_GEMM_ROWS else None)
+        assert launched == ([] if kernel is None else [kernel, "_gemv_reduce_kernel"]), (rows, launched)
     monkeypatch.undo()
     assert reads == []
