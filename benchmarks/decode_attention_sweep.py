@@ -56,8 +56,8 @@ def main() -> None:
     p.add_argument("--num-stages", type=parse_ints, default=(2, 3))
     p.add_argument("--splits", type=parse_splits,
                    default=parse_splits("64x32,128x32,256x32,512x32,1024x32,128x1,128x2,128x4,128x8"))
-    p.add_argument("--layout", choices=("nhd", "hnd"), default="nhd",
-                   help="page memory order: token-major as the KV pool stores it, or head-major")
+    p.add_argument("--layout", choices=("hnd", "nhd"), default="hnd",
+                   help="page memory order: head-major as KVPool stores it, or token-major (its order before session 12)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--save", type=Path, default=None)
     args = p.parse_args()
@@ -89,7 +89,7 @@ def main() -> None:
         reference = paged_attention_decode(*run_args, **shipped)
         for setting in trials:
             row = {"batch": batch, "lengths": f"{low}-{high}", "layout": args.layout, **setting,
-               "shipped": setting == shipped}
+                   "shipped": setting == shipped}
             try:
                 out = torch.empty_like(q)
 
