@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--splits", type=parse_splits,
                    default=parse_splits("64x32,128x32,256x32,512x32,1024x32,128x1,128x2,128x4,128x8"))
     p.add_argument("--layout", choices=("hnd", "nhd"), default="hnd",
-                   help="page memory order: head-major as KVPool stores it, or token-major (its order before session 12)")
+                   help="page memory order: head-major as KVPool stores it, or token-major (before session 12)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--save", type=Path, default=None)
     args = p.parse_args()
