@@ -165,20 +165,22 @@ def gemv_reports(candidates: bool = False):
 
 
 def gemm_reports():
-    """One row per shape class of triton_gemm._CONFIGS: its kernel at 16 rows (one tile), as the H200 launches it."""
+    """One row per entry of triton_gemm._CONFIGS: its kernel at the entry's largest M, as the H200 launches it."""
     from llmfx.ops.triton_gemm import _CONFIGS, _gemm_kernel
 
-    for shape, cfg in _CONFIGS.items():
+    for shape, table in _CONFIGS.items():
         n, k = GEMV_SHAPES[shape]
-        splits, k_per_split = cfg.splits(k)
-        row = {"kernel": "gemm", "shape": shape, "N": n, "K": k, "M": 16,
-               "config": [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages]}
-        constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-                          IEEE=False, PDL=True)
-        pointers = dict(out_ptr="bf16" if splits == 1 else "fp32", x_ptr="bf16", w_ptr="bf16")
-        ints = dict(M=16, N=n, K=k, k_per_split=k_per_split, stride_xm=k, stride_wn=k, stride_om=n,
-                    stride_os=16 * n if splits > 1 else 0)
-        yield report_row(row, _gemm_kernel, constexprs, pointers, cfg.num_warps, ints=ints, num_stages=cfg.num_stages)
+        for m, cfg in table:
+            splits, k_per_split = cfg.splits(k)
+            row = {"kernel": "gemm", "shape": shape, "N": n, "K": k, "M": m,
+                   "config": [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages]}
+            constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                              EVEN_K=k % cfg.block_k == 0, IEEE=False, PDL=True)
+            pointers = dict(out_ptr="bf16" if splits == 1 else "fp32", x_ptr="bf16", w_ptr="bf16")
+            ints = dict(M=m, N=n, K=k, k_per_split=k_per_split, stride_xm=k, stride_wn=k, stride_om=n,
+                        stride_os=m * n if splits > 1 else 0)
+            yield report_row(row, _gemm_kernel, constexprs, pointers, cfg.num_warps, ints=ints,
+                             num_stages=cfg.num_stages)
 
 
 def waits_before_memory(compiled) -> bool:

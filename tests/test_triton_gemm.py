@@ -23,7 +23,7 @@ from tests.triton_interpreter import (KERNELS_RUN_HERE, kernels, needs_cuda,  # 
 
 from llmfx.ops import triton_gemm, triton_linear
 from llmfx.ops.triton_gemm import GemmConfig, gemm
-from llmfx.ops.triton_gemv import gemv
+from llmfx.ops.triton_gemv import gemv, shape_class
 from tests.linear_problems import SHAPES, check_bf16_at_shape, check_graph_replays_new_x, random_problem, reference
 
 # One tile, several row tiles, uneven K splits, more splits than K blocks, tiles wider than N or K.
@@ -57,9 +57,17 @@ def test_gemm_refuses_mismatched_operands():
         gemm(torch.zeros(3, 16), torch.zeros(4, 16, dtype=torch.float64))
 
 
-def test_every_shape_class_has_a_config_with_one_row_tile():
-    for n, k in [(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632), (32000, 2048)]:
-        assert triton_gemm.gemm_config(n, k).block_m >= triton_linear.LINEAR_GEMM_ROWS
+@given(st.sampled_from(SHAPES), st.integers(-2, 40))
+def test_shipped_configs_cover_the_routed_rows_and_refuse_the_rest(shape, m):
+    (n, k), table = shape, triton_gemm._CONFIGS[shape_class(*shape)]
+    assert [most for most, _ in table] == sorted(most for most, _ in table)  # looked up first fit
+    if 1 <= m <= triton_linear.LINEAR_GEMM_ROWS:
+        config = triton_gemm.gemm_config(m, n, k)
+        assert config == next(c for most, c in table if m <= most)
+        assert m <= 16 or config is not table[0][1]  # 17-32 rows have their own settings
+    else:
+        with pytest.raises(ValueError, match="rows"):
+            triton_gemm.gemm_config(m, n, k)
 
 
 @kernels
@@ -84,7 +92,7 @@ def test_kernels_in_a_fresh_interpreter_process():
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="once per session, outside the interpreter; a GPU compiles for itself")
 def test_shipped_configs_compile_for_sm90_pipelined_without_spills():
     reports = sm90_reports("--gemm")
-    assert len(reports) == len(triton_gemm._CONFIGS), reports
+    assert len(reports) == sum(len(table) for table in triton_gemm._CONFIGS.values()), reports
     for r in reports:
         assert "error" not in r and r["local_bytes"] == 0 and r["pipelined"], r
         assert r["global_loads"] == ["LDGSTS.128"], r  # every tile load is a 16-byte cp.async into shared memory
@@ -94,7 +102,7 @@ def test_shipped_configs_compile_for_sm90_pipelined_without_spills():
 # ---- CUDA only -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("m", [3, 4, 8, 16])
+@pytest.mark.parametrize("m", [3, 4, 8, 16, 17, 24, 32])
 @pytest.mark.parametrize("n, k", SHAPES)
 @pytest.mark.gpu
 @needs_cuda
@@ -110,9 +118,9 @@ def test_cuda_graph_replays_new_x_in_the_same_buffer():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_linear_op_takes_the_matmul_for_3_to_16_rows_launched_with_pdl():
+def test_cuda_linear_op_takes_the_matmul_for_3_to_32_rows_launched_with_pdl():
     x, w = random_problem(triton_linear.LINEAR_GEMM_ROWS + 1, 2048, 5632, 5, torch.bfloat16, "cuda")
-    for rows in (triton_linear.LINEAR_GEMV_ROWS + 1, triton_linear.LINEAR_GEMM_ROWS):
+    for rows in (triton_linear.LINEAR_GEMV_ROWS + 1, 16, 17, triton_linear.LINEAR_GEMM_ROWS):
         assert torch.equal(torch.ops.llmfx.linear(x[:rows], w), gemm(x[:rows], w))
     assert torch.equal(torch.ops.llmfx.linear(x, w), F.linear(x, w))
     expected = torch.cuda.get_device_capability()[0] >= 9

@@ -1,7 +1,7 @@
 """Triton tensor-core matmul for small decode batches: y = x @ weight.T with x [M, K], weight [N, K].
 
-Between the GEMV's few rows and cuBLAS's territory: one tile of 16 rows covers M <= 16, and each
-program streams a [BLOCK_N, K range] slice of the weight through tl.dot. With more than one K range
+Between the GEMV's few rows and cuBLAS's territory (up to MAX_ROWS rows): one or two row tiles cover M, and
+each program streams a [BLOCK_N, K range] slice of the weight through tl.dot. With more than one K range
 the partial sums go to a float32 workspace and the GEMV's reduce kernel adds them in split order: no
 atomics, the same bits every call. Grids follow from shapes alone (CUDA-graph safe), and the kernel
 launches with PDL like llmfx's other kernels.
@@ -36,21 +36,25 @@ class GemmConfig:
         return k_ranges(k, self.block_k, self.split_k)
 
 
-# One config per shape class of triton_gemv.shape_class for 3-16 rows: the best summed time over M = 4, 8
-# and 16 and the class's shapes in the H200 sweep of kernels alone (benchmarks/mid_m_gemm.py; results/
-# 2026-11-30-nvidia-h200-mid-m-gemm.json), where each beat cuBLAS: square (qkv, o) 35.3 vs 38.3 us,
-# wide (gate_up, lm_head) 140.2 vs 148.6, deep (down) 27.3 vs 30.6. From 17 rows the kernels alone were
-# mixed (faster at 24, 32, 56, 64; slower at 40, 48, 128, 256) and not tried in served steps: cuBLAS.
-_CONFIGS = {
-    "square": GemmConfig(16, 128, 128, split_k=4),
-    "wide": GemmConfig(16, 128, 128),
-    "deep": GemmConfig(16, 64, 128, split_k=4),
+# (largest M, config) per shape class of triton_gemv.shape_class, for 3-32 rows. Each is the best summed time
+# over its rows and the class's shapes in the H200 sweep of kernels alone (benchmarks/mid_m_gemm.py), where
+# each beat cuBLAS. M = 4, 8, 16 (results/2026-11-30-nvidia-h200-mid-m-gemm.json): square (qkv, o) 35.3 vs
+# 38.3 us, wide (gate_up, lm_head) 140.2 vs 148.6, deep (down) 27.3 vs 30.6. M = 24, 32 (results/
+# 2026-11-30-nvidia-h200-mid-m-gemm-24-64-padded.json): square 26.0 vs 27.9, wide 100.6 vs 102.6, deep 20.1 vs
+# 22.6. From 33 rows the kernels alone were mixed (slower at 40 and 48): cuBLAS.
+_CONFIGS: dict[str, tuple[tuple[int, GemmConfig], ...]] = {
+    "square": ((16, GemmConfig(16, 128, 128, split_k=4)), (32, GemmConfig(32, 32, 64, split_k=4))),
+    "wide": ((16, GemmConfig(16, 128, 128)), (32, GemmConfig(32, 128, 128))),
+    "deep": ((16, GemmConfig(16, 64, 128, split_k=4)), (32, GemmConfig(16, 128, 128, split_k=4))),
 }
+MAX_ROWS = max(most for table in _CONFIGS.values() for most, _ in table)
 
 
-def gemm_config(n: int, k: int) -> GemmConfig:
-    """The shipped launch settings for x [m, k] @ weight[n, k].T, 3 <= m <= 16."""
-    return _CONFIGS[shape_class(n, k)]
+def gemm_config(m: int, n: int, k: int) -> GemmConfig:
+    """The shipped launch settings for x [m, k] @ weight[n, k].T, 1 <= m <= MAX_ROWS."""
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"gemm's shipped configs cover 1 to {MAX_ROWS} rows, got {m}: pass a GemmConfig")
+    return next(config for most, config in _CONFIGS[shape_class(n, k)] if m <= most)
 
 
 @triton.jit
@@ -103,7 +107,7 @@ def gemm(x: Tensor, weight: Tensor, config: GemmConfig | None = None) -> Tensor:
     assert rows >= 1, "gemm needs at least one row"
     assert x.dtype == weight.dtype, "x and weight must share a dtype"
     assert x.stride(1) == 1 and weight.stride(1) == 1, "x and weight need contiguous rows"
-    config = config or gemm_config(n, k)
+    config = config or gemm_config(rows, n, k)
     splits, k_per_split = config.splits(k)
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     partial = out if splits == 1 else torch.empty(splits, rows, n, dtype=torch.float32, device=x.device)

@@ -7,15 +7,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmfx.ops.linear import linear
+from llmfx.ops import triton_gemm
 from llmfx.ops.triton_gemm import gemm
 from llmfx.ops.triton_gemv import gemv
 
 # Rows up to which each kernel serves a call. The GEMV: timed alone it matched cuBLAS at one row and lost
 # from two; inside the decode forward's graph (gemv_graph_sweep.py, H200) it won at two rows (1,141.8 vs
-# 1,186 us a forward) and lost at eight (2,178 vs 1,230). The matmul: its kernels alone beat cuBLAS at 4, 8
-# and 16 rows (mid_m_gemm.py); served steps: benchmarks/README.md, session 12. cuBLAS beyond.
+# 1,186 us a forward) and lost at eight (2,178 vs 1,230). The matmul: its kernels alone beat cuBLAS at 4-32
+# rows (mid_m_gemm.py); served steps: benchmarks/README.md, sessions 12 and 13. cuBLAS beyond.
 LINEAR_GEMV_ROWS = 2
-LINEAR_GEMM_ROWS = 16
+LINEAR_GEMM_ROWS = triton_gemm.MAX_ROWS
 
 
 def triton_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
