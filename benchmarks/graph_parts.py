@@ -6,7 +6,8 @@ sampler; replays each and reports microseconds per replay from CUDA events. The 
 the engine runs it for the chosen sampling (for greedy without logprobs: without the filters,
 their vocabulary sort and the top-20) and, as `sampler_filtering_us`, with the filters, which every batch ran before the variant
 without them existed. With --trace, prints the CUDA kernels of one forward + sampler replay at the
-smallest batch, grouped by name.
+smallest batch, grouped by name. With --prefill-tokens N, the forward of one full prefill step instead: the
+offline workload's first prompts, N tokens in all (the last prompt cut), as the engine's first steps run it.
 """
 
 import argparse
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from llmfx.bench import decode_batch, graph_replay_us, print_kernel_table, save_rows
+from llmfx.bench import (decode_batch, graph_replay_us, offline_prefill_lengths, prefill_batch, print_kernel_table,
+                         save_rows)
 from llmfx.models import forward
 from llmfx.sampler import PenaltyState, SamplingTensors, sample
 from llmfx.sampling_params import SamplingParams
@@ -31,11 +33,15 @@ def main() -> None:
     parser.add_argument("--save", default=None)
     parser.add_argument("--trace", action="store_true")
     parser.add_argument("--forward-only", action="store_true")
+    parser.add_argument("--prefill-tokens", type=int, default=0, help="time one prefill step of this many tokens")
     args = parser.parse_args()
     device = torch.device("cuda")
     source = resolve_model(args.model)
     cfg = source.config
     params = load_params(source, dtype="bfloat16", device=device, load_format="dummy", seed=0, max_positions=4096)
+    if args.prefill_tokens:
+        prefill(args, params, cfg, device)
+        return
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         kv, inputs = decode_batch(cfg, batch, args.context, torch.bfloat16, device)
@@ -65,6 +71,30 @@ def main() -> None:
     if args.save:
         save_rows(Path(args.save), f"graph_parts-{args.sampling}.json", rows, model=args.model,
                   context=args.context)
+
+
+def prefill(args, params, cfg, device) -> None:
+    """The forward of one prefill step (compiled, captured by hand): its replay time and, with --trace, kernels."""
+    lengths = offline_prefill_lengths(args.prefill_tokens)
+    kv, inputs = prefill_batch(cfg, lengths, torch.bfloat16, device)
+    fwd = torch.compile(lambda: forward(params, cfg, inputs, kv), fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        us, graph = graph_replay_us(fwd, iters=20)
+    tokens = sum(lengths)
+    row = {"prefill_tokens": tokens, "prompts": len(lengths), "forward_us": us,
+           "linear_tflops": 2 * tokens * weight_flops_per_token(cfg) / us / 1e6}
+    print(json.dumps(row), flush=True)
+    if args.trace:
+        print_kernel_table(graph, args.save and Path(args.save, f"graph_parts_trace_prefill{tokens}.txt"))
+    if args.save:
+        save_rows(Path(args.save), f"graph_parts-prefill{tokens}.json", [row], model=args.model, lengths=lengths)
+
+
+def weight_flops_per_token(cfg) -> int:
+    """Multiply-adds per token in the decoder's linear layers (the lm_head runs on last tokens only)."""
+    per_layer = cfg.hidden_size * ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.q_size
+                                   + 3 * cfg.intermediate_size)
+    return cfg.num_layers * per_layer
 
 
 if __name__ == "__main__":

@@ -335,6 +335,27 @@ def decode_batch(cfg, batch: int, context: int, dtype: torch.dtype, device, page
     return kv, pack(chunks, page_size, device, max_pages=per_seq)
 
 
+def prefill_batch(cfg, lengths: list[int], dtype: torch.dtype, device, page_size: int = 16):
+    """(KV layers, ForwardBatch) of whole prompts of these lengths, each from position 0 with pages of its own."""
+    per_seq = [-(-n // page_size) for n in lengths]
+    kv = KVPool.allocate(cfg, sum(per_seq) + 1, page_size, dtype, device).take()
+    starts = [1 + sum(per_seq[:i]) for i in range(len(lengths))]
+    chunks = [SequenceChunk(tuple((7 * i + j) % cfg.vocab_size for j in range(n)), 0, tuple(range(s, s + pages)))
+              for i, (n, s, pages) in enumerate(zip(lengths, starts, per_seq))]
+    return kv, pack(chunks, page_size, device)
+
+
+def offline_prefill_lengths(num_tokens: int) -> list[int]:
+    """The offline workload's first prompt lengths, the last cut so that they sum to num_tokens (a full prefill step)."""
+    lengths: list[int] = []
+    for prompt, _ in offline_workload(vocab_size=2):
+        take = min(len(prompt), num_tokens - sum(lengths))
+        if take == 0:
+            break
+        lengths.append(take)
+    return lengths
+
+
 def graph_kernel_table(graph: torch.cuda.CUDAGraph, replays: int = 10, row_limit: int = 40) -> str:
     """The CUDA kernels of `replays` replays of graph, grouped by name, as torch.profiler's table.
 

@@ -102,6 +102,33 @@ def test_decode_batch_gives_each_row_one_token_at_the_context_and_pages_of_its_o
     assert forward(params, cfg, batch, kv).shape == (3, cfg.vocab_size)
 
 
+@given(st.integers(1, 3000))
+def test_offline_prefill_lengths_are_the_workloads_first_prompts_cut_to_the_step(tokens):
+    lengths = bench.offline_prefill_lengths(tokens)
+    prompts = [len(p) for p, _ in offline_workload(vocab_size=2)]
+    assert sum(lengths) == tokens and all(n > 0 for n in lengths)
+    assert lengths[:-1] == prompts[:len(lengths) - 1] and lengths[-1] <= prompts[len(lengths) - 1]
+
+
+def test_prefill_batch_starts_every_prompt_at_zero_on_pages_of_its_own():
+    from llmfx.models import forward
+    from llmfx.weights import load_params, resolve_model
+
+    source = resolve_model("tiny")
+    cfg = source.config
+    kv, batch = bench.prefill_batch(cfg, [5, 17, 8], torch.float32, "cpu", page_size=8)
+    assert batch.positions.tolist() == [*range(5), *range(17), *range(8)]
+    assert batch.seq_lens.tolist() == [5, 17, 8] and batch.query_start_loc.tolist() == [0, 5, 22, 30]
+    pages = [p for row in batch.page_table.tolist() for p in row if p]
+    assert sorted(pages) == list(range(1, 6)) and kv[0][0].shape[0] == 6  # 1 + 3 + 1 pages and the null page
+    params = load_params(source, dtype="float32", load_format="dummy", seed=0)
+    assert forward(params, cfg, batch, kv).shape == (3, cfg.vocab_size)
+    graph_parts = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "graph_parts.py"),
+                                 run_name="not_main")
+    linear_weights = sum(w.numel() for name, w in params["layers"][0].items() if name.startswith("w"))
+    assert graph_parts["weight_flops_per_token"](cfg) == cfg.num_layers * linear_weights
+
+
 def test_kernel_benchmark_rows_are_saved_with_where_they_ran(tmp_path):
     rows = [{"batch": 1, "us": 2.5}]
     path = save_rows(tmp_path / "out", "sweep.json", rows, context=1024)
