@@ -315,3 +315,26 @@ def test_startup_profile_samples_every_thread_of_a_warm_start_on_cpu(tmp_path, m
     assert set(report["phases_s"]) == {"load", "profile", "kv_allocation", "compile_and_capture"}
     executor = report["threads"]["llmfx-executor"]  # the warm-up runs there, so it must be sampled too
     assert executor["samples"] > 0 and any("warmup" in where for where, _ in executor["top"])
+
+
+VARLEN_SWEEP = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "varlen_attention_sweep.py"),
+                              run_name="not_main")
+
+
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=4), st.sampled_from([1, 4, 16]), st.integers(0, 100))
+def test_varlen_sweep_reference_is_the_paged_reference_op(lengths, page_size, seed):
+    from llmfx.ops.attention import paged_attention
+    from llmfx.presets import preset
+
+    cfg = preset("tiny")
+    args = VARLEN_SWEEP["prefill_problem"](cfg, lengths, page_size, torch.float32, "cpu", seed)
+    assert args[0].shape[0] == sum(lengths) and args[5].tolist() == lengths
+    scale = cfg.head_dim**-0.5
+    torch.testing.assert_close(VARLEN_SWEEP["sdpa_reference"](*args, scale), paged_attention(*args, scale, 0),
+                               rtol=1e-5, atol=1e-5)
+
+
+@given(st.lists(st.integers(1, 30), min_size=1, max_size=3), st.integers(1, 4), st.integers(1, 8))
+def test_varlen_sweep_counts_causal_work_pair_by_pair(lengths, heads, head_dim):
+    pairs = sum(1 for n in lengths for i in range(n) for _ in range(i + 1))  # (query, key) pairs it may see
+    assert VARLEN_SWEEP["causal_flops"](lengths, heads, head_dim) == pairs * heads * head_dim * 4

@@ -72,7 +72,7 @@ def mixed_batches(draw):
     kv_heads = draw(st.sampled_from([1, 2]))
     group = draw(st.sampled_from([1, 2, 3, 4]))
     head_dim = draw(st.sampled_from([16, 24, 64]))
-    window = draw(st.sampled_from([0, 0, 3, 7]))
+    window = draw(st.sampled_from([0, 0, 3, 7, 40]))
     seqs = draw(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 40)), min_size=1, max_size=4))
     pad_rows = draw(st.integers(0, 3))
     blocks = draw(st.sampled_from([(16, 16), (32, 32), (64, 16), (64, 64), (128, 64)]))  # (block_m, block_n)
@@ -101,6 +101,16 @@ def test_varlen_kernel_matches_reference(case):
     page_size, kv_heads, group, head_dim, window, seqs, pad_rows, (block_m, block_n), seed = case
     args = random_batch(seqs, page_size, kv_heads, group, head_dim, pad_rows, seed)
     out = ta.paged_attention_varlen(*args, window, block_m=block_m, block_n=block_n, out=nan_out(args[0]))
+    torch.testing.assert_close(out.cpu(), reference(args, window), rtol=1e-4, atol=1e-4)
+
+
+@kernels
+@pytest.mark.parametrize("window", [0, 1, 20, 37, 64, 200])
+def test_varlen_kernel_unmasked_blocks_keep_the_window_and_the_diagonal(window):
+    # Long chunks after a cached prefix: a query tile's keys are window-edge blocks, blocks every row sees
+    # (loaded without masks) and diagonal blocks, in every proportion the windows give.
+    args = random_batch([(70, 90), (33, 0), (5, 130)], 4, 2, 2, 16, 2, window)
+    out = ta.paged_attention_varlen(*args, window, block_m=16, block_n=16, out=nan_out(args[0]))
     torch.testing.assert_close(out.cpu(), reference(args, window), rtol=1e-4, atol=1e-4)
 
 

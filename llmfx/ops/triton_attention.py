@@ -64,34 +64,47 @@ def _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
 def _attend_tile(acc, m_i, l_i, q, q_pos, lo_bound, kv_lo, kv_hi, seq, kv_head, k_ptr, v_ptr, table_ptr,
                  stride_pt, stride_kp, stride_ks, stride_kh, stride_kd, stride_vp, stride_vs, stride_vh,
                  stride_vd, scale_log2, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    """Online softmax of q [M, D] over keys kv_lo:kv_hi (kv_lo a multiple of BLOCK_N), causal and windowed."""
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr = True):
+    """Online softmax of q [M, D] over keys kv_lo:kv_hi (kv_lo a multiple of BLOCK_N), causal and windowed.
+
+    MASKED=False: the caller vouches that every row may see every key of the range (and that kv_hi - kv_lo
+    is a multiple of BLOCK_N), so the loop loads whole blocks and skips the causal and window masks.
+    """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     for start in range(kv_lo, kv_hi, BLOCK_N):
         k_pos = start + offs_n  # [N]
-        k_ok = k_pos < kv_hi
-        page = tl.load(table_ptr + seq * stride_pt + k_pos // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
         in_page = k_pos % PAGE_SIZE
-        if HEAD_DIM == BLOCK_D:  # a mask constant along D keeps the loads vectorized
-            kv_mask = k_ok[:, None]
+        if MASKED:
+            k_ok = k_pos < kv_hi
+            page = tl.load(table_ptr + seq * stride_pt + k_pos // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
+            if HEAD_DIM == BLOCK_D:  # a mask constant along D keeps the loads vectorized
+                kv_mask = k_ok[:, None]
+            else:
+                kv_mask = k_ok[:, None] & d_ok[None, :]
+            kv_other = 0.0
         else:
-            kv_mask = k_ok[:, None] & d_ok[None, :]
+            page = tl.load(table_ptr + seq * stride_pt + k_pos // PAGE_SIZE).to(tl.int64)
+            kv_mask = None if HEAD_DIM == BLOCK_D else d_ok[None, :]
+            kv_other = None if HEAD_DIM == BLOCK_D else 0.0
         k = tl.load(k_ptr + (page * stride_kp + in_page * stride_ks + kv_head * stride_kh)[:, None]
-                    + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)  # [N, D]
+                    + offs_d[None, :] * stride_kd, mask=kv_mask, other=kv_other)  # [N, D]
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
-        allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > lo_bound[:, None]) & k_ok[None, :]
-        qk = tl.where(allowed, qk * scale_log2, float("-inf"))  # [M, N], log2 domain
+        if MASKED:
+            allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > lo_bound[:, None]) & k_ok[None, :]
+            qk = tl.where(allowed, qk * scale_log2, float("-inf"))  # [M, N], log2 domain
+        else:
+            qk = qk * scale_log2
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + (page * stride_vp + in_page * stride_vs + kv_head * stride_vh)[:, None]
-                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)  # [N, D]
+                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=kv_other)  # [N, D]
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -143,13 +156,21 @@ def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, table_ptr, qsl_ptr, lens_ptr, s
     first_pos = seq_len - n_q + tile * BLOCK_Q
     kv_hi = tl.minimum(first_pos + BLOCK_Q, seq_len)
     kv_lo = _first_key(first_pos, window, BLOCK_N)
+    # Whole blocks every row of the tile sees: at or before its first query and, with a window, inside its
+    # last query's. They run without masks; the blocks before (window edge) and after (diagonal) with.
+    full_lo = tl.where(window > 0, tl.cdiv(tl.maximum(kv_hi - window, 0), BLOCK_N) * BLOCK_N, kv_lo)
+    full_lo = tl.minimum(full_lo, kv_hi)
+    full_hi = tl.maximum((first_pos + 1) // BLOCK_N * BLOCK_N, full_lo)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], _NEG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, lo_bound, kv_lo, kv_hi, seq, kv_head, k_ptr, v_ptr,
-                                 table_ptr, stride_pt, stride_kp, stride_ks, stride_kh, stride_kd, stride_vp,
-                                 stride_vs, stride_vh, stride_vd, scale_log2, HEAD_DIM, PAGE_SIZE, BLOCK_N,
-                                 BLOCK_D, IEEE)
+    for part in tl.static_range(3):
+        lo = kv_lo if part == 0 else (full_lo if part == 1 else full_hi)
+        hi = full_lo if part == 0 else (full_hi if part == 1 else kv_hi)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, lo_bound, lo, hi, seq, kv_head, k_ptr, v_ptr,
+                                     table_ptr, stride_pt, stride_kp, stride_ks, stride_kh, stride_kd, stride_vp,
+                                     stride_vs, stride_vh, stride_vd, scale_log2, HEAD_DIM, PAGE_SIZE, BLOCK_N,
+                                     BLOCK_D, IEEE, MASKED=part != 1)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=io_mask)
