@@ -374,7 +374,9 @@ def _tuning(dtype: torch.dtype, head_dim: int, num_seqs: int) -> tuple[dict, dic
     decode = dict(block_n=64, num_warps=4, num_stages=_decode_stages(num_seqs))
     if head_dim > 64:
         return dict(block_m=64, block_n=32, num_warps=4), decode
-    return dict(block_m=128, block_n=64, num_warps=8), decode
+    # Best of 54 settings over one prefill step of the offline workload (varlen_attention_sweep.py, H200:
+    # 121.0 us a layer; 2 stages 129.2; results/2026-11-30-nvidia-h200-varlen-attention-sweep.json).
+    return dict(block_m=128, block_n=64, num_warps=8, num_stages=1), decode
 
 
 def triton_paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tensor,
