@@ -397,9 +397,26 @@ def print_table(rows: list[Row]) -> None:
               f"{r.value:>12.3f} {frac:>7}")
 
 
+def source_commit() -> str:
+    """The commit results are recorded against: $LLMFX_COMMIT when set, else git's HEAD here.
+
+    The device tool's copy of the tree can carry a stale .git (its HEAD read the session's first commit all
+    session long), so device commands name the commit: `LLMFX_COMMIT=<hash> bash benchmarks/gpu_run.sh ...`.
+    """
+    named = os.environ.get("LLMFX_COMMIT")
+    if named:
+        return named
+    try:  # the tree llmfx is imported from, whatever the working directory
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip()
+
+
 def save_rows(directory: Path, name: str, rows: list[dict], **fields) -> Path:
     """Write directory/name: a kernel benchmark's free-form rows with the GPU, torch and commit they ran on."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = source_commit()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / name
@@ -412,7 +429,7 @@ def save_rows(directory: Path, name: str, rows: list[dict], **fields) -> Path:
 def save(rows: list[Row], directory: Path, tag: str = "", extra: dict | None = None) -> Path:
     """Write benchmarks/results/<date>-<gpu><tag>.json with the environment, extra's fields and every figure."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = source_commit()
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / f"{time.strftime('%Y-%m-%d')}-{gpu.replace(' ', '-').lower()}{tag}.json"
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "gpu": gpu, "torch": torch.__version__,

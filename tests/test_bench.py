@@ -338,3 +338,12 @@ def test_varlen_sweep_reference_is_the_paged_reference_op(lengths, page_size, se
 def test_varlen_sweep_counts_causal_work_pair_by_pair(lengths, heads, head_dim):
     pairs = sum(1 for n in lengths for i in range(n) for _ in range(i + 1))  # (query, key) pairs it may see
     assert VARLEN_SWEEP["causal_flops"](lengths, heads, head_dim) == pairs * heads * head_dim * 4
+
+
+def test_results_name_the_commit_the_device_command_gives(monkeypatch):
+    monkeypatch.setenv("LLMFX_COMMIT", "abc1234 (named)")
+    assert bench.source_commit() == "abc1234 (named)"
+    monkeypatch.delenv("LLMFX_COMMIT")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(bench.__file__).parent).stdout.strip()
+    assert bench.source_commit() == head

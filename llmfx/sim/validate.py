@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import random
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from llmfx.bench import offline_workload
+from llmfx.bench import offline_workload, source_commit
 from llmfx.sampling_params import SamplingParams
 from llmfx.sim.arrivals import SimRequest, poisson
 from llmfx.sim.cli import describe
@@ -246,7 +245,7 @@ def validate(llm, *, model: str, num_requests: int, lengths: tuple[int, int], po
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine(llm.device),
         "torch": torch.__version__,
-        "commit": _commit(),
+        "commit": source_commit(),
         "model": model,
         "engine": {"device": str(llm.device), "max_batch_size": lim.max_batch_size,
                    "max_num_tokens": lim.max_num_tokens, "max_seq_len": lim.max_seq_len,
@@ -272,15 +271,6 @@ def machine(device: torch.device) -> dict[str, Any]:
     return {"hostname": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
             "cpu_count": os.cpu_count(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-
-
-def _commit() -> str:
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout.strip()
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
