@@ -22,7 +22,8 @@
 #   startupab  `llmfx bench startup` of this tree and of $BASELINE, in $AB_ORDER (default "new base"), each run in its
 #            own fresh workdir, so both trees' cold runs start from empty inductor and Triton caches
 # Logs and results go to $OUT (the device tool brings them back). Start the command with LLMFX_COMMIT=<hash>: the
-# results record it (bench.source_commit), and the device copy's own .git can name an older commit.
+# results record it (bench.source_commit), and the device copy's own .git can name an older commit. The A/B
+# stages' base results would carry the same name: label those by file name when you commit them.
 set -uo pipefail
 OUT=${OUT:-/tmp/llmfx-out}
 mkdir -p "$OUT"
