@@ -5,12 +5,13 @@
     python -m tests.sm90_compile --gemv               # the gemv's shipped configs (llmfx.ops.triton_gemv._CONFIGS)
     python -m tests.sm90_compile --gemv --candidates  # also every config benchmarks/small_m_gemm.py tries
     python -m tests.sm90_compile --gemm               # the tensor-core matmul's shipped configs (triton_gemm._CONFIGS)
+    python -m tests.sm90_compile --attention          # the attention kernels' bf16 launches (triton_attention._tuning)
 
 The interpreter runs kernels but accepts code the compiler rejects and says nothing of registers;
 Triton ships ptxas and cuobjdump, so the real compile and its spill count need no device. Run without
 TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
 
-Each report has the registers and local (spilled) bytes cuobjdump reads from the cubin, the shared
+Each report has the registers and local and stack (spilled) bytes cuobjdump reads from the cubin, the shared
 memory Triton allocates, the global load widths in the SASS (LDG = to registers, LDGSTS = cp.async to
 shared memory, which is how a pipelined loop loads; .128 is 16 bytes a thread), whether the main loop
 is pipelined, and how many layout conversions the TTGIR kept inside it (each one can cost a trip
@@ -59,7 +60,7 @@ def _compile(kernel, constexprs: dict, pointers: dict[str, str], num_warps: int,
 
 
 def resources(compiled) -> dict:
-    """Registers, local (spilled) and shared bytes, global load widths and main-loop facts of a compiled kernel."""
+    """Registers, local and stack (spilled) and shared bytes, global load widths and main-loop facts of a kernel."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -67,14 +68,15 @@ def resources(compiled) -> dict:
                                check=True).stdout
         sass = subprocess.run([str(_BIN / "cuobjdump"), "-sass", cubin.name], capture_output=True, text=True,
                               check=True).stdout
-    fields = dict(re.findall(r"(REG|LOCAL):(\d+)", usage))
+    fields = dict(re.findall(r"(REG|LOCAL|STACK):(\d+)", usage))
     # The width suffix is absent for 32-bit loads; LDGDEPBAR is no load.
     loads = re.findall(r"\b(LDGSTS|LDG)((?:\.\w+)*)(?=[\s;])", sass)
     widths = {op + "." + (re.findall(r"\.(64|128)\b", mods) or ["32"])[0] for op, mods in loads}
     ttgir = compiled.asm["ttgir"]
     loop = ttgir[ttgir.find("scf.for"):ttgir.find("scf.yield")] if "scf.for" in ttgir else ""
     # Triton's shared memory is dynamic, so cuobjdump's static SHARED count is 0; the metadata has it.
-    return {"registers": int(fields["REG"]), "local_bytes": int(fields["LOCAL"]),
+    # Spills show as LOCAL or as a STACK frame (ptxas puts large ones there): either is a spill.
+    return {"registers": int(fields["REG"]), "local_bytes": int(fields["LOCAL"]), "stack_bytes": int(fields["STACK"]),
             "shared_bytes": compiled.metadata.shared, "global_loads": sorted(widths),
             "pipelined": "async_copy_global_to_local" in loop, "converts_in_loop": loop.count("ttg.convert_layout")}
 
@@ -183,6 +185,53 @@ def gemm_reports():
                              num_stages=cfg.num_stages)
 
 
+_ATTENTION_POINTERS = {"out_ptr": "bf16", "q_ptr": "bf16", "k_ptr": "bf16", "v_ptr": "bf16", "table_ptr": "i32",
+                       "qsl_ptr": "i32", "lens_ptr": "i32", "part_acc_ptr": "fp32", "part_ml_ptr": "fp32"}
+
+
+def attention_strides(heads: int, kv_heads: int, head_dim: int, page_size: int, max_pages: int, splits: int) -> dict:
+    """The stride arguments a served launch passes (q and out [T, H, D]; KVPool's head-major pages seen as
+    [P, S, K, D]; the decode partials), so the compile specializes them as the launcher does."""
+    q = dict(stride_qt=heads * head_dim, stride_qh=head_dim, stride_ot=heads * head_dim, stride_oh=head_dim)
+    page = kv_heads * page_size * head_dim
+    kv = {f"stride_{x}{d}": v for x in "kv" for d, v in (("p", page), ("s", head_dim), ("h", page_size * head_dim))}
+    parts = dict(stride_at=splits * heads * head_dim, stride_as=heads * head_dim, stride_ah=head_dim,
+                 stride_mt=splits * heads * 2, stride_ms=heads * 2)
+    return {**q, **kv, **parts, "stride_pt": max_pages}
+
+
+def attention_reports():
+    """One row per bf16 launch _tuning ships, for TinyLlama (head_dim 64) and 8B-class (128) shapes, GQA 8, page 16:
+    the varlen kernel, the decode kernel at each pipeline depth it takes and the decode reduce."""
+    from llmfx.ops import triton_attention as ta
+    import torch
+
+    for head_dim in (64, 128):
+        shape = dict(HEAD_DIM=head_dim, PAGE_SIZE=16, GROUP=8, PDL=True)
+        ints = attention_strides(32, 4, head_dim, page_size=16, max_pages=128, splits=ta.DECODE_MAX_SPLITS)
+        block_m, block_d = ta._blocks(head_dim, 8, 16)
+        split = dict(MIN_SPLIT=ta.DECODE_MIN_SPLIT, MAX_SPLITS=ta.DECODE_MAX_SPLITS)
+        varlen = ta._tuning(torch.bfloat16, head_dim, 1)[0]
+        vm, vd = ta._blocks(head_dim, 8, varlen["block_m"])
+        stages = varlen.get("num_stages", 2)  # paged_attention_varlen's default
+        yield report_row({"kernel": "varlen", "head_dim": head_dim, "config": [vm, varlen["block_n"],
+                                                                               varlen["num_warps"], stages]},
+                         ta._varlen_kernel, {**shape, "BLOCK_M": vm, "BLOCK_N": varlen["block_n"], "BLOCK_D": vd,
+                                             "IEEE": False}, _ATTENTION_POINTERS, varlen["num_warps"],
+                         floats=("scale_log2",), ints=ints, num_stages=stages)
+        for num_seqs in (1, 256):
+            decode = ta._tuning(torch.bfloat16, head_dim, num_seqs)[1]
+            stages = decode.get("num_stages", 2)
+            yield report_row({"kernel": "decode", "head_dim": head_dim, "num_seqs": num_seqs,
+                              "config": [block_m, decode["block_n"], decode["num_warps"], stages]},
+                             ta._decode_kernel, {**shape, **split, "BLOCK_M": block_m, "BLOCK_N": decode["block_n"],
+                                                 "BLOCK_D": block_d, "IEEE": False}, _ATTENTION_POINTERS,
+                             decode["num_warps"], floats=("scale_log2",), ints=ints, num_stages=stages)
+        yield report_row({"kernel": "decode_reduce", "head_dim": head_dim}, ta._decode_reduce_kernel,
+                         {**{k: v for k, v in shape.items() if k != "PAGE_SIZE"}, **split, "BLOCK_N": 64,
+                          "BLOCK_D": block_d, "GROUP_PAD": 8}, _ATTENTION_POINTERS, 4, ints=ints)
+
+
 def waits_before_memory(compiled) -> bool:
     """Whether the PTX's first global or shared memory access comes after griddepcontrol.wait (PDL's wait)."""
     lines = compiled.asm["ptx"].splitlines()
@@ -223,6 +272,10 @@ def main() -> None:
         for name, kernel, constexprs, pointers, floats in pdl_kernels():
             compiled = _compile(kernel, constexprs, pointers, 4, floats)
             print(json.dumps({"kernel": name, "waits_before_memory": waits_before_memory(compiled)}), flush=True)
+        return
+    if "--attention" in sys.argv[1:]:
+        for row in attention_reports():
+            print(json.dumps(row), flush=True)
         return
     if "--gemm" in sys.argv[1:]:
         for row in gemm_reports():

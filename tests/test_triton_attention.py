@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 # First: it turns the interpreter on (without CUDA) before anything imports triton.
 from tests.triton_interpreter import (DEVICE, KERNELS_RUN_HERE, kernels, needs_cuda,  # isort: skip
-                                      run_kernel_tests_in_fresh_interpreter)
+                                      run_kernel_tests_in_fresh_interpreter, sm90_reports)
 
 from llmfx.ops import triton_attention as ta
 from llmfx.ops.attention import paged_attention, write_kv
@@ -180,6 +180,18 @@ def test_decode_launch_settings_differ_by_batch_size_in_pipeline_depth_only(num_
     other = ta._tuning(dtype, head_dim, 1)[1]
     assert {k: v for k, v in decode.items() if k != "num_stages"} == {k: v for k, v in other.items() if k != "num_stages"}
     assert ta.DECODE_MIN_SPLIT % decode["block_n"] == 0
+
+
+@pytest.mark.skipif(KERNELS_RUN_HERE, reason="once per session, outside the interpreter; a GPU compiles for itself")
+def test_shipped_launches_compile_for_sm90_without_spills():
+    reports = sm90_reports("--attention")
+    assert [r["kernel"] for r in reports] == ["varlen", "decode", "decode", "decode_reduce"] * 2, reports
+    for r in reports:
+        assert "error" not in r and r["local_bytes"] == r["stack_bytes"] == 0 and r["shared_bytes"] <= 227 * 1024, r
+        assert "LDG.128" in r["global_loads"] or "LDGSTS.128" in r["global_loads"], r  # 16-byte K/V rows
+    for r in reports:
+        if r["kernel"] == "decode":  # bandwidth-bound: K/V tiles stream through a cp.async pipeline
+            assert r["pipelined"] and "LDGSTS.128" in r["global_loads"], r
 
 
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="the kernel tests run in this process")

@@ -173,7 +173,7 @@ def test_kernels_in_a_fresh_interpreter_process():
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="once per session, outside the interpreter; a GPU compiles for itself")
 def test_kernel_compiles_for_sm90_without_spilling_registers():
     reports = sm90_reports()
-    assert len(reports) == 5 and all(r["local_bytes"] == 0 for r in reports), reports
+    assert len(reports) == 5 and all(r["local_bytes"] == r["stack_bytes"] == 0 for r in reports), reports
 
 
 # ---- CUDA only -------------------------------------------------------------------------------------------
