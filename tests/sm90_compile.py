@@ -172,7 +172,7 @@ def gemm_reports():
 
     for shape, table in _CONFIGS.items():
         n, k = GEMV_SHAPES[shape]
-        for m, cfg in table:
+        for m, cfg in ((m, cfg) for m, cfg in table if cfg is not None):
             splits, k_per_split = cfg.splits(k)
             row = {"kernel": "gemm", "shape": shape, "N": n, "K": k, "M": m,
                    "config": [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages]}

@@ -2,8 +2,8 @@
 
 CPU (and any device without a registered kernel) runs F.linear. On CUDA (ops/triton_linear.py registers
 the kernel) a call of up to LINEAR_GEMV_ROWS rows runs the Triton GEMV and one of up to
-LINEAR_GEMM_ROWS the Triton tensor-core matmul; both launch with PDL and so overlap the kernels around
-them, as cuBLAS's do not. Every other call runs F.linear.
+LINEAR_GEMM_ROWS the Triton tensor-core matmul where its table has settings for those rows; both launch
+with PDL and so overlap the kernels around them, as cuBLAS's do not. Every other call runs F.linear.
 """
 
 from __future__ import annotations

@@ -36,22 +36,27 @@ class GemmConfig:
         return k_ranges(k, self.block_k, self.split_k)
 
 
-# (largest M, config) per shape class of triton_gemv.shape_class, for 3-32 rows. Each is the best summed time
-# over its rows and the class's shapes in the H200 sweep of kernels alone (benchmarks/mid_m_gemm.py), where
-# each beat cuBLAS. M = 4, 8, 16 (results/2026-11-30-nvidia-h200-mid-m-gemm.json): square (qkv, o) 35.3 vs
-# 38.3 us, wide (gate_up, lm_head) 140.2 vs 148.6, deep (down) 27.3 vs 30.6. M = 24, 32 (results/
-# 2026-11-30-nvidia-h200-mid-m-gemm-24-64-padded.json): square 26.0 vs 27.9, wide 100.6 vs 102.6, deep 20.1 vs
-# 22.6. From 33 rows the kernels alone were mixed (slower at 40 and 48): cuBLAS.
-_CONFIGS: dict[str, tuple[tuple[int, GemmConfig], ...]] = {
-    "square": ((16, GemmConfig(16, 128, 128, split_k=4)), (32, GemmConfig(32, 32, 64, split_k=4))),
-    "wide": ((16, GemmConfig(16, 128, 128)), (32, GemmConfig(32, 128, 128))),
-    "deep": ((16, GemmConfig(16, 64, 128, split_k=4)), (32, GemmConfig(16, 128, 128, split_k=4))),
+# (largest M, config or None) per shape class of triton_gemv.shape_class, for 3-64 rows; None leaves the range to
+# cuBLAS. Each config is the best summed time over its rows and the class's shapes in the H200 sweep of kernels
+# alone (benchmarks/mid_m_gemm.py), where each beat cuBLAS. M = 4, 8, 16 (results/2026-11-30-nvidia-h200-mid-m-
+# gemm.json): square (qkv, o) 35.3 vs 38.3 us, wide (gate_up, lm_head) 140.2 vs 148.6, deep (down) 27.3 vs 30.6.
+# M = 24, 32 (results/2026-11-30-nvidia-h200-mid-m-gemm-24-64-padded.json): square 26.0 vs 27.9, wide 100.6 vs
+# 102.6, deep 20.1 vs 22.6. M = 40, 48 (same file): cuBLAS won qkv, gate_up and lm_head. M = 56, 64: square
+# 29.4 vs 29.9, wide 102.3 vs 108.3, deep 20.4 vs 23.9. From 65 rows: cuBLAS.
+_CUBLAS = None
+_CONFIGS: dict[str, tuple[tuple[int, GemmConfig | None], ...]] = {
+    "square": ((16, GemmConfig(16, 128, 128, split_k=4)), (32, GemmConfig(32, 32, 64, split_k=4)), (48, _CUBLAS),
+               (64, GemmConfig(64, 64, 128, split_k=2))),
+    "wide": ((16, GemmConfig(16, 128, 128)), (32, GemmConfig(32, 128, 128)), (48, _CUBLAS),
+             (64, GemmConfig(64, 128, 128))),
+    "deep": ((16, GemmConfig(16, 64, 128, split_k=4)), (32, GemmConfig(16, 128, 128, split_k=4)), (48, _CUBLAS),
+             (64, GemmConfig(64, 64, 128, split_k=4))),
 }
 MAX_ROWS = max(most for table in _CONFIGS.values() for most, _ in table)
 
 
-def gemm_config(m: int, n: int, k: int) -> GemmConfig:
-    """The shipped launch settings for x [m, k] @ weight[n, k].T, 1 <= m <= MAX_ROWS."""
+def gemm_config(m: int, n: int, k: int) -> GemmConfig | None:
+    """The shipped launch settings for x [m, k] @ weight[n, k].T, 1 <= m <= MAX_ROWS; None where cuBLAS is faster."""
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"gemm's shipped configs cover 1 to {MAX_ROWS} rows, got {m}: pass a GemmConfig")
     return next(config for most, config in _CONFIGS[shape_class(n, k)] if m <= most)
@@ -108,6 +113,7 @@ def gemm(x: Tensor, weight: Tensor, config: GemmConfig | None = None) -> Tensor:
     assert x.dtype == weight.dtype, "x and weight must share a dtype"
     assert x.stride(1) == 1 and weight.stride(1) == 1, "x and weight need contiguous rows"
     config = config or gemm_config(rows, n, k)
+    assert config is not None, f"no shipped config for {rows} rows of [{n}, {k}]: cuBLAS serves them"
     splits, k_per_split = config.splits(k)
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     partial = out if splits == 1 else torch.empty(splits, rows, n, dtype=torch.float32, device=x.device)

@@ -8,13 +8,14 @@ from torch import Tensor
 
 from llmfx.ops.linear import linear
 from llmfx.ops import triton_gemm
-from llmfx.ops.triton_gemm import gemm
+from llmfx.ops.triton_gemm import gemm, gemm_config
 from llmfx.ops.triton_gemv import gemv
 
 # Rows up to which each kernel serves a call. The GEMV: timed alone it matched cuBLAS at one row and lost
 # from two; inside the decode forward's graph (gemv_graph_sweep.py, H200) it won at two rows (1,141.8 vs
-# 1,186 us a forward) and lost at eight (2,178 vs 1,230). The matmul: its kernels alone beat cuBLAS at 4-32
-# rows (mid_m_gemm.py); served steps: benchmarks/README.md, sessions 12 and 13. cuBLAS beyond.
+# 1,186 us a forward) and lost at eight (2,178 vs 1,230). The matmul: up to LINEAR_GEMM_ROWS, wherever its
+# shipped table has a config (triton_gemm._CONFIGS: from the kernels alone, mid_m_gemm.py; served steps:
+# benchmarks/README.md, sessions 12 and 13). cuBLAS for the rest.
 LINEAR_GEMV_ROWS = 2
 LINEAR_GEMM_ROWS = triton_gemm.MAX_ROWS
 
@@ -27,7 +28,9 @@ def triton_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
         if 1 <= rows <= LINEAR_GEMV_ROWS:
             return gemv(x, weight)
         if LINEAR_GEMV_ROWS < rows <= LINEAR_GEMM_ROWS:
-            return gemm(x, weight)
+            config = gemm_config(rows, *weight.shape)
+            if config is not None:
+                return gemm(x, weight, config)
     return F.linear(x, weight, bias)
 
 
