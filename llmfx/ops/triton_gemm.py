@@ -1,6 +1,6 @@
 """Triton tensor-core matmul for small decode batches: y = x @ weight.T with x [M, K], weight [N, K].
 
-Between the GEMV's few rows and cuBLAS's territory (up to MAX_ROWS rows): one or two row tiles cover M, and
+Between the GEMV's few rows and cuBLAS's territory (up to MAX_ROWS rows): row tiles of 16 to 64 cover M, and
 each program streams a [BLOCK_N, K range] slice of the weight through tl.dot. With more than one K range
 the partial sums go to a float32 workspace and the GEMV's reduce kernel adds them in split order: no
 atomics, the same bits every call. Grids follow from shapes alone (CUDA-graph safe), and the kernel

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmfx.ops.linear import linear
-from llmfx.ops import triton_gemm
+from llmfx.ops.triton_gemm import MAX_ROWS as GEMM_MAX_ROWS
 from llmfx.ops.triton_gemm import gemm, gemm_config
 from llmfx.ops.triton_gemv import gemv
 
@@ -17,7 +17,7 @@ from llmfx.ops.triton_gemv import gemv
 # shipped table has a config (triton_gemm._CONFIGS: from the kernels alone, mid_m_gemm.py; served steps:
 # benchmarks/README.md, sessions 12 and 13). cuBLAS for the rest.
 LINEAR_GEMV_ROWS = 2
-LINEAR_GEMM_ROWS = triton_gemm.MAX_ROWS
+LINEAR_GEMM_ROWS = GEMM_MAX_ROWS
 
 
 def triton_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
