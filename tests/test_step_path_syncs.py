@@ -5,6 +5,9 @@ is replaced by a stand-in (the compiled step is one graph replay on the GPU; the
 attention reads its lengths on purpose and refuses device tensors), so what runs on the executor
 thread is exactly the per-step host path: staging, penalties, beams' page copies, result copy, collect, schedule,
 postprocess and delivery. Any read of a tensor's values there is recorded and fails the test.
+The CUDA kernels' host wrappers (linear, paged attention, rope + KV write), which the stand-in skips,
+are checked the same way with their Triton launches recorded instead of run. (The `.tolist()` calls
+left in the step path files are on numpy arrays of host buffers: no device is involved.)
 """
 
 from __future__ import annotations
@@ -110,6 +113,24 @@ def test_the_sampler_reads_no_tensor_back_in_any_variant(monkeypatch):
     assert reads == []
 
 
+class _RecordedKernel:
+    """A Triton kernel stand-in: `kernel[grid](...)` records the launch by name instead of running it."""
+
+    def __init__(self, name: str, launched: list[str]) -> None:
+        self.name, self.launched = name, launched
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launched.append(self.name)
+
+
+def _record_launches(monkeypatch, *kernels: tuple[object, str]) -> list[str]:
+    """Replace each (module, Triton kernel name) by a recorder; the launched names, in order."""
+    launched: list[str] = []
+    for module, name in kernels:
+        monkeypatch.setattr(module, name, _RecordedKernel(name, launched))
+    return launched
+
+
 def test_the_cuda_linear_route_reads_no_tensor_back(monkeypatch):
     # llmfx::linear's CUDA kernel picks the GEMV, the Triton matmul or F.linear by rows on every layer of
     # every step (inside the graph when compiled, per call when eager). Its host side, with the Triton
@@ -117,18 +138,8 @@ def test_the_cuda_linear_route_reads_no_tensor_back(monkeypatch):
     pytest.importorskip("triton")
     from llmfx.ops import triton_gemm, triton_gemv, triton_linear
 
-    launched: list[str] = []
-
-    class Recorded:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launched.append(self.name)
-
-    for module, name in ((triton_gemv, "_gemv_partial_kernel"), (triton_gemv, "_gemv_reduce_kernel"),
-                         (triton_gemm, "_gemm_kernel"), (triton_gemm, "_gemv_reduce_kernel")):
-        monkeypatch.setattr(module, name, Recorded(name))
+    launched = _record_launches(monkeypatch, (triton_gemv, "_gemv_partial_kernel"), (triton_gemv, "_gemv_reduce_kernel"),
+                                (triton_gemm, "_gemm_kernel"), (triton_gemm, "_gemv_reduce_kernel"))
     w = torch.randn(64, 5632).bfloat16()  # the down projection's K: the GEMV and the matmul both split K
     x = torch.randn(triton_linear.LINEAR_GEMM_ROWS + 1, 5632).bfloat16()
     reads = _record_reads(monkeypatch)
@@ -140,4 +151,32 @@ def test_the_cuda_linear_route_reads_no_tensor_back(monkeypatch):
                   else None)
         assert launched == ([] if kernel is None else [kernel, "_gemv_reduce_kernel"]), (rows, launched)
     monkeypatch.undo()
+    assert reads == []
+
+
+def test_the_cuda_attention_and_rope_kv_wrappers_read_no_tensor_back(monkeypatch):
+    # The other CUDA kernels of every layer: paged attention (decode and varlen) and the fused rope + KV
+    # write. On the GPU path their wrappers run at every eager step and at every capture: lengths, page
+    # tables and positions must stay on the device, only shapes and strides may steer the launch.
+    pytest.importorskip("triton")
+    from llmfx.ops import triton_attention, triton_rope_kv
+
+    launched = _record_launches(monkeypatch, (triton_attention, "_decode_kernel"),
+                                (triton_attention, "_decode_reduce_kernel"), (triton_attention, "_varlen_kernel"),
+                                (triton_rope_kv, "_rope_write_kv_kernel"))
+    tokens, seqs, heads, kv_heads, head_dim, pages, page_size = 6, 3, 8, 2, 64, 9, 16
+    q = torch.randn(tokens, heads, head_dim).bfloat16()
+    k = v = torch.randn(tokens, kv_heads, head_dim).bfloat16()
+    k_pages = v_pages = torch.zeros(pages, kv_heads, page_size, head_dim).bfloat16().transpose(1, 2)
+    table = torch.arange(1, 1 + seqs * 3, dtype=torch.int32).reshape(seqs, 3)
+    rope = torch.randn(64, head_dim)
+    positions, slots = torch.arange(tokens), torch.arange(tokens) + page_size
+    reads = _record_reads(monkeypatch)
+    triton_rope_kv.triton_rope_write_kv(k_pages, v_pages, q, k, v, rope, positions, slots)
+    for starts, lens in (([0, 1, 2, 3], [10, 20, 30]), ([0, 2, 5, 6], [12, 21, 33])):  # decode, then prefill chunks
+        qsl, seq_lens = torch.tensor(starts, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32)
+        rows = q[: starts[-1]]
+        triton_attention.triton_paged_attention(rows, k_pages, v_pages, table, qsl, seq_lens, 0.125, 0)
+    monkeypatch.undo()
+    assert launched == ["_rope_write_kv_kernel", "_decode_kernel", "_decode_reduce_kernel", "_varlen_kernel"]
     assert reads == []
