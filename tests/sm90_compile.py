@@ -11,7 +11,7 @@ The interpreter runs kernels but accepts code the compiler rejects and says noth
 Triton ships ptxas and cuobjdump, so the real compile and its spill count need no device. Run without
 TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
 
-Each report has the registers and local and stack (spilled) bytes cuobjdump reads from the cubin, the shared
+Each report has the registers and spilled (local + stack frame) bytes cuobjdump reads from the cubin, the shared
 memory Triton allocates, the global load widths in the SASS (LDG = to registers, LDGSTS = cp.async to
 shared memory, which is how a pipelined loop loads; .128 is 16 bytes a thread), whether the main loop
 is pipelined, and how many layout conversions the TTGIR kept inside it (each one can cost a trip
@@ -60,7 +60,7 @@ def _compile(kernel, constexprs: dict, pointers: dict[str, str], num_warps: int,
 
 
 def resources(compiled) -> dict:
-    """Registers, local and stack (spilled) and shared bytes, global load widths and main-loop facts of a kernel."""
+    """Registers, spilled and shared bytes, global load widths and main-loop facts of a compiled kernel."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -75,8 +75,8 @@ def resources(compiled) -> dict:
     ttgir = compiled.asm["ttgir"]
     loop = ttgir[ttgir.find("scf.for"):ttgir.find("scf.yield")] if "scf.for" in ttgir else ""
     # Triton's shared memory is dynamic, so cuobjdump's static SHARED count is 0; the metadata has it.
-    # Spills show as LOCAL or as a STACK frame (ptxas puts large ones there): either is a spill.
-    return {"registers": int(fields["REG"]), "local_bytes": int(fields["LOCAL"]), "stack_bytes": int(fields["STACK"]),
+    # Spills show as LOCAL or as a STACK frame (ptxas put a 28 KB one there with LOCAL 0): count both.
+    return {"registers": int(fields["REG"]), "spilled_bytes": int(fields["LOCAL"]) + int(fields["STACK"]),
             "shared_bytes": compiled.metadata.shared, "global_loads": sorted(widths),
             "pipelined": "async_copy_global_to_local" in loop, "converts_in_loop": loop.count("ttg.convert_layout")}
 

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 # First: it turns the interpreter on (without CUDA) before anything imports triton.
 from tests.triton_interpreter import (DEVICE, INTERPRET, KERNELS_RUN_HERE, kernels, needs_cuda,  # isort: skip
-                                      run_kernel_tests_in_fresh_interpreter, sm90_reports)
+                                      assert_compiled_without_spills, run_kernel_tests_in_fresh_interpreter,
+                                      sm90_reports)
 
 from llmfx.ops import apply_rope
 from llmfx.ops import triton_rope_kv as tr
@@ -173,7 +174,8 @@ def test_kernels_in_a_fresh_interpreter_process():
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="once per session, outside the interpreter; a GPU compiles for itself")
 def test_kernel_compiles_for_sm90_without_spilling_registers():
     reports = sm90_reports()
-    assert len(reports) == 5 and all(r["local_bytes"] == r["stack_bytes"] == 0 for r in reports), reports
+    assert len(reports) == 5, reports
+    assert_compiled_without_spills(reports)
 
 
 # ---- CUDA only -------------------------------------------------------------------------------------------

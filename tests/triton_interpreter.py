@@ -74,3 +74,9 @@ def sm90_reports(*flags: str) -> list[dict]:
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
     return [json.loads(line) for line in run.stdout.splitlines()]
+
+
+def assert_compiled_without_spills(reports: list[dict]) -> None:
+    """Every sm90 report compiled, spilled nothing (neither local memory nor a stack frame) and fits an H200 SM."""
+    for r in reports:
+        assert "error" not in r and r["spilled_bytes"] == 0 and r["shared_bytes"] <= 227 * 1024, r
