@@ -17,12 +17,8 @@ from pathlib import Path
 
 import torch
 
-from llmfx.bench import H200_COPY_BYTES_PER_S, graph_replay_us, save_rows
+from llmfx.bench import H200_COPY_BYTES_PER_S, ColdL2Timer, parse_ints, save_rows
 from llmfx.ops.triton_attention import DECODE_MAX_SPLITS, DECODE_MIN_SPLIT, _tuning, paged_attention_decode
-
-
-def parse_ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
 
 
 def parse_ranges(text: str) -> tuple[tuple[int, int], ...]:
@@ -63,11 +59,7 @@ def main() -> None:
     args = p.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
     heads, kv_heads, head_dim, page = 32, 4, 64, 16
-    # Reading 256 MB evicts the 50 MB L2 and leaves clean lines behind. b3801b4's sweep wrote instead,
-    # leaving dirty lines whose write-back could land in the timed kernel.
-    flush_buffer = torch.ones(64 << 20, dtype=torch.int32, device=device)
-    evict_l2 = lambda: flush_buffer.max()  # noqa: E731
-    flush_us, _ = graph_replay_us(evict_l2, iters=args.iters)
+    cold_us = ColdL2Timer(device, args.iters)  # a read, not b3801b4's write (whose write-back the timed kernel met)
     trials = list(settings(args))
     rows = []
     for batch, (low, high) in itertools.product(args.batches, args.lengths):
@@ -92,14 +84,9 @@ def main() -> None:
                    "shipped": setting == shipped}
             try:
                 out = torch.empty_like(q)
-
-                def fn():
-                    evict_l2()
-                    paged_attention_decode(*run_args, **setting, out=out)
-
-                fn()
+                paged_attention_decode(*run_args, **setting, out=out)
                 torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)
-                row["us"] = graph_replay_us(fn, iters=args.iters)[0] - flush_us
+                row["us"] = cold_us(lambda: paged_attention_decode(*run_args, **setting, out=out))
                 row["copy_bandwidth_fraction"] = kv_bytes / (row["us"] * 1e-6) / H200_COPY_BYTES_PER_S
             except Exception as err:  # noqa: BLE001 -- a setting that does not compile or fit is a result too
                 row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
@@ -120,7 +107,7 @@ def main() -> None:
         print(json.dumps(line), flush=True)
         summary.append(line)
     if args.save:
-        save_rows(args.save, "decode-attention-sweep.json", rows, summary=summary, flush_us=flush_us)
+        save_rows(args.save, "decode-attention-sweep.json", rows, summary=summary, flush_us=cold_us.flush_us)
 
 
 if __name__ == "__main__":

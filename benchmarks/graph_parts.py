@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from llmfx.bench import (decode_batch, graph_replay_us, offline_prefill_lengths, prefill_batch, print_kernel_table,
-                         save_rows)
+from llmfx.bench import (decode_batch, decoder_weight_params, graph_replay_us, offline_prefill_lengths, prefill_batch,
+                         print_kernel_table, save_rows)
 from llmfx.models import forward
 from llmfx.sampler import PenaltyState, SamplingTensors, sample
 from llmfx.sampling_params import SamplingParams
@@ -82,19 +82,12 @@ def prefill(args, params, cfg, device) -> None:
         us, graph = graph_replay_us(fwd, iters=20)
     tokens = sum(lengths)
     row = {"prefill_tokens": tokens, "prompts": len(lengths), "forward_us": us,
-           "linear_tflops": 2 * tokens * weight_flops_per_token(cfg) / us / 1e6}
+           "linear_tflops": 2 * tokens * decoder_weight_params(cfg) / us / 1e6}
     print(json.dumps(row), flush=True)
     if args.trace:
         print_kernel_table(graph, args.save and Path(args.save, f"graph_parts_trace_prefill{tokens}.txt"))
     if args.save:
         save_rows(Path(args.save), f"graph_parts-prefill{tokens}.json", [row], model=args.model, lengths=lengths)
-
-
-def weight_flops_per_token(cfg) -> int:
-    """Multiply-adds per token in the decoder's linear layers (the lm_head runs on last tokens only)."""
-    per_layer = cfg.hidden_size * ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.q_size
-                                   + 3 * cfg.intermediate_size)
-    return cfg.num_layers * per_layer
 
 
 if __name__ == "__main__":

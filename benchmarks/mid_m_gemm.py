@@ -20,16 +20,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmfx.bench import graph_replay_us, save_rows
+from llmfx.bench import ColdL2Timer, linear_shapes, parse_ints, save_rows
 from llmfx.ops.triton_gemm import GemmConfig, gemm
+from llmfx.presets import preset
 
-SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632),
-          "lm_head": (32000, 2048)}
+SHAPES = linear_shapes(preset("tinyllama-1.1b"))
 LAYER = ("qkv", "o", "gate_up", "down")  # one decoder layer's matmuls
-
-
-def parse_ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
 
 
 def candidates(m: int, args) -> list[GemmConfig]:
@@ -54,9 +50,7 @@ def main() -> None:
     p.add_argument("--save", type=Path, default=None)
     args = p.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
-    flush_buffer = torch.ones(64 << 20, dtype=torch.int32, device=device)
-    evict_l2 = lambda: flush_buffer.max()  # noqa: E731
-    flush_us, _ = graph_replay_us(evict_l2, iters=args.iters)
+    cold_us = ColdL2Timer(device, args.iters)
     gen = torch.Generator(device=device).manual_seed(0)
     rows, summary = [], []
     for name in args.shapes.split(","):
@@ -65,12 +59,7 @@ def main() -> None:
         for m in args.rows:
             x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
             expected = F.linear(x.float(), weight.float())
-
-            def cublas():
-                evict_l2()
-                F.linear(x, weight)
-
-            cublas_us = graph_replay_us(cublas, iters=args.iters)[0] - flush_us
+            cublas_us = cold_us(lambda: F.linear(x, weight))
             rows.append({"shape": name, "m": m, "system": "cublas", "us": cublas_us})
             print(json.dumps(rows[-1]), flush=True)
             best = None
@@ -78,12 +67,7 @@ def main() -> None:
                 row = {"shape": name, "m": m, "system": "triton", **asdict(cfg)}
                 try:
                     torch.testing.assert_close(gemm(x, weight, cfg).float(), expected, rtol=2e-2, atol=2e-2)
-
-                    def triton_call(cfg=cfg):
-                        evict_l2()
-                        gemm(x, weight, cfg)
-
-                    row["us"] = graph_replay_us(triton_call, iters=args.iters)[0] - flush_us
+                    row["us"] = cold_us(lambda cfg=cfg: gemm(x, weight, cfg))
                     if best is None or row["us"] < best["us"]:
                         best = row
                 except Exception as err:  # noqa: BLE001 -- a config that does not compile or fit is a result too
@@ -98,7 +82,7 @@ def main() -> None:
         print(json.dumps({"m": m, "layer_cublas_us": sum(s["cublas_us"] for s in mine),
                           "layer_best_triton_us": sum(s["best"]["us"] for s in mine)}), flush=True)
     if args.save:
-        save_rows(args.save, "mid-m-gemm.json", rows, summary=summary, flush_us=flush_us)
+        save_rows(args.save, "mid-m-gemm.json", rows, summary=summary, flush_us=cold_us.flush_us)
 
 
 if __name__ == "__main__":

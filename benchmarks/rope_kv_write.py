@@ -20,12 +20,8 @@ from pathlib import Path
 
 import torch
 
-from llmfx.bench import H200_COPY_BYTES_PER_S, Row, graph_replay_us, print_table, save
+from llmfx.bench import H200_COPY_BYTES_PER_S, Row, graph_replay_us, parse_ints, print_table, save
 from llmfx.ops import apply_rope, rope_write_kv, write_kv
-
-
-def parse_ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
 
 
 def parser() -> argparse.ArgumentParser:

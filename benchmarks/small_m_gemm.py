@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmfx.bench import graph_replay_us, save_rows
+from llmfx.bench import ColdL2Timer, linear_shapes, parse_ints, save_rows
 from llmfx.ops.triton_gemv import GemvConfig, gemv, gemv_config, shape_class
+from llmfx.presets import preset
 
-SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632),
-          "lm_head": (32000, 2048)}
-LAYER = ("qkv", "o", "gate_up", "down")  # one decoder layer's matmuls; TinyLlama has 22 layers
-NUM_LAYERS = 22
+SHAPES = linear_shapes(preset("tinyllama-1.1b"))
+LAYER = ("qkv", "o", "gate_up", "down")  # one decoder layer's matmuls
+NUM_LAYERS = preset("tinyllama-1.1b").num_layers
 
 # (block_n, block_k) per M at 4 warps: each row keeps a [block_n, block_k] float32 accumulator, so the
 # tile per thread (block_n * block_k / 128 elements, >= 8 for one 16-byte load) shrinks as M grows
@@ -123,18 +123,6 @@ def class_table(rows: list[dict]) -> list[dict]:
     return out
 
 
-def time_us(fn, flush, iters: int) -> float:
-    """Microseconds of fn with a cold L2: (flush + fn) replayed in a CUDA graph, less the flush alone."""
-    def cold():
-        flush()
-        fn()
-    return graph_replay_us(cold, iters=iters)[0]
-
-
-def parse_ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", type=lambda s: tuple(s.split(",")), default=tuple(SHAPES),
@@ -149,10 +137,8 @@ def main(argv=None) -> None:
     assert set(args.shapes) <= set(SHAPES), f"unknown shape in {args.shapes}"
     assert torch.cuda.is_available(), "needs a CUDA device"
     device, dtype = torch.device("cuda"), torch.bfloat16
-    flush_buffer = torch.ones(64 << 20, dtype=torch.int32, device=device)  # 256 MB: evicts the 50 MB L2
-    flush = lambda: flush_buffer.max()  # noqa: E731 -- a read leaves clean lines, no write-back in the timed kernel
-    flush_us = graph_replay_us(flush, iters=args.iters)[0]
-    print(json.dumps({"flush_us": flush_us}), flush=True)
+    cold_us = ColdL2Timer(device, args.iters)
+    print(json.dumps({"flush_us": cold_us.flush_us}), flush=True)
     start, rows = time.perf_counter(), []
     for shape in args.shapes:
         n, k = SHAPES[shape]
@@ -163,7 +149,7 @@ def main(argv=None) -> None:
             expected = F.linear(x.float(), weight.float())
             scale = max(1.0, expected.abs().amax().item())
             base = {"shape": shape, "N": n, "K": k, "M": m}
-            row = {**base, "system": "cublas", "us": time_us(lambda: F.linear(x, weight), flush, args.iters) - flush_us}
+            row = {**base, "system": "cublas", "us": cold_us(lambda: F.linear(x, weight))}
             row["tbps"] = tbps(n, k, row["us"])
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -175,7 +161,7 @@ def main(argv=None) -> None:
                 try:
                     out = gemv(x, weight, config=cfg)
                     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2 * scale)
-                    row["us"] = time_us(lambda cfg=cfg: gemv(x, weight, config=cfg), flush, args.iters) - flush_us
+                    row["us"] = cold_us(lambda cfg=cfg: gemv(x, weight, config=cfg))
                     row["tbps"] = tbps(n, k, row["us"])
                 except Exception as err:  # noqa: BLE001 -- a config that fails to compile or to match is a result
                     row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
@@ -188,7 +174,7 @@ def main(argv=None) -> None:
         print(json.dumps(line), flush=True)
     if args.save:
         print(save_rows(args.save, "small-m-gemm.json", rows, summary=summary, layer_sums=sums, class_table=table,
-                        flush_us=flush_us))
+                        flush_us=cold_us.flush_us))
 
 
 if __name__ == "__main__":

@@ -18,16 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmfx.batch import SequenceChunk
-from llmfx.bench import graph_replay_us, offline_prefill_lengths, save_rows
-from llmfx.kv_pool import KVPool
+from llmfx.bench import graph_replay_us, offline_prefill_lengths, parse_ints, prefill_batch, save_rows
 from llmfx.ops.triton_attention import _tuning, paged_attention_varlen
 from llmfx.presets import preset
-from llmfx.step_inputs import pack
-
-
-def parse_ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
 
 
 def settings(args):
@@ -41,14 +34,10 @@ def prefill_problem(cfg, lengths: list[int], page_size: int, dtype, device, seed
     """paged_attention's arguments (without scale and window) for one layer of cfg over whole prompts of these
     lengths, each on pages of its own (KVPool's layout), q/k/v random."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    per_seq = [-(-n // page_size) for n in lengths]
-    pool = KVPool.allocate(dataclasses.replace(cfg, num_layers=1), sum(per_seq) + 1, page_size, dtype, device)
-    k_pages, v_pages = pool.layers[0]
+    (layer,), batch = prefill_batch(dataclasses.replace(cfg, num_layers=1), lengths, dtype, device, page_size)
+    k_pages, v_pages = layer
     for pages in (k_pages, v_pages):
         pages.copy_(torch.randn(pages.shape, generator=gen, device=device))
-    starts = [1 + sum(per_seq[:i]) for i in range(len(lengths))]
-    chunks = [SequenceChunk((0,) * n, 0, tuple(range(s, s + p))) for n, s, p in zip(lengths, starts, per_seq)]
-    batch = pack(chunks, page_size, device)
     q = torch.randn(sum(lengths), cfg.num_heads, cfg.head_dim, generator=gen, device=device).to(dtype)
     return q, k_pages, v_pages, batch.page_table, batch.query_start_loc, batch.seq_lens
 

@@ -42,12 +42,27 @@ class Row:
     floor_fraction: float | None = None  # floor / measured for times, measured / ceiling for rates
 
 
+def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """The [N, K] weight of each of a decoder's matmuls (one layer's four, then lm_head), nn.Linear's layout."""
+    return {"qkv": (cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size), "o": (cfg.hidden_size, cfg.q_size),
+            "gate_up": (2 * cfg.intermediate_size, cfg.hidden_size), "down": (cfg.hidden_size, cfg.intermediate_size),
+            "lm_head": (cfg.vocab_size, cfg.hidden_size)}
+
+
+def decoder_weight_params(cfg) -> int:
+    """Parameters of the decoder layers' matmuls (lm_head not counted): the multiply-adds a token costs in them."""
+    return cfg.num_layers * sum(n * k for name, (n, k) in linear_shapes(cfg).items() if name != "lm_head")
+
+
 def weight_bytes(model: str) -> int:
     """Bytes a decode step reads for linear layers and lm_head at 2 bytes a parameter."""
     cfg = preset(model)
-    per_layer = cfg.hidden_size * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * cfg.hidden_size
-    per_layer += 3 * cfg.hidden_size * cfg.intermediate_size
-    return 2 * (cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size)
+    return 2 * (decoder_weight_params(cfg) + cfg.vocab_size * cfg.hidden_size)
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    """A benchmark option's comma-separated integers: '1,8,64' -> (1, 8, 64)."""
+    return tuple(int(x) for x in text.split(","))
 
 
 def decode_step_floor_s(model: str, batch: int, context: int) -> float:
@@ -354,6 +369,26 @@ def offline_prefill_lengths(num_tokens: int) -> list[int]:
             break
         lengths.append(take)
     return lengths
+
+
+class ColdL2Timer:
+    """Microseconds of fn with the L2 cold, as a decode step's kernels meet their weights and KV: (a 256 MB read +
+    fn) captured in a CUDA graph and replayed, less the read's own time. A read evicts the 50 MB L2 and leaves
+    clean lines (a write would leave dirty ones, whose write-back could land in the timed kernel)."""
+
+    def __init__(self, device, iters: int) -> None:
+        self._buffer = torch.ones(64 << 20, dtype=torch.int32, device=device)
+        self.iters = iters
+        self.flush_us = graph_replay_us(self._evict, iters=iters)[0]
+
+    def _evict(self) -> None:
+        self._buffer.max()
+
+    def __call__(self, fn) -> float:
+        def cold():
+            self._evict()
+            fn()
+        return graph_replay_us(cold, iters=self.iters)[0] - self.flush_us
 
 
 def graph_kernel_table(graph: torch.cuda.CUDAGraph, replays: int = 10, row_limit: int = 40) -> str:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tests.triton_interpreter import DEVICE
+from tests.triton_interpreter import DEVICE  # isort: skip (first: it may turn the Triton interpreter on)
+
+from llmfx.bench import linear_shapes
+from llmfx.presets import preset
 
 # TinyLlama-1.1B's linear layers: qkv, o, gate_up, down, lm_head.
-SHAPES = [(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632), (32000, 2048)]
+SHAPES = list(linear_shapes(preset("tinyllama-1.1b")).values())
 
 
 def random_problem(m, n, k, seed, dtype=torch.float32, device=DEVICE):

@@ -111,7 +111,15 @@ def rope_write_kv_configs():
 
 
 # One TinyLlama weight [N, K] per gemv shape class of triton_gemv._CONFIGS.
-GEMV_SHAPES = {"square": (2560, 2048), "deep": (2048, 5632), "wide": (11264, 2048)}
+def _class_shapes() -> dict[str, tuple[int, int]]:
+    from llmfx.bench import linear_shapes
+    from llmfx.presets import preset
+
+    shapes = linear_shapes(preset("tinyllama-1.1b"))
+    return {"square": shapes["qkv"], "deep": shapes["down"], "wide": shapes["gate_up"]}
+
+
+GEMV_SHAPES = _class_shapes()
 
 
 def gemv_partial_args(m: int, n: int, k: int, cfg, dtype: str = "bf16") -> tuple[dict, dict, dict]:

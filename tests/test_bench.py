@@ -123,10 +123,8 @@ def test_prefill_batch_starts_every_prompt_at_zero_on_pages_of_its_own():
     assert sorted(pages) == list(range(1, 6)) and kv[0][0].shape[0] == 6  # 1 + 3 + 1 pages and the null page
     params = load_params(source, dtype="float32", load_format="dummy", seed=0)
     assert forward(params, cfg, batch, kv).shape == (3, cfg.vocab_size)
-    graph_parts = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "graph_parts.py"),
-                                 run_name="not_main")
     linear_weights = sum(w.numel() for name, w in params["layers"][0].items() if name.startswith("w"))
-    assert graph_parts["weight_flops_per_token"](cfg) == cfg.num_layers * linear_weights
+    assert bench.decoder_weight_params(cfg) == cfg.num_layers * linear_weights  # graph_parts' TFLOP/s count
 
 
 def test_kernel_benchmark_rows_are_saved_with_where_they_ran(tmp_path):
