@@ -99,10 +99,14 @@ def test_every_compiled_step_equals_the_eager_step_on_the_same_inputs(hf_checkpo
     assert [(layout, graph) for layout, graph, _ in compared] == [(layout, eager) for layout, _, eager in compared]
 
 
-def test_launch_and_reading_results_never_synchronize_with_the_device(hf_checkpoint, monkeypatch):
+@pytest.mark.parametrize("dtype, enforce_eager", [("float32", False), ("bfloat16", True)])
+def test_launch_and_reading_results_never_synchronize_with_the_device(hf_checkpoint, monkeypatch, dtype,
+                                                                      enforce_eager):
     monkeypatch.setitem(model_engine.SORT_FREE_MIN_ROWS, "cuda", 1)
     # torch raises on any synchronizing call (item, tolist, pageable copy, nonzero) while the guard is
     # on; the requests cover both sampler variants, penalties (their scatter) and beams (page copies).
+    # Eager bf16 runs every op and every Triton wrapper's host code (the GEMV / matmul routing, the
+    # attention and rope + KV launches) at every step under the guard; compiled, they ran at capture.
     _, path = hf_checkpoint("llama")
     params = [GREEDY, SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=40, ignore_eos=True,
                                      detokenize=False),
@@ -111,8 +115,8 @@ def test_launch_and_reading_results_never_synchronize_with_the_device(hf_checkpo
               SamplingParams(use_beam_search=True, beam_width=3, n=2, temperature=0.0, max_tokens=40, ignore_eos=True,
                              detokenize=False), GREEDY]
     launched = []
-    with LLM(path, skip_tokenizer_init=True, dtype="float32", device="cuda", max_batch_size=16, max_num_tokens=64,
-             kv_cache_config=KvCacheConfig(page_size=4, max_tokens=4096)) as llm:
+    with LLM(path, skip_tokenizer_init=True, dtype=dtype, device="cuda", max_batch_size=16, max_num_tokens=64,
+             enforce_eager=enforce_eager, kv_cache_config=KvCacheConfig(page_size=4, max_tokens=4096)) as llm:
         engine = llm._engine
         launch = engine.launch
 
