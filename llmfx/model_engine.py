@@ -191,9 +191,7 @@ def sample_step(logits: Tensor, unseen: Tensor, sampling: SamplingTensors, penal
     penalties = PenaltyState(prompt_mask=penalties.prompt_mask,
                              output_counts=count_tokens(penalties.output_counts, unseen))
     out = sample(logits, sampling, penalties, filtering=filtering, noise=noise, top_logprobs=top_logprobs)
-    rows = out.tokens.shape[0]
-    torch._check(rows <= token_pool.shape[0])  # a batch never has more rows than the pool: no broadcast guard on rows
-    token_pool.narrow(0, 0, rows).copy_(out.tokens)
+    token_pool.narrow(0, 0, out.tokens.shape[0]).copy_(out.tokens)
     return torch.cat([out.tokens.unsqueeze(1).double(), out.logprobs.unsqueeze(1).double(),
                       out.ranks.unsqueeze(1).double(), out.topk_ids.double(), out.topk_logprobs.double()], dim=1)
 
@@ -407,11 +405,14 @@ class ModelEngine:
 
         Its batch dimension is marked dynamic and compiled size-oblivious: otherwise a variant run at
         one row compiles a size-1 graph of its own (0/1 specialization), then a shape-generic one,
-        and each such compile is seconds of startup (session 6: +4.6 s warm for two).
+        and each such compile is seconds of startup (session 6: +4.6 s warm for two). The dimension's
+        range stops at the token pool's rows, so writing the tokens there needs neither a guard nor a
+        runtime assert in the graph (torch 2.11 traced a torch._check there as a call the AOTAutograd
+        cache refuses, and every warm start traced the sampler variants again: ~8 s).
         """
         for tensor in (logits, unseen, penalties.prompt_mask, penalties.output_counts,
                        *(getattr(sampling, name) for name in SamplingTensors.__slots__)):
-            torch._dynamo.mark_dynamic(tensor, 0)
+            torch._dynamo.mark_dynamic(tensor, 0, min=1, max=token_pool.shape[0])
         with fx_config.patch(backed_size_oblivious=True):
             return self._sampler_half(logits, unseen, sampling, penalties, token_pool, *variant)
 

@@ -7,6 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
 from llmfx.buckets import BucketKey, default_decode_sizes, make_buckets
 from llmfx.kv_pool import KVPool
 from llmfx.llm import LLM
@@ -84,6 +86,34 @@ def test_padding_to_buckets_does_not_change_any_token():
     exact = _mixed_then_decode(*_engine(False, None))
     padded = _mixed_then_decode(*_engine(False, make_buckets(4, 32, [1, 2, 4])))
     assert padded == exact
+
+
+class _RecordAsserts(CustomGraphPass):
+    """An inductor post-grad pass that only records the runtime-assert nodes of each compiled graph."""
+
+    def __init__(self) -> None:
+        self.per_graph: list[list[str]] = []
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        asserts = (torch.ops.aten._assert_scalar.default, torch._check, torch._check_is_size)
+        self.per_graph.append([str(node.target) for node in graph.nodes if node.target in asserts])
+
+    def uuid(self) -> None:
+        return None  # no cache entry: every graph is compiled, so every graph is seen
+
+
+def test_compiled_graphs_hold_no_runtime_asserts():
+    # A runtime assert in a graph made torch 2.11's AOTAutograd cache refuse it (a traced torch._check),
+    # so every warm start on the H200 traced the three sampler variants again, ~8 s of startup. The
+    # sampler's batch dimension is bounded by the token pool instead: nothing is left to assert.
+    torch._dynamo.reset()
+    recorder = _RecordAsserts()
+    source = resolve_model("tiny")
+    engine = ModelEngine(load_params(source), source.config, EngineConfig(
+        page_size=4, seed=0, max_pages_per_seq=16, buckets=make_buckets(4, 32, [1, 2, 4]), compile=True,
+        inductor_options=(("post_grad_custom_post_pass", recorder),)))
+    engine.warmup(KVPool.allocate(source.config, 40, 4, torch.float32, "cpu"))
+    assert len(recorder.per_graph) >= 5 and not any(recorder.per_graph), recorder.per_graph
 
 
 def test_compiled_step_serves_every_bucket_without_recompiling_after_warmup():
