@@ -6,8 +6,9 @@ Runs the startup script once to fill DIR's compile caches (cold, not profiled), 
 a thread samples every other thread's Python stack each 5 ms (the executor warms up on its own
 thread), and prints per thread the functions found on the most samples (inclusive: x samples is
 about x * 5 ms spent in that call or below it), plus wall-clock marks around the imports, the
-engine's construction and the first request, and dynamo's own timers per compiled graph. Sampling, unlike cProfile, barely slows the run: an
-earlier cProfile version of this script did not finish a warm start in 210 s on the H200.
+engine's construction and the first request, and dynamo's own timers per compiled graph. Sampling,
+unlike cProfile, barely slows the run: an earlier cProfile version of this script did not finish a
+warm start in 210 s on the H200.
 """
 
 import argparse

@@ -408,7 +408,8 @@ class ModelEngine:
         and each such compile is seconds of startup (session 6: +4.6 s warm for two). The dimension's
         range stops at the token pool's rows, so writing the tokens there needs neither a guard nor a
         runtime assert in the graph (torch 2.11 traced a torch._check there as a call the AOTAutograd
-        cache refuses, and every warm start traced the sampler variants again: ~8 s).
+        cache refuses, and every warm start traced the sampler variants again: session 14, same call,
+        warm 24.7 s with it, 22.6 without).
         """
         for tensor in (logits, unseen, penalties.prompt_mask, penalties.output_counts,
                        *(getattr(sampling, name) for name in SamplingTensors.__slots__)):
