@@ -6,9 +6,10 @@ Runs the startup script once to fill DIR's compile caches (cold, not profiled), 
 a thread samples every other thread's Python stack each 5 ms (the executor warms up on its own
 thread), and prints per thread the functions found on the most samples (inclusive: x samples is
 about x * 5 ms spent in that call or below it), plus wall-clock marks around the imports, the
-engine's construction and the first request, and dynamo's own timers per compiled graph. Sampling,
-unlike cProfile, barely slows the run: an earlier cProfile version of this script did not finish a
-warm start in 210 s on the H200.
+engine's construction and the first request, dynamo's own timers per compiled graph, and the files
+the warm start added to the compile caches (a kernel that missed them is compiled and written
+again). Sampling, unlike cProfile, barely slows the run: an earlier cProfile version of this script
+did not finish a warm start in 210 s on the H200.
 """
 
 import argparse
@@ -63,6 +64,12 @@ print(json.dumps(report))
 """
 
 
+def cache_files(env: dict[str, str]) -> set[str]:
+    """Every file under the run's inductor and Triton caches, as paths relative to the caches' parent."""
+    roots = [Path(env[name]) for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")]
+    return {str(f.relative_to(root.parent)) for root in roots if root.is_dir() for f in root.rglob("*") if f.is_file()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tinyllama-1.1b")
@@ -73,13 +80,21 @@ def main() -> None:
     path = hf_checkpoint(args.model, args.workdir)
     env = startup_env(args.workdir)
     subprocess.run([sys.executable, "-c", startup_script(path)], env=env, check=True, capture_output=True)  # cold
+    before = cache_files(env)
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], env=env, check=True, capture_output=True,
                           text=True)
     report = json.loads(done.stdout.strip().splitlines()[-1])
+    # What the warm start wrote into the compile caches: a kernel compiled again shows up here (a .cubin).
+    report["new_cache_files"] = sorted(cache_files(env) - before)
     (args.save / "startup-profile.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: report[k] for k in ("marks_s", "phases_s")}))
     for name, per_graph in report["dynamo_compile_times_s"].items():
         print(f"{name:45s} {per_graph}")
+    new = report["new_cache_files"]
+    print(f"files the warm start added to the compile caches: {len(new)}, of them cubins: "
+          f"{sum(f.endswith('.cubin') for f in new)}")
+    for f in new[:60]:
+        print("  ", f)
     for name, thread in report["threads"].items():
         print(f"==== {name}: {thread['samples']} samples")
         for where, count in thread["top"][:40]:

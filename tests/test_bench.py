@@ -312,8 +312,21 @@ def test_startup_profile_samples_every_thread_of_a_warm_start_on_cpu(tmp_path, m
     assert 0 < marks["imported"] < marks["constructed"] <= marks["first_token"]
     assert set(report["phases_s"]) == {"load", "profile", "kv_allocation", "compile_and_capture"}
     assert isinstance(report["dynamo_compile_times_s"], dict)  # per graph on the GPU; the CPU engine compiles none
+    assert report["new_cache_files"] == []  # nothing compiles on the CPU engine, so nothing is written again
     executor = report["threads"]["llmfx-executor"]  # the warm-up runs there, so it must be sampled too
     assert executor["samples"] > 0 and any("warmup" in where for where, _ in executor["top"])
+
+
+def test_startup_profile_lists_the_files_in_both_compile_caches(tmp_path):
+    cache_files = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "startup_profile.py"),
+                                 run_name="not_main")["cache_files"]
+    (tmp_path / "inductor-cache" / "ab").mkdir(parents=True)
+    (tmp_path / "inductor-cache" / "ab" / "graph.py").write_text("")
+    (tmp_path / "triton-cache" / "HASH").mkdir(parents=True)
+    (tmp_path / "triton-cache" / "HASH" / "_gemv_kernel.cubin").write_bytes(b"")
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache"),
+           "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
+    assert cache_files(env) == {"inductor-cache/ab/graph.py", "triton-cache/HASH/_gemv_kernel.cubin"}
 
 
 VARLEN_SWEEP = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "varlen_attention_sweep.py"),
