@@ -198,14 +198,24 @@ _ATTENTION_POINTERS = {"out_ptr": "bf16", "q_ptr": "bf16", "k_ptr": "bf16", "v_p
 
 
 def attention_strides(heads: int, kv_heads: int, head_dim: int, page_size: int, max_pages: int, splits: int) -> dict:
-    """The stride arguments a served launch passes (q and out [T, H, D]; KVPool's head-major pages seen as
-    [P, S, K, D]; the decode partials), so the compile specializes them as the launcher does."""
-    q = dict(stride_qt=heads * head_dim, stride_qh=head_dim, stride_ot=heads * head_dim, stride_oh=head_dim)
-    page = kv_heads * page_size * head_dim
-    kv = {f"stride_{x}{d}": v for x in "kv" for d, v in (("p", page), ("s", head_dim), ("h", page_size * head_dim))}
-    parts = dict(stride_at=splits * heads * head_dim, stride_as=heads * head_dim, stride_ah=head_dim,
-                 stride_mt=splits * heads * 2, stride_ms=heads * 2)
-    return {**q, **kv, **parts, "stride_pt": max_pages}
+    """The stride arguments a served launch passes, read off meta tensors laid out as served (q and out [T, H, D];
+    KVPool's pages; the decode partials), so the compile specializes them as the launcher does."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from llmfx.kv_pool import KVPool
+
+    pool_shape = SimpleNamespace(num_layers=1, num_kv_heads=kv_heads, head_dim=head_dim)
+    pages = KVPool.allocate(pool_shape, 2, page_size, torch.bfloat16, "meta").layers[0][0]  # [P, S, K, D]
+    q = torch.empty(1, heads, head_dim, device="meta")
+    acc = torch.empty(1, splits, heads, head_dim, device="meta")
+    ml = torch.empty(1, splits, heads, 2, device="meta")
+    strides = {f"stride_{x}{d}": n for x, t in (("q", q), ("o", q)) for d, n in zip("th", t.stride())}
+    strides |= {f"stride_{x}{d}": n for x in "kv" for d, n in zip("psh", pages.stride())}  # D is unit-stride
+    strides |= {f"stride_a{d}": n for d, n in zip("tsh", acc.stride())}
+    strides |= {f"stride_m{d}": n for d, n in zip("ts", ml.stride())}
+    return {**strides, "stride_pt": max_pages}
 
 
 def attention_reports():
