@@ -8,8 +8,9 @@ Per loop iteration: its wall time (start to the next start, delivery included), 
 (wall less the wait in collect) and the device time of the step it launched. A step is host-bound
 when its host time exceeds its device time; the sum of those excesses is what a faster host could
 save at most, and the sum of device times is what the run would take if the host cost nothing.
-Reported by decode batch size, so the answer to "host or kernels?" comes per batch. On the CPU the
-device column is empty (launch is synchronous there). The events add ~10 us of host work a step.
+Reported by decode batch size, so the answer to "host or kernels?" comes per batch; the saved JSON also
+lists every launching iteration in order (`steps`), so single host-bound steps can be found. On the CPU
+the device column is empty (launch is synchronous there). The events add ~10 us of host work a step.
 """
 
 from __future__ import annotations
@@ -81,6 +82,14 @@ def summarize(its: list[Iteration]) -> list[dict]:
     return rows
 
 
+def step_rows(its: list[Iteration]) -> list[list]:
+    """Every launching iteration in order: [sequences, prefill tokens, wall ms, host ms, device ms or None]."""
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None else round(seconds * 1e3, 3)
+
+    return [[i.seqs, i.prefill_tokens, ms(i.wall_s), ms(i.host_s), ms(i.device_s)] for i in its]
+
+
 def timed_launches(engine) -> list[tuple[torch.cuda.Event, torch.cuda.Event]]:
     """Wrap the engine's launching calls (graph replay, compiled or eager step) with CUDA events; returns their list."""
     events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -132,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         if cuda:
             torch.cuda.synchronize()
         device_s = [s.elapsed_time(e) / 1e3 for s, e in events] if cuda else None
-        rows = summarize(iterations(list(trace), device_s))
+        its = iterations(list(trace), device_s)
+        rows = summarize(its)
     out_tokens = sum(n for _, n in work)
     print(f"{args.num_requests} requests, {out_tokens} output tokens in {elapsed:.3f} s: "
           f"{out_tokens / elapsed:,.0f} output tok/s")
@@ -142,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         saved = bench.save_rows(Path(args.save), f"offline_timeline{args.tag}.json", rows, model=args.model,
                                 num_requests=args.num_requests, lengths=[lo, hi],
                                 gc_gen0_threshold=threshold, wall_s=round(elapsed, 4),
-                                output_tokens_per_s=round(out_tokens / elapsed, 1))
+                                output_tokens_per_s=round(out_tokens / elapsed, 1), steps=step_rows(its))
         print(f"saved {saved}")
 
 

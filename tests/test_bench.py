@@ -294,6 +294,9 @@ def test_offline_timeline_runs_the_workload_on_cpu(tmp_path, capsys):
     total = report["rows"][-1]
     assert total["batch"] == "all" and total["steps"] >= 4 and "device_s" not in total  # no device column on CPU
     assert report["lengths"] == [4, 12] and report["output_tokens_per_s"] > 0 and report["gc_gen0_threshold"] is None
+    steps = report["steps"]  # every launching iteration: the buckets' counts add up to it
+    assert len(steps) == total["steps"] and all(len(s) == 5 and s[4] is None for s in steps)
+    assert sum(s[0] for s in steps) >= 3 and all(s[2] >= s[3] >= 0 for s in steps)
 
 
 def test_penalty_step_benchmark_checks_both_ways_agree_and_saves(tmp_path, capsys):
