@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from llmfx.persistent import LinkedSet, MapEdit, PageStack, PMap
+from llmfx.persistent import MapEdit, PageCounts, PageLinkedSet, PageStack, PMap
 
 NULL_PAGE = 0  # padding rows write here; never allocated
 
@@ -45,15 +45,16 @@ class PagePool:
 
     The collections are persistent (llmfx.persistent): an update shares all but O(log n) of the old
     value, so a step costs the same whatever the number of cached pages, and old pools stay valid
-    (capacity policies try admissions on the pool and drop the result).
+    (capacity policies try admissions on the pool and drop the result). Per-page counts and LRU links
+    are page-indexed int32 arrays: a finished request's release writes one per page.
     """
 
     num_pages: int  # including NULL_PAGE
     page_size: int
     enable_prefix_cache: bool
     free: PageStack  # unreferenced and uncached; the most recently freed is allocated first
-    refcounts: PMap  # page -> number of holders, always >= 1
-    evictable: LinkedSet  # cached pages nobody holds, least recently used first
+    refcounts: PageCounts  # page -> number of holders, always >= 1
+    evictable: PageLinkedSet  # cached pages nobody holds, least recently used first
     page_keys: PMap  # page -> PageKey, for full pages whose tokens are known (held or evictable)
     cached: PMap  # page hash -> the canonical page a prefix match returns
 
@@ -69,8 +70,8 @@ def new_page_pool(num_pages: int, page_size: int, enable_prefix_cache: bool = Tr
         page_size=page_size,
         enable_prefix_cache=bool(enable_prefix_cache),
         free=PageStack(NULL_PAGE + 1, num_pages),  # a fresh pool hands out 1, 2, 3, ...
-        refcounts=PMap(),
-        evictable=LinkedSet(),
+        refcounts=PageCounts(num_pages),
+        evictable=PageLinkedSet(num_pages),
         page_keys=PMap(),
         cached=PMap(),
     )

@@ -2,14 +2,16 @@
 
 An old value stays valid and unchanged after a new one is derived from it (capacity policies try
 admissions on the pool and drop the result; `LLM.scheduler_state` is read from another thread),
-yet an update costs O(log32 n), not a copy of n entries. Batches of updates go through an edit
-(a transient, as in Clojure): it copies each node on the updated paths once, mutates its copies in
-place, and is spent by `finish()`, so a node reachable from a finished value is never written.
+yet an update costs O(log32 n) for a map, or one chunk copy for a page-indexed array, not a copy of
+n entries. Batches of updates go through an edit (a transient, as in Clojure): it copies each node or
+chunk it writes once, mutates its copies in place, and is spent by `finish()`, so nothing reachable
+from a finished value is ever written.
 """
 
 from __future__ import annotations
 
 import itertools
+from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from typing import Any
 
@@ -197,110 +199,221 @@ class MapEdit:
         return PMap._of(self._root, self._len)
 
 
-class LinkedSet(Set):
-    """A persistent insertion-ordered set (oldest first): a doubly linked list whose links live in a PMap."""
+_CHUNK_BITS = 9
+_CHUNK = 1 << _CHUNK_BITS  # pages a chunk holds
+_ZEROS = array("i", bytes(4 * _CHUNK))  # the chunk no page has written; shared, never written
 
-    __slots__ = ("_links", "_head", "_tail")
 
-    def __init__(self) -> None:
-        self._links: PMap = PMap()  # key -> (previous key, next key); None at the ends
-        self._head = self._tail = None
+# Page-indexed int32 arrays for the page pool's per-page state. A PMap write copies a leaf dict and touches
+# every key and value in it: a cache miss each once the map is cold, as between two serving steps
+# (benchmarks/README.md, session 11). Here a page's value sits in a chunk of _CHUNK int32s: an edit copies
+# the chunk list once and each chunk it writes with one memcpy, whatever the chunk holds.
 
-    def __contains__(self, key) -> bool:
-        return key in self._links
+def _zero_chunks(size: int) -> tuple[array, ...]:
+    return (_ZEROS,) * -(-size // _CHUNK)
+
+
+def _read(chunks: Sequence[array], page: int) -> int:
+    return chunks[page >> _CHUNK_BITS][page & (_CHUNK - 1)]
+
+
+class _ChunksEdit:
+    """A page-indexed int32 array being edited: copies each chunk it writes once; spent by finish()."""
+
+    __slots__ = ("chunks", "_owned", "_size")
+
+    def __init__(self, chunks: tuple[array, ...], size: int) -> None:
+        self.chunks, self._size = list(chunks), size
+        self._owned: set[int] | None = set()  # indexes of the chunks this edit copied
+
+    def write(self, page: int, value: int) -> None:
+        owned = self._owned
+        if owned is None:
+            raise RuntimeError("edit used after finish(): its chunks now belong to the finished value")
+        if not 0 <= page < self._size:
+            raise IndexError(f"page {page} outside [0, {self._size})")
+        index = page >> _CHUNK_BITS
+        chunk = self.chunks[index]
+        if index not in owned:
+            owned.add(index)
+            chunk = self.chunks[index] = chunk[:]  # one memcpy
+        chunk[page & (_CHUNK - 1)] = value
+
+    def finish(self) -> tuple[array, ...]:
+        if self._owned is None:
+            raise RuntimeError("finish() called twice")
+        self._owned = None
+        return tuple(self.chunks)
+
+
+class PageCounts(Mapping):
+    """A persistent map from held pages (ints in [0, size)) to their counts (>= 1): a page-indexed int32 array
+    in which 0 means absent."""
+
+    __slots__ = ("_chunks", "_len", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._chunks, self._len, self._size = _zero_chunks(size), 0, size
+
+    def get(self, page: int, default=None):
+        """page's count, or default when absent; page must lie in [0, size)."""
+        return _read(self._chunks, page) or default
+
+    def __getitem__(self, page: int) -> int:
+        if page not in self:
+            raise KeyError(page)
+        return _read(self._chunks, page)
+
+    def __contains__(self, page) -> bool:
+        return isinstance(page, int) and 0 <= page < self._size and _read(self._chunks, page) > 0
 
     def __len__(self) -> int:
-        return len(self._links)
+        return self._len
 
-    def __iter__(self) -> Iterator:
-        key, links = self._head, self._links
-        while key is not None:
-            yield key
-            key = links[key][1]
+    def __iter__(self) -> Iterator[int]:
+        """Pages in ascending order."""
+        for i, chunk in enumerate(self._chunks):
+            if chunk is not _ZEROS:
+                yield from (i * _CHUNK + j for j, count in enumerate(chunk) if count)
 
     def __repr__(self) -> str:
-        return f"LinkedSet({list(self)!r})"
+        return f"PageCounts({dict(self)!r})"
+
+    def edit(self) -> PageCountsEdit:
+        """A transient copy to update in place; `finish()` returns the new map and spends the edit."""
+        return PageCountsEdit(self)
+
+
+class PageCountsEdit:
+    """An in-place editor over a PageCounts; spent by finish()."""
+
+    __slots__ = ("_counts", "_len", "_size")
+
+    def __init__(self, m: PageCounts) -> None:
+        self._counts, self._len, self._size = _ChunksEdit(m._chunks, m._size), m._len, m._size
+
+    def get(self, page: int, default=None):
+        return _read(self._counts.chunks, page) or default
+
+    def __setitem__(self, page: int, count: int) -> None:
+        assert count >= 1, f"a held page's count is >= 1, got {count} (del releases it)"
+        old = _read(self._counts.chunks, page) if 0 <= page < self._size else 0
+        self._counts.write(page, count)
+        self._len += not old
+
+    def __delitem__(self, page: int) -> None:
+        if not (0 <= page < self._size and _read(self._counts.chunks, page)):
+            raise KeyError(page)
+        self._counts.write(page, 0)
+        self._len -= 1
+
+    def finish(self) -> PageCounts:
+        """The edited map; the edit is spent (further use raises) so the map's chunks are never written again."""
+        m = object.__new__(PageCounts)
+        m._chunks, m._len, m._size = self._counts.finish(), self._len, self._size
+        return m
+
+
+class PageLinkedSet(Set):
+    """A persistent insertion-ordered set of pages (ints in [1, size)), oldest first: a doubly linked list whose
+    links are page-indexed int32 arrays (0, the null page, ends the list and is never a member)."""
+
+    __slots__ = ("_prev", "_next", "_head", "_tail", "_len", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._prev = self._next = _zero_chunks(size)
+        self._head = self._tail = self._len = 0
+        self._size = size
+
+    def __contains__(self, page) -> bool:
+        return (isinstance(page, int) and 0 < page < self._size
+                and (page == self._head or _read(self._prev, page) != 0))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[int]:
+        page, links = self._head, self._next
+        while page:
+            yield page
+            page = _read(links, page)
+
+    def __repr__(self) -> str:
+        return f"PageLinkedSet({list(self)!r})"
 
     def __eq__(self, other) -> bool:
-        """Order matters between two LinkedSets (as between OrderedDicts); against another set it does not."""
-        if isinstance(other, LinkedSet):
+        """Order matters between two PageLinkedSets (as between OrderedDicts); against another set it does not."""
+        if isinstance(other, PageLinkedSet):
             return len(self) == len(other) and all(a == b for a, b in zip(self, other))
         return Set.__eq__(self, other)
 
-    def edit(self) -> LinkedSetEdit:
+    def edit(self) -> PageLinkedSetEdit:
         """A transient copy to update in place; `finish()` returns the new set and spends the edit."""
-        return LinkedSetEdit(self)
+        return PageLinkedSetEdit(self)
 
 
-class LinkedSetEdit:
-    """An in-place editor over a LinkedSet; spent by finish()."""
+class PageLinkedSetEdit:
+    """An in-place editor over a PageLinkedSet; spent by finish()."""
 
-    __slots__ = ("_links", "_head", "_tail")
+    __slots__ = ("_prev", "_next", "_head", "_tail", "_len", "_size")
 
-    def __init__(self, s: LinkedSet) -> None:
-        self._links, self._head, self._tail = s._links.edit(), s._head, s._tail
+    def __init__(self, s: PageLinkedSet) -> None:
+        self._prev, self._next = _ChunksEdit(s._prev, s._size), _ChunksEdit(s._next, s._size)
+        self._head, self._tail, self._len, self._size = s._head, s._tail, s._len, s._size
 
-    def __contains__(self, key) -> bool:
-        return key in self._links
+    def __contains__(self, page) -> bool:
+        return 0 < page < self._size and (page == self._head or _read(self._prev.chunks, page) != 0)
 
     def __len__(self) -> int:
-        return len(self._links)
+        return self._len
 
-    def append(self, key) -> None:
-        """Add key as the newest; it must be absent (None is the end marker, so it cannot be a key)."""
-        assert key is not None and key not in self._links, f"{key!r} appended twice"
-        links, tail = self._links, self._tail
-        if tail is None:
-            self._head = key
+    def append(self, page: int) -> None:
+        """Add page as the newest; it must be absent."""
+        assert page not in self, f"page {page} appended twice (or outside [1, {self._size}))"
+        tail = self._tail
+        if tail:
+            self._next.write(tail, page)
         else:
-            links[tail] = (links[tail][0], key)
-        links[key] = (tail, None)
-        self._tail = key
+            self._head = page
+        self._prev.write(page, tail)
+        self._tail = page
+        self._len += 1
 
-    def extend(self, keys: Sequence) -> None:
-        """append() each key in order, writing each link once (append rewrites the previous newest's)."""
-        if not keys:
-            return
-        links, tail = self._links, self._tail
-        assert None not in keys and len(set(keys)) == len(keys) and not any(k in links for k in keys), \
-            "extend() keys must be new and distinct"
-        if tail is None:
-            self._head = keys[0]
+    def extend(self, pages: Iterable[int]) -> None:
+        """append() each page in order."""
+        for page in pages:
+            self.append(page)
+
+    def remove(self, page: int) -> None:
+        """Drop page, wherever it is; KeyError if absent."""
+        if page not in self:
+            raise KeyError(page)
+        before, after = _read(self._prev.chunks, page), _read(self._next.chunks, page)
+        if before:
+            self._next.write(before, after)
         else:
-            links[tail] = (links[tail][0], keys[0])
-        before = (tail, *keys[:-1])
-        after = (*keys[1:], None)
-        for key, prev, nxt in zip(keys, before, after):
-            links[key] = (prev, nxt)
-        self._tail = keys[-1]
-
-    def remove(self, key) -> None:
-        """Drop key, wherever it is; KeyError if absent."""
-        links = self._links
-        prev, after = links.pop(key, (_MISSING, None))
-        if prev is _MISSING:
-            raise KeyError(key)
-        if prev is None:
             self._head = after
+        if after:
+            self._prev.write(after, before)
         else:
-            links[prev] = (links[prev][0], after)
-        if after is None:
-            self._tail = prev
-        else:
-            links[after] = (prev, links[after][1])
+            self._tail = before
+        self._prev.write(page, 0)
+        self._next.write(page, 0)
+        self._len -= 1
 
-    def pop_oldest(self):
-        """Remove and return the oldest key; KeyError if empty."""
-        key = self._head
-        if key is None:
-            raise KeyError("pop_oldest from an empty LinkedSet")
-        self.remove(key)
-        return key
+    def pop_oldest(self) -> int:
+        """Remove and return the oldest page; KeyError if empty."""
+        page = self._head
+        if not page:
+            raise KeyError("pop_oldest from an empty PageLinkedSet")
+        self.remove(page)
+        return page
 
-    def finish(self) -> LinkedSet:
+    def finish(self) -> PageLinkedSet:
         """The edited set; the edit is spent."""
-        s = object.__new__(LinkedSet)
-        s._links, s._head, s._tail = self._links.finish(), self._head, self._tail
+        s = object.__new__(PageLinkedSet)
+        s._prev, s._next = self._prev.finish(), self._next.finish()
+        s._head, s._tail, s._len, s._size = self._head, self._tail, self._len, self._size
         return s
 
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from llmfx.persistent import _LEAF_MAX, LinkedSet, PageStack, PMap, TokenTape, append_token
+from llmfx.persistent import _CHUNK, _LEAF_MAX, PageCounts, PageLinkedSet, PageStack, PMap, TokenTape, append_token
 
 
 class Collider:
@@ -117,15 +117,19 @@ TestPMapMachine = PMapMachine.TestCase
 TestPMapMachine.settings = settings(max_examples=40, stateful_step_count=15, deadline=None)
 
 
-class LinkedSetMachine(RuleBasedStateMachine):
+SET_PAGES = 2 * _CHUNK  # pages 1 .. SET_PAGES - 1; 0 is the null page, never a member
+
+
+class PageLinkedSetMachine(RuleBasedStateMachine):
     """Appends, removals and pops of the oldest, on any earlier version, keep each version equal to its list."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.versions: list[tuple[LinkedSet, list[int]]] = [(LinkedSet(), [])]
+        self.versions: list[tuple[PageLinkedSet, list[int]]] = [(PageLinkedSet(SET_PAGES), [])]
 
     @rule(data=st.data(), batch=st.lists(st.tuples(st.sampled_from(["append", "extend", "remove", "pop"]),
-                                                   st.integers(0, 60)), max_size=40))
+                                                   st.one_of(st.integers(1, 60), st.integers(_CHUNK - 3, _CHUNK + 3))),
+                                         max_size=40))
     def edit(self, data, batch) -> None:
         s, model = self.versions[data.draw(st.integers(0, len(self.versions) - 1))]
         model = list(model)
@@ -150,19 +154,20 @@ class LinkedSetMachine(RuleBasedStateMachine):
     def every_version_equals_its_model(self) -> None:
         for s, model in self.versions:
             assert list(s) == model and len(s) == len(model) and s == set(model)
-        rebuilt = LinkedSet().edit()
+        rebuilt = PageLinkedSet(SET_PAGES).edit()
         for key in model:
             rebuilt.append(key)
         assert rebuilt.finish() == s
-        if len(model) > 1:  # the same keys in another order are another LinkedSet
-            other = LinkedSet().edit()
+        assert 0 not in s and SET_PAGES not in s and -1 not in s
+        if len(model) > 1:  # the same keys in another order are another PageLinkedSet
+            other = PageLinkedSet(SET_PAGES).edit()
             for key in reversed(model):
                 other.append(key)
             assert other.finish() != s
 
 
-TestLinkedSetMachine = LinkedSetMachine.TestCase
-TestLinkedSetMachine.settings = settings(max_examples=60, stateful_step_count=20, deadline=None)
+TestPageLinkedSetMachine = PageLinkedSetMachine.TestCase
+TestPageLinkedSetMachine.settings = settings(max_examples=60, stateful_step_count=20, deadline=None)
 
 
 @settings(deadline=None)
@@ -186,6 +191,63 @@ def test_page_stack_is_a_persistent_lifo_over_its_fresh_range(start, size, batch
             assert stack == PageStack(1, 1).push(model) and (not model or stack != PageStack(1, 1).push(model[1:]))
             assert all(i in stack for i in model) and pushed not in stack and 0 not in stack
 
+
+
+# --- PageCounts: edits of any version, each checked against its dict model ---
+
+PAGES = 3 * _CHUNK + 5  # a partial last chunk
+page_ops = st.lists(st.tuples(st.sampled_from(["set", "del"]), st.one_of(st.integers(0, 40), st.integers(0, PAGES - 1)),
+                              st.integers(1, 2**31 - 1)), max_size=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10**6), page_ops), max_size=12))
+def test_every_page_counts_version_stays_equal_to_its_dict(edits):
+    versions = [(PageCounts(PAGES), {})]
+    for pick, batch in edits:  # edit any earlier version: old versions must not change
+        counts, model = versions[pick % len(versions)]
+        model, e = dict(model), counts.edit()
+        for op, page, count in batch:
+            if op == "set":
+                e[page] = model[page] = count
+            elif page in model:
+                del e[page], model[page]
+            else:
+                with pytest.raises(KeyError):
+                    del e[page]
+            assert e.get(page, 0) == model.get(page, 0)
+        versions.append((e.finish(), model))
+        for version, expected in versions:
+            assert dict(version) == expected and len(version) == len(expected)
+            assert list(version) == sorted(expected)  # pages iterate in ascending order
+            assert all(version[p] == c and p in version for p, c in expected.items())
+            assert -1 not in version and PAGES not in version and "x" not in version
+
+
+def test_page_counts_refuse_a_zero_count_pages_out_of_range_and_a_spent_edit():
+    e = PageCounts(10).edit()
+    with pytest.raises(AssertionError):
+        e[3] = 0
+    with pytest.raises(IndexError):
+        e[10] = 1
+    e[3] = 2
+    m = e.finish()
+    with pytest.raises(RuntimeError, match="after finish"):
+        e[4] = 1
+    with pytest.raises(RuntimeError, match="twice"):
+        e.finish()
+    with pytest.raises(KeyError):
+        m[4]
+    assert dict(m) == {3: 2} and m.get(4) is None and m.get(4, 0) == 0
+
+
+def test_a_page_counts_edit_copies_only_the_chunks_it_writes():
+    m = PageCounts(4 * _CHUNK)
+    e = m.edit()
+    e[1] = e[2] = e[3 * _CHUNK] = 1
+    new = e.finish()
+    changed = [i for i, (a, b) in enumerate(zip(m._chunks, new._chunks)) if a is not b]
+    assert changed == [0, 3] and new._chunks[1] is m._chunks[1]
 
 def test_an_update_copies_one_path_not_the_map():
     m = PMap((i, i) for i in range(100_000))
@@ -215,7 +277,7 @@ def test_a_finished_edit_refuses_writes():
     with pytest.raises(RuntimeError, match="twice"):
         e.finish()
     assert dict(m) == {1: 1}
-    s = LinkedSet().edit()
+    s = PageLinkedSet(10).edit()
     s.finish()
     with pytest.raises(RuntimeError, match="after finish"):
         s.append(1)
