@@ -7,8 +7,10 @@ instant stand-in that returns token 1 for every row: every other part of a step 
 (request intake, schedule, KV bookkeeping, input staging, collect, postprocess, delivery to the
 front end thread). The wall time per step is then the host's floor on step time: a GPU step
 faster than it leaves the GPU waiting (PERF.md: the target is 0.5 ms at batch 256). Reports the
-median host time per step by decode batch size and the cyclic GC's time, collections per generation
-and longest pause over the run (every thread's); `--profile` adds yappi's busiest functions
+median host time per step by decode batch size, by how many sequences finished just before the step (a
+finish releases the sequence's pages and delivers its output: on the H200's host the step after one
+finish took 1.1 ms more, session 15), and the cyclic GC's time, collections per generation and longest
+pause over the run (every thread's); `--profile` adds yappi's busiest functions
 across all threads (pip install yappi). This box's timings vary by about 30% run to run: compare
 variants in one process where you can.
 """
@@ -26,6 +28,17 @@ from llmfx import bench
 from llmfx.llm import LLM
 from llmfx.sampling_params import SamplingParams
 from llmfx.testing.stand_in import instant_step
+
+
+def periods_by_finishes(trace) -> dict[int, list[float]]:
+    """Decode-only launching iterations' periods (start to next start, s), keyed by how many sequences the launch
+    before had more: the sequences that finished in between, whose pages and outputs this iteration handles."""
+    launches = [t for t in trace if t.launched is not None]
+    out: dict[int, list[float]] = {}
+    for before, it, following in zip(launches, launches[1:], launches[2:]):
+        if before.launched.num_tokens == before.launched.num_decode and it.launched.num_tokens == it.launched.num_decode:
+            out.setdefault(before.launched.num_seqs - it.launched.num_seqs, []).append(following.start - it.start)
+    return out
 
 
 def main() -> None:
@@ -79,6 +92,8 @@ def main() -> None:
             by_batch[min(256, -(-batch.num_decode // 32) * 32)].append(following.start - it.start)
     rows = [{"decode_batch_up_to": b, "steps": len(v), "median_ms": 1e3 * statistics.median(v)}
             for b, v in sorted(by_batch.items())]
+    finishing = [{"finished_before": n, "steps": len(v), "median_ms": 1e3 * statistics.median(v)}
+                 for n, v in sorted(periods_by_finishes(trace).items())]
     steps = sum(1 for it in trace if it.collected is not None)
     print(f"{args.num_requests} requests, {steps} steps in {elapsed:.2f} s: {1e3 * elapsed / steps:.2f} ms per step, "
           f"of which the executor thread's CPU time {1e3 * cpu / steps:.2f} ms")
@@ -87,6 +102,8 @@ def main() -> None:
     print(f"  GC: {gc_stats}")
     for r in rows:
         print(f"  decode batch <= {r['decode_batch_up_to']:3d}: {r['steps']:4d} steps, median {r['median_ms']:.2f} ms")
+    for r in finishing:
+        print(f"  decode steps after {r['finished_before']} finished: {r['steps']:4d} steps, median {r['median_ms']:.3f} ms")
     if args.profile:
         stats = yappi.get_func_stats()
         stats.sort("tsub")
@@ -97,7 +114,7 @@ def main() -> None:
         out = {"date": time.strftime("%Y-%m-%d"), "machine": "cpu", "model": args.model,
                "num_requests": args.num_requests, "overlap": not args.disable_overlap_scheduler,
                "prefix_cache": args.prefix_cache, "steps": steps, "seconds": elapsed,
-               "executor_thread_cpu_s": cpu, **gc_stats, "by_decode_batch": rows}
+               "executor_thread_cpu_s": cpu, **gc_stats, "by_decode_batch": rows, "by_finishes_before": finishing}
         Path(args.save).mkdir(parents=True, exist_ok=True)
         Path(args.save, f"host_loop{args.tag}.json").write_text(json.dumps(out, indent=1))
 

@@ -280,6 +280,20 @@ def test_offline_timeline_splits_every_launched_step_into_exactly_one_bucket(ste
     assert ("prefill" in rows) == any(p for _, p, *_ in steps)
 
 
+HOST_LOOP = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "host_loop.py"), run_name="not_main")
+
+
+def test_host_loop_keys_each_decode_step_by_the_sequences_that_finished_before_it():
+    # batch sizes 5, 5, 3 (2 finished), 3, 2 (1 finished), a prefill step, 4 (after a prefill: not keyed), 4
+    shape = [(5, 0), (5, 0), (3, 0), (3, 0), (2, 0), (3, 37), (4, 0), (4, 0)]
+    trace, t = [], 0.0
+    for k, (seqs, prefill) in enumerate(shape):
+        trace.append(_traced(seqs, prefill, t, 1e-3 * (k + 1), 0.0))
+        t += 1e-3 * (k + 1)
+    periods = HOST_LOOP["periods_by_finishes"](trace)
+    # iteration k's period is trace[k + 1].start - trace[k].start = (k + 1) ms; the last launch has none
+    assert {n: [round(x * 1e3, 6) for x in v] for n, v in periods.items()} == {0: [2.0, 4.0], 2: [3.0], 1: [5.0]}
+
 def test_offline_timeline_refuses_device_times_that_do_not_match_the_launches():
     trace = [_traced(4, 0, 0.0, 1e-3, 5e-4)]
     with pytest.raises(ValueError, match="2 device timings for 1 launched steps"):
