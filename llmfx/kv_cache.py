@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from llmfx.persistent import MapEdit, PageCounts, PageLinkedSet, PageStack, PMap
+from llmfx.persistent import MapEdit, PageCounts, PageCountsEdit, PageLinkedSet, PageStack, PMap
 
 NULL_PAGE = 0  # padding rows write here; never allocated
 
@@ -57,6 +57,8 @@ class PagePool:
     evictable: PageLinkedSet  # cached pages nobody holds, least recently used first
     page_keys: PMap  # page -> PageKey, for full pages whose tokens are known (held or evictable)
     cached: PMap  # page hash -> the canonical page a prefix match returns
+    # The pages that cached names (value 1): a release keeps them for reuse without reading either map.
+    canonical: PageCounts
 
 
 def new_page_pool(num_pages: int, page_size: int, enable_prefix_cache: bool = True) -> PagePool:
@@ -74,6 +76,7 @@ def new_page_pool(num_pages: int, page_size: int, enable_prefix_cache: bool = Tr
         evictable=PageLinkedSet(num_pages),
         page_keys=PMap(),
         cached=PMap(),
+        canonical=PageCounts(num_pages),
     )
 
 
@@ -96,15 +99,17 @@ def allocate(pool: PagePool, n: int) -> tuple[PagePool, tuple[int, ...]]:
     changes: dict = {"free": free}
     if len(pages) < n:
         evictable, page_keys, cached = pool.evictable.edit(), pool.page_keys.edit(), pool.cached.edit()
+        canonical = pool.canonical.edit()
         victims = []
         for _ in range(n - len(pages)):
             page = evictable.pop_oldest()
             page_hash = page_keys.pop(page)[0]
             assert cached[page_hash] == page, "evictable pages are always canonical"
-            del cached[page_hash]
+            del cached[page_hash], canonical[page]
             victims.append(page)
         pages += tuple(victims)
-        changes.update(evictable=evictable.finish(), page_keys=page_keys.finish(), cached=cached.finish())
+        changes.update(evictable=evictable.finish(), page_keys=page_keys.finish(), cached=cached.finish(),
+                       canonical=canonical.finish())
     refcounts = pool.refcounts.edit()
     for page in pages:
         refcounts[page] = 1
@@ -115,7 +120,7 @@ def allocate(pool: PagePool, n: int) -> tuple[PagePool, tuple[int, ...]]:
 def release(pool: PagePool, pages: Iterable[int]) -> PagePool:
     """Drop one reference to each page; pages released earlier in the iterable are evicted earlier."""
     refcounts, evictable = pool.refcounts.edit(), pool.evictable.edit()
-    page_keys, cached = pool.page_keys.edit(), pool.cached.edit()
+    page_keys, cached, canonical = pool.page_keys.edit(), pool.cached.edit(), pool.canonical.edit()
     freed: list[int] = []
     kept: list[int] = []  # cached pages nobody holds any more, oldest first: appended to the LRU at once
     for page in pages:
@@ -125,13 +130,14 @@ def release(pool: PagePool, pages: Iterable[int]) -> PagePool:
             refcounts[page] = count - 1
             continue
         del refcounts[page]
+        if canonical.get(page):  # nearly every registered page: kept, no map read
+            kept.append(page)
+            continue
         key = page_keys.get(page)
         # A duplicate of a cached page is dropped, unless the canonical copy has been evicted meanwhile.
-        # Read first: the page is nearly always its hash's canonical page already (no write then).
-        canonical = None if key is None else cached.get(key[0])
-        if key is not None and canonical is None:
-            cached[key[0]] = canonical = page
-        if canonical == page:
+        if key is not None and cached.get(key[0]) is None:
+            cached[key[0]] = page
+            canonical[page] = 1
             kept.append(page)
         else:
             page_keys.pop(page, None)
@@ -144,6 +150,7 @@ def release(pool: PagePool, pages: Iterable[int]) -> PagePool:
         evictable=evictable.finish(),
         page_keys=page_keys.finish(),
         cached=cached.finish(),
+        canonical=canonical.finish(),
     )
 
 
@@ -200,6 +207,7 @@ def register_pages(pool: PagePool, seqs: Iterable[tuple[Sequence[int], Sequence[
     ps = pool.page_size
     page_keys: MapEdit | None = None
     cached: MapEdit | None = None
+    canonical: PageCountsEdit | None = None
     for token_ids, pages in seqs:
         num_full = min(len(token_ids) // ps, len(pages))
         keys = pool.page_keys if page_keys is None else page_keys
@@ -214,8 +222,8 @@ def register_pages(pool: PagePool, seqs: Iterable[tuple[Sequence[int], Sequence[
         if first == num_full:
             continue
         if page_keys is None:
-            page_keys, cached = pool.page_keys.edit(), pool.cached.edit()
-        assert cached is not None
+            page_keys, cached, canonical = pool.page_keys.edit(), pool.cached.edit(), pool.canonical.edit()
+        assert cached is not None and canonical is not None
         parent = last_key[0] if first > 0 else None
         for i in range(first, num_full):
             page = pages[i]
@@ -223,8 +231,10 @@ def register_pages(pool: PagePool, seqs: Iterable[tuple[Sequence[int], Sequence[
             tokens = tuple(token_ids[i * ps : (i + 1) * ps])
             page_hash = _page_hash(parent, tokens)
             page_keys[page] = (page_hash, parent, tokens)
-            cached.setdefault(page_hash, page)
+            if cached.setdefault(page_hash, page) == page:
+                canonical[page] = 1
             parent = page_hash
     if page_keys is None:
         return pool
-    return dataclasses.replace(pool, page_keys=page_keys.finish(), cached=cached.finish())
+    return dataclasses.replace(pool, page_keys=page_keys.finish(), cached=cached.finish(),
+                               canonical=canonical.finish())

@@ -36,11 +36,14 @@ def check_pool(pool: PagePool) -> None:
         assert pool.cached[pool.page_keys[page][0]] == page
     for page in pool.page_keys:
         assert page in held or page in evictable
+    # canonical names exactly the pages cached points at
+    assert set(pool.canonical) == set(pool.cached.values()) and all(v == 1 for v in pool.canonical.values())
 
 
 def contents(pool: PagePool) -> tuple:
     """A plain-data copy of everything a pool holds."""
-    return (list(pool.free), dict(pool.refcounts), list(pool.evictable), dict(pool.page_keys), dict(pool.cached))
+    return (list(pool.free), dict(pool.refcounts), list(pool.evictable), dict(pool.page_keys), dict(pool.cached),
+            dict(pool.canonical))
 
 
 def registered(pool: PagePool, tokens: list[int], n_pages: int) -> tuple[PagePool, tuple[int, ...]]:

@@ -39,11 +39,13 @@ def check_pool(pool) -> None:
     assert len(free) == len(pool.free) and not (free & held) and not (free & evictable) and not (held & evictable)
     assert free | held | evictable == set(range(1, pool.num_pages))
     assert all(c >= 1 for c in pool.refcounts.values())
+    assert set(pool.canonical) == set(pool.cached.values())  # the pages a release keeps without reading the maps
 
 
 def pool_contents(pool) -> tuple:
     """A plain-data copy of everything a pool holds, to check later that it has not changed."""
-    return (list(pool.free), dict(pool.refcounts), list(pool.evictable), dict(pool.page_keys), dict(pool.cached))
+    return (list(pool.free), dict(pool.refcounts), list(pool.evictable), dict(pool.page_keys), dict(pool.cached),
+            dict(pool.canonical))
 
 
 def fake_token(request_id: int, pos: int) -> int:
