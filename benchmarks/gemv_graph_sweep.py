@@ -3,8 +3,9 @@
 benchmarks/small_m_gemm.py times each GEMV alone (cold L2, one launch); in a decode step the GEMVs run
 back to back with PDL inside one graph, where what counts is the forward's time. For the TinyLlama
 shape at --batch rows (default 1; dummy bf16 weights, context 1024) this compiles the forward once
-(inductor, no cudagraphs); then, for each candidate config of one shape class of `triton_gemv._CONFIGS`
-at that row count (the other classes as shipped), it captures the forward as a CUDA graph and times
+(`bench.compile_static`: as the engine compiles a step, without its cudagraphs); then, for each
+candidate config of one shape class of `triton_gemv._CONFIGS` at that row count (the other classes as
+shipped), it captures the forward as a CUDA graph and times
 its replays with CUDA events. llmfx::linear is opaque to inductor and reads its config and its routing
 (`triton_linear.LINEAR_GEMV_ROWS`) when called, so a candidate costs a capture, not a compile. The
 shipped table is re-timed between classes to show drift; above LINEAR_GEMV_ROWS rows, where serving
@@ -24,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-from llmfx.bench import decode_batch, graph_replay_us, print_kernel_table, save_rows
+from llmfx.bench import compile_static, decode_batch, dummy_params, graph_replay_us, print_kernel_table, save_rows
 from llmfx.models import forward
 from llmfx.ops import triton_gemv, triton_linear, triton_pdl
 from llmfx.ops.triton_gemv import GemvConfig
-from llmfx.weights import load_params, resolve_model
 
 
 def candidates(rows: int = 1) -> list[GemvConfig]:
@@ -60,11 +60,9 @@ def main() -> None:
     parser.add_argument("--save", default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
-    source = resolve_model(args.model)
-    cfg = source.config
-    params = load_params(source, dtype="bfloat16", device=device, load_format="dummy", seed=0, max_positions=4096)
+    cfg, params = dummy_params(args.model, device)
     kv, inputs = decode_batch(cfg, args.batch, args.context, torch.bfloat16, device)
-    fwd = torch.compile(lambda: forward(params, cfg, inputs, kv), fullgraph=True, dynamic=False)
+    fwd = compile_static(lambda: forward(params, cfg, inputs, kv), device)
     shipped = dict(triton_gemv._CONFIGS)
     served_rows = triton_linear.LINEAR_GEMV_ROWS
     rows = []

@@ -1,7 +1,7 @@
 """Device time of the step's parts, each replayed as a CUDA graph (GPU only).
 
-For the TinyLlama shape (dummy bf16 weights) and a few decode batch sizes, compiles (inductor, no
-cudagraphs) and captures by hand: the model forward alone, the sampler alone, and forward +
+For the TinyLlama shape (dummy bf16 weights) and a few decode batch sizes, compiles as the engine does
+(`bench.compile_static`: inductor's kernels with PDL, no cudagraphs) and captures by hand: the model forward alone, the sampler alone, and forward +
 sampler; replays each and reports microseconds per replay from CUDA events. The sampler runs as
 the engine runs it for the chosen sampling (for greedy without logprobs: without the filters,
 their vocabulary sort and the top-20) and, as `sampler_filtering_us`, with the filters, which every batch ran before the variant
@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 
-from llmfx.bench import (decode_batch, decoder_weight_params, graph_replay_us, offline_prefill_lengths, prefill_batch,
-                         print_kernel_table, save_rows)
+from llmfx.bench import (compile_static, decode_batch, decoder_weight_params, dummy_params, graph_replay_us,
+                         offline_prefill_lengths, prefill_batch, print_kernel_table, save_rows)
 from llmfx.models import forward
 from llmfx.sampler import PenaltyState, SamplingTensors, sample
 from llmfx.sampling_params import SamplingParams
-from llmfx.weights import load_params, resolve_model
 
 
 def main() -> None:
@@ -36,9 +35,7 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", type=int, default=0, help="time one prefill step of this many tokens")
     args = parser.parse_args()
     device = torch.device("cuda")
-    source = resolve_model(args.model)
-    cfg = source.config
-    params = load_params(source, dtype="bfloat16", device=device, load_format="dummy", seed=0, max_positions=4096)
+    cfg, params = dummy_params(args.model, device)
     if args.prefill_tokens:
         prefill(args, params, cfg, device)
         return
@@ -50,13 +47,12 @@ def main() -> None:
         penalties = PenaltyState(prompt_mask=torch.zeros(batch, cfg.vocab_size, dtype=torch.bool, device=device),
                                  output_counts=torch.zeros(batch, cfg.vocab_size, dtype=torch.int32, device=device))
         logits = torch.randn(batch, cfg.vocab_size, device=device)
-        fwd = torch.compile(lambda: forward(params, cfg, inputs, kv), fullgraph=True, dynamic=False)
-        smp = torch.compile(lambda: sample(logits, tensors, penalties, filtering=p.filters, top_logprobs=p.filters),
-                            fullgraph=True, dynamic=False)
-        smp_filtering = torch.compile(lambda: sample(logits, tensors, penalties, filtering=True), fullgraph=True,
-                                      dynamic=False)
-        both = torch.compile(lambda: sample(forward(params, cfg, inputs, kv), tensors, penalties, filtering=p.filters,
-                                            top_logprobs=p.filters), fullgraph=True, dynamic=False)
+        fwd = compile_static(lambda: forward(params, cfg, inputs, kv), device)
+        smp = compile_static(lambda: sample(logits, tensors, penalties, filtering=p.filters, top_logprobs=p.filters),
+                             device)
+        smp_filtering = compile_static(lambda: sample(logits, tensors, penalties, filtering=True), device)
+        both = compile_static(lambda: sample(forward(params, cfg, inputs, kv), tensors, penalties, filtering=p.filters,
+                                             top_logprobs=p.filters), device)
         with torch.inference_mode():
             row = {"batch": batch, "sampling": args.sampling}
             parts = (("forward_us", fwd),) if args.forward_only else (
@@ -77,7 +73,7 @@ def prefill(args, params, cfg, device) -> None:
     """The forward of one prefill step (compiled, captured by hand): its replay time and, with --trace, kernels."""
     lengths = offline_prefill_lengths(args.prefill_tokens)
     kv, inputs = prefill_batch(cfg, lengths, torch.bfloat16, device)
-    fwd = torch.compile(lambda: forward(params, cfg, inputs, kv), fullgraph=True, dynamic=False)
+    fwd = compile_static(lambda: forward(params, cfg, inputs, kv), device)
     with torch.inference_mode():
         us, graph = graph_replay_us(fwd, iters=20)
     tokens = sum(lengths)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 from pathlib import Path
 
 from llmfx.bench import H200_COPY_BYTES_PER_S, save_rows
@@ -92,18 +91,13 @@ def run_forward(batch: int, context: int, model: str) -> None:
     """Compile and run the decode forward twice, then once between cudaProfilerStart and Stop (what ncu counts)."""
     import torch
 
-    from llmfx.bench import decode_batch
-    from llmfx.model_engine import _pdl_option
+    from llmfx.bench import compile_static, decode_batch, dummy_params
     from llmfx.models import forward
-    from llmfx.weights import load_params, resolve_model
 
     device = torch.device("cuda")
-    source = resolve_model(model)
-    cfg = source.config
-    params = load_params(source, dtype="bfloat16", device=device, load_format="dummy", seed=0, max_positions=4096)
+    cfg, params = dummy_params(model, device)
     kv, inputs = decode_batch(cfg, batch, context, torch.bfloat16, device)
-    fwd = torch.compile(lambda: forward(params, cfg, inputs, kv), fullgraph=True, dynamic=False,
-                        options=_pdl_option(device))
+    fwd = compile_static(lambda: forward(params, cfg, inputs, kv), device)
     with torch.inference_mode():
         for _ in range(2):
             fwd()

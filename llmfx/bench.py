@@ -371,6 +371,23 @@ def offline_prefill_lengths(num_tokens: int) -> list[int]:
     return lengths
 
 
+def dummy_params(model: str, device) -> tuple[object, dict]:
+    """(config, bf16 params with dummy weights from seed 0) of a preset: what the kernel benchmarks run."""
+    from llmfx.weights import load_params, resolve_model
+
+    source = resolve_model(model)
+    params = load_params(source, dtype="bfloat16", device=device, load_format="dummy", seed=0, max_positions=4096)
+    return source.config, params
+
+
+def compile_static(fn, device):
+    """fn compiled as ModelEngine compiles a bucket's step (fullgraph, static shapes, inductor's kernels with PDL
+    where llmfx's have it) but without CUDA graphs: the benchmarks capture and replay their own."""
+    from llmfx.model_engine import inductor_pdl_options
+
+    return torch.compile(fn, fullgraph=True, dynamic=False, options=inductor_pdl_options(torch.device(device)))
+
+
 class ColdL2Timer:
     """Microseconds of fn with the L2 cold, as a decode step's kernels meet their weights and KV: (a 256 MB read +
     fn) captured in a CUDA graph and replayed, less the read's own time. A read evicts the 50 MB L2 and leaves

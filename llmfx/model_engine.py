@@ -538,7 +538,7 @@ class ModelEngine:
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
         # mode="reduce-overhead" is the option triton.cudagraphs; spelled out so more options can join it.
-        options = {"triton.cudagraphs": self._trees, **_pdl_option(self.device),
+        options = {"triton.cudagraphs": self._trees, **inductor_pdl_options(self.device),
                    **dict(self.engine_cfg.inductor_options)}
         # dynamic=None: the first two sizes compile, after which one shape-generic graph serves every
         # bucket (automatic dynamic shapes); CUDA graphs are still recorded per bucket size.
@@ -546,7 +546,7 @@ class ModelEngine:
                      for fn in (forward_step, sample_step))
 
 
-def _pdl_option(device: torch.device) -> dict[str, bool]:
+def inductor_pdl_options(device: torch.device) -> dict[str, bool]:
     """Inductor's kernels launch with PDL where llmfx's own do (ops/triton_pdl.py); older torch lacks the option."""
     import torch._inductor.config as inductor_config
 

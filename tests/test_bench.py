@@ -376,3 +376,22 @@ def test_results_name_the_commit_the_device_command_gives(monkeypatch):
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=Path(bench.__file__).parent).stdout.strip()
     assert bench.source_commit() == head
+
+
+def test_benchmarks_compile_the_forward_as_the_engine_does_on_dummy_weights(monkeypatch):
+    from llmfx import bench, model_engine
+    from llmfx.models import forward
+
+    seen = []
+    monkeypatch.setattr(model_engine, "inductor_pdl_options", lambda device: seen.append(device) or {})
+    cfg, params = bench.dummy_params("tiny", "cpu")
+    again = bench.dummy_params("tiny", "cpu")[1]
+    assert all(torch.equal(params[k], again[k]) for k in ("embed", "lm_head"))  # seed 0: the same weights each time
+    assert params["embed"].dtype == torch.bfloat16 and params["embed"].shape == (cfg.vocab_size, cfg.hidden_size)
+    kv, inputs = bench.decode_batch(cfg, 2, 20, torch.bfloat16, "cpu")
+    fwd = bench.compile_static(lambda: forward(params, cfg, inputs, kv), "cpu")
+    with torch.inference_mode():
+        compiled, eager = fwd().float(), forward(params, cfg, inputs, kv).float()
+    # Inductor fuses bf16 ops differently from eager: equal to bf16 rounding, and not a different forward.
+    torch.testing.assert_close(compiled, eager, rtol=0.02, atol=0.02 * eager.abs().max().item())
+    assert seen == [torch.device("cpu")]

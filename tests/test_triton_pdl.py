@@ -13,7 +13,7 @@ import torch
 
 from tests.triton_interpreter import KERNELS_RUN_HERE, sm90_reports  # isort: skip
 
-from llmfx.model_engine import _pdl_option
+from llmfx.model_engine import inductor_pdl_options
 from llmfx.ops import triton_pdl
 
 
@@ -39,16 +39,16 @@ def test_pdl_only_on_cuda_devices_of_compute_capability_9_and_up(capability):
 
 
 def test_inductor_kernels_follow_the_same_rule(capability):
-    assert _pdl_option(torch.device("cpu")) == {}
+    assert inductor_pdl_options(torch.device("cpu")) == {}
     import torch._inductor.config as inductor_config
 
     if not hasattr(inductor_config.triton, "enable_pdl"):
-        assert _pdl_option(torch.device("cuda", 0)) == {}  # an older torch: no option to set
+        assert inductor_pdl_options(torch.device("cuda", 0)) == {}  # an older torch: no option to set
         return
     capability(9, 0)
-    assert _pdl_option(torch.device("cuda", 0)) == {"triton.enable_pdl": True}
+    assert inductor_pdl_options(torch.device("cuda", 0)) == {"triton.enable_pdl": True}
     capability(8, 0)
-    assert _pdl_option(torch.device("cuda", 0)) == {"triton.enable_pdl": False}
+    assert inductor_pdl_options(torch.device("cuda", 0)) == {"triton.enable_pdl": False}
 
 
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="once per session, outside the interpreter; a GPU compiles for itself")
