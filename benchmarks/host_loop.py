@@ -31,13 +31,15 @@ from llmfx.testing.stand_in import instant_step
 
 
 def periods_by_finishes(trace) -> dict[int, list[float]]:
-    """Decode-only launching iterations' periods (start to next start, s), keyed by how many sequences the launch
-    before had more: the sequences that finished in between, whose pages and outputs this iteration handles."""
+    """Decode-only launching iterations' periods (start to next start, s), keyed by how many sequences finished
+    since the launch before (`bench.finished_before`): this iteration handles their pages and outputs."""
     launches = [t for t in trace if t.launched is not None]
+    finished = bench.finished_before([(t.launched.num_seqs, t.launched.num_tokens == t.launched.num_decode)
+                                      for t in launches])
     out: dict[int, list[float]] = {}
-    for before, it, following in zip(launches, launches[1:], launches[2:]):
-        if before.launched.num_tokens == before.launched.num_decode and it.launched.num_tokens == it.launched.num_decode:
-            out.setdefault(before.launched.num_seqs - it.launched.num_seqs, []).append(following.start - it.start)
+    for it, following, n in zip(launches, launches[1:], finished):
+        if n is not None:
+            out.setdefault(n, []).append(following.start - it.start)
     return out
 
 

@@ -8,8 +8,9 @@ Per loop iteration: its wall time (start to the next start, delivery included), 
 (wall less the wait in collect) and the device time of the step it launched. A step is host-bound
 when its host time exceeds its device time; the sum of those excesses is what a faster host could
 save at most, and the sum of device times is what the run would take if the host cost nothing.
-Reported by decode batch size, so the answer to "host or kernels?" comes per batch; the saved JSON also
-lists every launching iteration in order (`steps`), so single host-bound steps can be found. On the CPU
+Reported by decode batch size, so the answer to "host or kernels?" comes per batch, and by how many
+sequences finished just before a decode step (their pages and outputs are that step's host work); the
+saved JSON also lists every launching iteration in order (`steps`), so single host-bound steps can be found. On the CPU
 the device column is empty (launch is synchronous there). The events add ~10 us of host work a step.
 """
 
@@ -82,6 +83,24 @@ def summarize(its: list[Iteration]) -> list[dict]:
     return rows
 
 
+def by_finishes(its: list[Iteration]) -> list[dict]:
+    """Decode steps grouped by the sequences that finished since the step before (`bench.finished_before`):
+    counts and median host ms, and with device times their median and the host-bound steps."""
+    groups: dict[int, list[Iteration]] = {}
+    for it, n in zip(its, bench.finished_before([(i.seqs, not i.prefill_tokens) for i in its])):
+        if n is not None:
+            groups.setdefault(n, []).append(it)
+    rows = []
+    for n, g in sorted(groups.items()):
+        row = {"finished_before": n, "steps": len(g),
+               "median_host_ms": round(statistics.median(i.host_s for i in g) * 1e3, 3)}
+        if all(i.device_s is not None for i in g):
+            row.update(median_device_ms=round(statistics.median(i.device_s for i in g) * 1e3, 3),
+                       host_bound_steps=sum(i.host_s > i.device_s for i in g))
+        rows.append(row)
+    return rows
+
+
 def step_rows(its: list[Iteration]) -> list[list]:
     """Every launching iteration in order: [sequences, prefill tokens, wall ms, host ms, device ms or None]."""
     def ms(seconds: float | None) -> float | None:
@@ -142,17 +161,18 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.synchronize()
         device_s = [s.elapsed_time(e) / 1e3 for s, e in events] if cuda else None
         its = iterations(list(trace), device_s)
-        rows = summarize(its)
+        rows, finishes = summarize(its), by_finishes(its)
     out_tokens = sum(n for _, n in work)
     print(f"{args.num_requests} requests, {out_tokens} output tokens in {elapsed:.3f} s: "
           f"{out_tokens / elapsed:,.0f} output tok/s")
-    for row in rows:
+    for row in rows + finishes:
         print(json.dumps(row))
     if args.save:
         saved = bench.save_rows(Path(args.save), f"offline_timeline{args.tag}.json", rows, model=args.model,
                                 num_requests=args.num_requests, lengths=[lo, hi],
                                 gc_gen0_threshold=threshold, wall_s=round(elapsed, 4),
-                                output_tokens_per_s=round(out_tokens / elapsed, 1), steps=step_rows(its))
+                                output_tokens_per_s=round(out_tokens / elapsed, 1), by_finishes=finishes,
+                                steps=step_rows(its))
         print(f"saved {saved}")
 
 

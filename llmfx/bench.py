@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -386,6 +387,17 @@ def compile_static(fn, device):
     from llmfx.model_engine import inductor_pdl_options
 
     return torch.compile(fn, fullgraph=True, dynamic=False, options=inductor_pdl_options(torch.device(device)))
+
+
+def finished_before(launches: Sequence[tuple[int, bool]]) -> list[int | None]:
+    """Per launch (sequences, decode only?), how many sequences finished since the launch before it: the
+    sequences it has fewer. None where either launch carries a prefill (sequences also join there)."""
+    out: list[int | None] = [None] * len(launches)
+    for k in range(1, len(launches)):
+        (before, decode_before), (now, decode_now) = launches[k - 1], launches[k]
+        if decode_before and decode_now:
+            out[k] = before - now
+    return out
 
 
 class ColdL2Timer:

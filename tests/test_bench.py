@@ -280,6 +280,28 @@ def test_offline_timeline_splits_every_launched_step_into_exactly_one_bucket(ste
     assert ("prefill" in rows) == any(p for _, p, *_ in steps)
 
 
+@given(st.lists(st.tuples(st.integers(1, 256), st.booleans()), max_size=30))
+def test_finished_before_counts_the_sequences_a_decode_launch_has_fewer_than_the_one_before(launches):
+    from llmfx.bench import finished_before
+
+    out = finished_before(launches)
+    assert len(out) == len(launches) and (not out or out[0] is None)
+    for k in range(1, len(launches)):
+        both_decode = launches[k - 1][1] and launches[k][1]
+        assert out[k] == (launches[k - 1][0] - launches[k][0] if both_decode else None)
+
+
+def test_offline_timeline_groups_decode_steps_by_the_finishes_before_them():
+    Iteration = OFFLINE_TIMELINE["Iteration"]
+    # 4 decode, 3 (1 finished), 3, prefill, 2 (after a prefill: not grouped), 1 (1 finished)
+    its = [Iteration(seqs, prefill, 2e-3, host, 1e-3) for seqs, prefill, host in
+           [(4, 0, 5e-4), (3, 0, 2e-3), (3, 0, 4e-4), (3, 16, 1e-3), (2, 0, 3e-4), (1, 0, 1.5e-3)]]
+    rows = {r["finished_before"]: r for r in OFFLINE_TIMELINE["by_finishes"](its)}
+    assert sorted(rows) == [0, 1]
+    assert rows[0] == {"finished_before": 0, "steps": 1, "median_host_ms": 0.4, "median_device_ms": 1.0,
+                       "host_bound_steps": 0}
+    assert rows[1]["steps"] == 2 and rows[1]["median_host_ms"] == 1.75 and rows[1]["host_bound_steps"] == 2
+
 HOST_LOOP = runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "host_loop.py"), run_name="not_main")
 
 
@@ -308,6 +330,7 @@ def test_offline_timeline_runs_the_workload_on_cpu(tmp_path, capsys):
     total = report["rows"][-1]
     assert total["batch"] == "all" and total["steps"] >= 4 and "device_s" not in total  # no device column on CPU
     assert report["lengths"] == [4, 12] and report["output_tokens_per_s"] > 0 and report["gc_gen0_threshold"] is None
+    assert all(r["steps"] >= 1 for r in report["by_finishes"])
     steps = report["steps"]  # every launching iteration: the buckets' counts add up to it
     assert len(steps) == total["steps"] and all(len(s) == 5 and s[4] is None for s in steps)
     assert sum(s[0] for s in steps) >= 3 and all(s[2] >= s[3] >= 0 for s in steps)
