@@ -11,6 +11,7 @@
 #   ropekv   the fused rope + KV-write kernel: its GPU tests and the decoder's parity tests, then its benchmark
 #   gc       offline without peers, as is and with gc.freeze() before the timed run (GC time and full collections reported)
 #   prefill  one full prefill step's forward (8192 tokens of the offline workload's prompts): time and kernel table
+#   trace    the offline workload's first steps (outputs cut to 24 tokens) under torch.profiler: kernels per served step
 #   timeline the offline workload step by step: host time vs device time per decode batch size (offline_timeline.py)
 #   ab       served steps (step_profile, batch 64 / 256 or $AB_BATCHES, context 1024) of this tree and of the tree in $BASELINE,
 #            in $AB_ORDER (default "new base")
@@ -60,6 +61,7 @@ for stage in "$@"; do
         done ;;
     prefill) python3 benchmarks/graph_parts.py --prefill-tokens 8192 --trace --save "$OUT" 2>&1 \
                | tee "$OUT/prefill.log" | tail -45 ;;
+    trace) python3 benchmarks/served_trace.py --workdir $work --save "$OUT" 2>&1 | tee "$OUT/trace.log" | tail -60 ;;
     timeline) python3 benchmarks/offline_timeline.py --workdir $work --save "$OUT" 2>&1 | tee "$OUT/timeline.log" | tail -14 ;;
     ab) [ -d "${BASELINE:-}" ] || { echo "ab needs BASELINE=<a tree of the base revision>"; continue; }
         for name in ${AB_ORDER:-new base}; do
