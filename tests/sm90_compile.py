@@ -6,6 +6,7 @@
     python -m tests.sm90_compile --gemv --candidates  # also every config benchmarks/small_m_gemm.py tries
     python -m tests.sm90_compile --gemm               # the tensor-core matmul's shipped configs (triton_gemm._CONFIGS)
     python -m tests.sm90_compile --attention          # the attention kernels' bf16 launches (triton_attention._tuning)
+    python -m tests.sm90_compile --activation         # the silu_mul kernel at TinyLlama's and Llama-3-8B's widths
 
 The interpreter runs kernels but accepts code the compiler rejects and says nothing of registers;
 Triton ships ptxas and cuobjdump, so the real compile and its spill count need no device. Run without
@@ -250,6 +251,17 @@ def attention_reports():
                           "BLOCK_D": block_d, "GROUP_PAD": 8}, _ATTENTION_POINTERS, 4, ints=ints)
 
 
+def activation_reports():
+    """One row per silu_mul launch: TinyLlama's and Llama-3-8B's intermediate widths in bf16, one in float32."""
+    from llmfx.ops.triton_activation import MAX_BLOCK, _silu_mul_kernel
+
+    for inner, dtype in ((5632, "bf16"), (14336, "bf16"), (5632, "fp32")):
+        block = min(MAX_BLOCK, triton.next_power_of_2(inner))
+        yield report_row({"kernel": "silu_mul", "inner": inner, "dtype": dtype, "block": block}, _silu_mul_kernel,
+                         dict(BLOCK=block, PDL=True), {"out_ptr": dtype, "gate_up_ptr": dtype}, 4,
+                         ints=dict(inner=inner, stride_gt=2 * inner, stride_ot=inner))
+
+
 def waits_before_memory(compiled) -> bool:
     """Whether the PTX's first global or shared memory access comes after griddepcontrol.wait (PDL's wait)."""
     lines = compiled.asm["ptx"].splitlines()
@@ -282,6 +294,9 @@ def pdl_kernels():
            {"out_ptr": "fp32", "x_ptr": "bf16", "w_ptr": "bf16"}, ())
     yield ("gemv reduce", _gemv_reduce_kernel, dict(SPLITS=8, BLOCK=256, PDL=True),
            {"out_ptr": "bf16", "ws_ptr": "fp32"}, ())
+    from llmfx.ops.triton_activation import _silu_mul_kernel
+
+    yield "silu_mul", _silu_mul_kernel, dict(BLOCK=1024, PDL=True), {"out_ptr": "bf16", "gate_up_ptr": "bf16"}, ()
 
 
 def main() -> None:
@@ -290,6 +305,10 @@ def main() -> None:
         for name, kernel, constexprs, pointers, floats in pdl_kernels():
             compiled = _compile(kernel, constexprs, pointers, 4, floats)
             print(json.dumps({"kernel": name, "waits_before_memory": waits_before_memory(compiled)}), flush=True)
+        return
+    if "--activation" in sys.argv[1:]:
+        for row in activation_reports():
+            print(json.dumps(row), flush=True)
         return
     if "--attention" in sys.argv[1:]:
         for row in attention_reports():

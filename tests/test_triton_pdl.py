@@ -54,4 +54,4 @@ def test_inductor_kernels_follow_the_same_rule(capability):
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="once per session, outside the interpreter; a GPU compiles for itself")
 def test_every_kernel_waits_for_the_prior_kernel_before_any_memory_access():
     reports = sm90_reports("--pdl")
-    assert len(reports) == 6 and all(r["waits_before_memory"] for r in reports), reports
+    assert len(reports) == 7 and all(r["waits_before_memory"] for r in reports), reports

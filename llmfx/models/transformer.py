@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from llmfx.batch import ForwardBatch
 from llmfx.config import ModelConfig
 from llmfx.kv_pool import LayerKV
-from llmfx.ops import linear, paged_attention, rms_norm, rope_write_kv
+from llmfx.ops import linear, paged_attention, rms_norm, rope_write_kv, silu_mul
 
 Params = dict[str, Any]  # {"embed", "layers": tuple of per-layer dicts, "final_norm", "lm_head", "rope"}
 
@@ -49,5 +48,4 @@ def _attention(layer: Params, cfg: ModelConfig, x: Tensor, rope: Tensor, batch: 
 
 
 def _mlp(layer: Params, x: Tensor) -> Tensor:
-    gate, up = linear(x, layer["w_gate_up"]).chunk(2, dim=-1)  # [T, I] each
-    return linear(F.silu(gate) * up, layer["w_down"])
+    return linear(silu_mul(linear(x, layer["w_gate_up"])), layer["w_down"])  # gate|up [T, 2I] -> [T, I]
