@@ -32,7 +32,7 @@ def step_spans(events, launch_steps: dict[int, int]) -> dict[int, dict]:
     launch_steps maps a graph launch's correlation id to its step number."""
     kernels = defaultdict(list)
     for e in events:
-        step = launch_steps.get(e["args"].get("correlation"))
+        step = launch_steps.get(e.get("args", {}).get("correlation"))
         if e.get("cat") == "kernel" and step is not None:
             kernels[step].append(e)
     out = {}

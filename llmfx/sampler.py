@@ -41,10 +41,12 @@ _F1 = 0x85EBCA6B
 _F2 = 0xC2B2AE35
 _NOISE_BITS = 24  # the 24 high bits of the hash make u = (k + 0.5) / 2**24, k in [0, 2**24)
 _HALF = 1 << (_NOISE_BITS - 1)
-# The fields of a packed float64 sampling buffer (one row each), with the value a padding row gets.
-SAMPLING_FIELDS = (("temperature", 0.0), ("seed", 0.0), ("position", 0.0), ("top_k", 0.0), ("top_p", 1.0),
-                   ("min_p", 0.0), ("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0))
-_INT_FIELDS = ("seed", "position", "top_k")
+# The fields of a packed float64 sampling buffer (one row each), with the value a padding row gets: the
+# float32 fields first, then the int64 ones, so each dtype converts as one block (SamplingTensors.of_blocks).
+SAMPLING_FIELDS = (("temperature", 0.0), ("top_p", 1.0), ("min_p", 0.0), ("repetition_penalty", 1.0),
+                   ("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("seed", 0.0), ("position", 0.0),
+                   ("top_k", 0.0))
+NUM_FLOAT_FIELDS = 6  # SAMPLING_FIELDS[:6] are float32 on the device, the rest int64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,8 +88,14 @@ class SamplingTensors:
     @staticmethod
     def unpack(packed: Tensor) -> SamplingTensors:
         """Device side: the fields of a packed float64 buffer [9, B] (SAMPLING_FIELDS order)."""
-        return SamplingTensors(**{name: packed[i].long() if name in _INT_FIELDS else packed[i].float()
-                                  for i, (name, _) in enumerate(SAMPLING_FIELDS)})
+        return SamplingTensors.of_blocks(packed[:NUM_FLOAT_FIELDS].float(), packed[NUM_FLOAT_FIELDS:].long())
+
+    @staticmethod
+    def of_blocks(floats: Tensor, ints: Tensor) -> SamplingTensors:
+        """The fields as rows of a float32 block [6, B] and an int64 block [3, B], in SAMPLING_FIELDS order."""
+        rows = [*floats, *ints]
+        assert len(rows) == len(SAMPLING_FIELDS), f"{len(rows)} rows for {len(SAMPLING_FIELDS)} sampling fields"
+        return SamplingTensors(**{name: row for (name, _), row in zip(SAMPLING_FIELDS, rows)})
 
 
 def write_sampling_rows(packed: np.ndarray, rows: Sequence[Sequence[float]]) -> None:

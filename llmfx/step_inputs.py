@@ -5,7 +5,9 @@ that lives as long as the engine, so a CUDA graph reads its inputs in place (not
 replay) and the host allocates nothing per step. float64 holds every field exactly: token ids,
 positions, slots, page ids and 32-bit seeds are integers below 2**53, sampling parameters are
 float32 values. `StepViews.unpack` converts the fields on the device, before the compiled step
-(inside the CUDA graph when graphs are captured by hand).
+(inside the CUDA graph when graphs are captured by hand). The layout keeps the fields of each device
+dtype in one block (int32, then float32, then int64), so the conversion is three kernels: one a field
+was 14 small kernels, ~27 us at the start of every H200 step (benchmarks/README.md, session 16).
 """
 
 from __future__ import annotations
@@ -20,21 +22,27 @@ import torch
 from torch import Tensor
 
 from llmfx.batch import BatchColumns, Chunk, ForwardBatch
-from llmfx.sampler import SAMPLING_FIELDS, SamplingTensors, request_seed, sampling_row, write_sampling_rows
+from llmfx.sampler import (NUM_FLOAT_FIELDS, SAMPLING_FIELDS, SamplingTensors, request_seed, sampling_row,
+                           write_sampling_rows)
 from llmfx.sampling_params import SamplingParams
 
 # Per-token rows and their padding values: padding rows embed token 0 at position 0, write their
 # K/V into the null page (slot -1) and read their token from the host (gather -1).
 TOKEN_ROWS = (("token_ids", 0.0), ("positions", 0.0), ("slot_mapping", -1.0), ("gather_rows", -1.0))
-# Per-sequence rows: the last row of each sequence, its context length, then the sampling fields.
-SEQ_ROWS = (("logits_indices", 0.0), ("seq_lens", 0.0)) + SAMPLING_FIELDS
-_SAMPLING_AT = 2  # first sampling row in SEQ_ROWS
+# Per-sequence rows: the context length (int32), the sampling fields (float32, then int64), the last row of
+# each sequence (int64). With the token rows after them, the int64 fields end the buffer in one block.
+SEQ_ROWS = (("seq_lens", 0.0),) + SAMPLING_FIELDS + (("logits_indices", 0.0),)
+_SAMPLING_AT = 1  # first sampling row in SEQ_ROWS
+_SAMPLING_END = _SAMPLING_AT + len(SAMPLING_FIELDS)
+_INT64_AT = _SAMPLING_AT + NUM_FLOAT_FIELDS  # first int64 row in SEQ_ROWS
+_LOGITS_AT = len(SEQ_ROWS) - 1
 _POSITION_AT = _SAMPLING_AT + [name for name, _ in SAMPLING_FIELDS].index("position")
 
 
 @dataclass(frozen=True, slots=True)
 class StepLayout:
-    """Where each field of a T-token, B-sequence, P-page-wide step lives in the flat buffer."""
+    """Where each field of a T-token, B-sequence, P-page-wide step lives in the flat buffer:
+    [query_start_loc | page_table | SEQ_ROWS | TOKEN_ROWS], i.e. int32 fields, float32, int64."""
 
     num_tokens: int
     num_seqs: int
@@ -43,15 +51,15 @@ class StepLayout:
     @property
     def size(self) -> int:
         t, b, p = self.num_tokens, self.num_seqs, self.max_pages
-        return len(TOKEN_ROWS) * t + len(SEQ_ROWS) * b + (b + 1) + b * p
+        return (b + 1) + b * p + len(SEQ_ROWS) * b + len(TOKEN_ROWS) * t
 
     def views(self, flat: Tensor) -> StepViews:
         """Views of this layout over the first `size` elements of flat (host or device)."""
         t, b, p = self.num_tokens, self.num_seqs, self.max_pages
-        tokens, seqs, starts, table, _ = flat.split(
-            [len(TOKEN_ROWS) * t, len(SEQ_ROWS) * b, b + 1, b * p, flat.numel() - self.size])
+        starts, table, seqs, tokens, _ = flat.split(
+            [b + 1, b * p, len(SEQ_ROWS) * b, len(TOKEN_ROWS) * t, flat.numel() - self.size])
         return StepViews(tokens=tokens.view(len(TOKEN_ROWS), t), seqs=seqs.view(len(SEQ_ROWS), b),
-                         query_start_loc=starts, page_table=table.view(b, p))
+                         query_start_loc=starts, page_table=table.view(b, p), flat=flat[: self.size])
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,18 +67,24 @@ class StepViews:
     """One step's inputs as float64 views of one buffer; `unpack` gives the model and sampler their tensors."""
 
     tokens: Tensor  # [4, T] TOKEN_ROWS
-    seqs: Tensor  # [2 + 9, B] SEQ_ROWS
+    seqs: Tensor  # [1 + 9 + 1, B] SEQ_ROWS
     query_start_loc: Tensor  # [B + 1]
     page_table: Tensor  # [B, P]
+    flat: Tensor  # the whole layout, the fields above in order
 
     def unpack(self) -> tuple[ForwardBatch, SamplingTensors, Tensor]:
-        """(batch, sampling, gather_rows [T] int64): the device-side conversions, traced into the step."""
-        tokens = self.tokens.long()
-        seqs = self.seqs
-        batch = ForwardBatch(token_ids=tokens[0], positions=tokens[1], slot_mapping=tokens[2],
-                             query_start_loc=self.query_start_loc.int(), seq_lens=seqs[1].int(),
-                             page_table=self.page_table.int(), logits_indices=seqs[0].long())
-        return batch, SamplingTensors.unpack(seqs[_SAMPLING_AT:]), tokens[3]
+        """(batch, sampling, gather_rows [T] int64): the device-side conversions, one per dtype block."""
+        (b, p), t = self.page_table.shape, self.tokens.shape[1]
+        n32 = (b + 1) + b * p + b  # query_start_loc, page_table, seq_lens
+        nf = NUM_FLOAT_FIELDS * b
+        int32, floats, int64 = self.flat.split([n32, nf, self.flat.numel() - n32 - nf])
+        starts, table, seq_lens = int32.int().split([b + 1, b * p, b])
+        seq_ints, tokens = int64.long().split([(len(SEQ_ROWS) - _INT64_AT) * b, len(TOKEN_ROWS) * t])
+        seq_ints, tokens = seq_ints.view(-1, b), tokens.view(len(TOKEN_ROWS), t)
+        batch = ForwardBatch(token_ids=tokens[0], positions=tokens[1], slot_mapping=tokens[2], query_start_loc=starts,
+                             seq_lens=seq_lens, page_table=table.view(b, p), logits_indices=seq_ints[-1])
+        sampling = SamplingTensors.of_blocks(floats.float().view(NUM_FLOAT_FIELDS, b), seq_ints[:-1])
+        return batch, sampling, tokens[3]
 
 
 def fill_batch(views: StepViews, chunks: BatchColumns, page_size: int, *, table_done: bool = False) -> None:
@@ -105,9 +119,9 @@ def fill_batch(views: StepViews, chunks: BatchColumns, page_size: int, *, table_
     rows[:3, t:] = np.array([[0.0], [0.0], [-1.0]])
     rows[3, :] = -1
     seqs = views.seqs.numpy()
-    seqs[0, :b] = starts[1:] - 1
-    seqs[1, :b] = ends
-    seqs[:2, b:] = 0
+    seqs[_LOGITS_AT, :b] = starts[1:] - 1
+    seqs[0, :b] = ends  # seq_lens
+    seqs[[0, _LOGITS_AT], b:] = 0
     qsl = views.query_start_loc.numpy()
     qsl[: b + 1] = starts
     qsl[b + 1:] = t  # padding sequences own no rows
@@ -115,7 +129,7 @@ def fill_batch(views: StepViews, chunks: BatchColumns, page_size: int, *, table_
 
 def fill_sampling(views: StepViews, rows: Sequence[Sequence[float]]) -> None:
     """Write per-sequence sampling rows (SAMPLING_FIELDS order) and neutral padding after them."""
-    write_sampling_rows(views.seqs.numpy()[_SAMPLING_AT:], rows)
+    write_sampling_rows(views.seqs.numpy()[_SAMPLING_AT:_SAMPLING_END], rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,12 +180,12 @@ class StepStager:
         np.take(self._table, slots, axis=0, out=views.page_table.numpy())
         fill_batch(views, chunks, self.page_size, table_done=True)
         seqs = views.seqs.numpy()
-        seqs[_SAMPLING_AT:] = self._sampling[slots].T
-        seqs[_POSITION_AT, :b] = seqs[1, :b]  # the sampled token's position: the context length
+        seqs[_SAMPLING_AT:_SAMPLING_END] = self._sampling[slots].T
+        seqs[_POSITION_AT, :b] = seqs[0, :b]  # the sampled token's position: the context length
         tokens = views.tokens.numpy()
         held = np.flatnonzero(tokens[0] == self.placeholder)
         if held.size:  # a placeholder is a decode's only token: its row is its sequence's last
-            pool_rows = self._last_row[slots[np.searchsorted(seqs[0, :b], held)]]
+            pool_rows = self._last_row[slots[np.searchsorted(seqs[_LOGITS_AT, :b], held)]]
             assert (pool_rows >= 0).all(), "a placeholder of a sequence the previous step did not run"
             tokens[3, held] = pool_rows
         self._last_row[slots[:b]] = np.arange(b)

@@ -7,10 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmfx.batch import BatchColumns, SequenceChunk
-from llmfx.sampler import SamplingTensors, request_seed
+from llmfx.sampler import SamplingTensors, request_seed, sampling_row
 from llmfx.sampling_params import SamplingParams
 from llmfx.scheduler import PLACEHOLDER
-from llmfx.step_inputs import StepLayout, StepStager, fill_batch, fill_sampling, host_buffer
+from llmfx.step_inputs import SEQ_ROWS, StepLayout, StepStager, fill_batch, fill_sampling, host_buffer
 
 PAGE, MAX_PAGES, ROWS = 4, 6, 5
 PARAMS = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=11, logprobs=2),
@@ -25,8 +25,9 @@ def _reference(layout, chunks, params, ids, gather, engine_seed):
     built = SamplingTensors.build([params[i] for i in ids], [request_seed(params[i].seed, engine_seed, i) for i in ids],
                                   [c.start_pos + len(c.token_ids) for c in chunks], "cpu", pad_to=layout.num_seqs)
     fill_sampling(views, [])
-    for row, name in enumerate(SamplingTensors.__slots__):
-        views.seqs[2 + row] = getattr(built, name).double()
+    for row, (name, _) in enumerate(SEQ_ROWS):
+        if name in SamplingTensors.__slots__:
+            views.seqs[row] = getattr(built, name).double()
     token_row = 0
     for rid, chunk in zip(ids, chunks):
         if rid in gather:
@@ -100,6 +101,37 @@ def test_unpack_gives_the_model_and_sampler_their_dtypes():
     assert batch.seq_lens.tolist() == [2, 5] and batch.logits_indices.tolist() == [1, 2]
     assert sampling.top_p.dtype == torch.float32 and sampling.seed.dtype == torch.int64
     assert gather.tolist() == [-1, -1, -1]
+
+
+def test_unpack_converts_each_dtype_block_with_one_op_and_keeps_every_field():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Conversions(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    layout = StepLayout(num_tokens=4, num_seqs=3, max_pages=2)
+    views = layout.views(host_buffer(layout.size + 5, pinned=False))
+    fill_batch(views, BatchColumns.of([SequenceChunk((5, 6), 0, (3,)), SequenceChunk((9,), 4, (1, 2))]), PAGE)
+    p = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.2,
+                       presence_penalty=0.5, frequency_penalty=-0.25, seed=11)
+    fill_sampling(views, [sampling_row(p, 12345, 2), sampling_row(SamplingParams(), 7, 5)])
+    with Conversions() as conversions:
+        batch, sampling, gather = views.unpack()
+    assert conversions.count == 3  # int32, float32, int64
+    assert batch.query_start_loc.tolist() == [0, 2, 3, 3] and batch.query_start_loc.dtype == torch.int32
+    assert batch.positions.tolist() == [0, 1, 4, 0] and batch.positions.dtype == torch.int64
+    assert batch.seq_lens.tolist() == [2, 5, 0] and batch.logits_indices.tolist() == [1, 2, 0]
+    expected = SamplingTensors.build([p, SamplingParams()], [12345, 7], [2, 5], "cpu", pad_to=3)
+    for name in SamplingTensors.__slots__:
+        got, want = getattr(sampling, name), getattr(expected, name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    assert gather.tolist() == [-1, -1, -1, -1]
 
 
 @given(st.lists(st.tuples(st.integers(1, 9), st.integers(0, 50)), max_size=12))
