@@ -7,7 +7,8 @@ positions, slots, page ids and 32-bit seeds are integers below 2**53, sampling p
 float32 values. `StepViews.unpack` converts the fields on the device, before the compiled step
 (inside the CUDA graph when graphs are captured by hand). The layout keeps the fields of each device
 dtype in one block (int32, then float32, then int64), so the conversion is three kernels: one a field
-was 14 small kernels, ~27 us at the start of every H200 step (benchmarks/README.md, session 16).
+was 14 small kernels, 30.6 us at the start of a batch-256 step on the H200 (3 kernels: 9.3 us; benchmarks/README.md,
+session 16).
 """
 
 from __future__ import annotations
