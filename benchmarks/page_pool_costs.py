@@ -8,7 +8,9 @@ other objects were read, as the serving loop's other work does between two steps
 the nodes on its path, and copying increments the reference count of every key, value and child
 they hold, each a cache miss once the map has gone cold. `release_us`: a 1k-token sequence's ~70 full,
 registered pages released into the evictable LRU (`kv_cache.release`) beside 20,000 pages that
-others hold, each trial on fresh tokens. All three are medians.
+others hold, each trial on fresh tokens. `register_us`: a batch-256 decode step's registrations (16 sequences
+each register the page they just filled) in a 363,000-page pool holding 20,000 registered pages, cold as
+above, per page. All are medians.
 """
 
 import argparse
@@ -69,6 +71,35 @@ def release_us(pages: int, trials: int) -> float:
     return statistics.median(times) * 1e6
 
 
+def register_us(trials: int, num_pages: int = 363_000) -> float:
+    """One batch-256 decode step's registrations in an H200-sized pool, cold: 16 sequences each register the
+    page they just filled, after the ~200 MB read of cold_write_us; per page."""
+    rng = random.Random(2)
+    pool = new_page_pool(num_pages, 16, True)
+    chains = []  # (tokens, pages) of 1,250 running sequences, 16 registered pages each: 20,000 in all
+    for s in range(1250):
+        pool, pages = allocate(pool, 16)
+        tokens = [rng.randrange(32000) for _ in range(256)]
+        pool = register_pages(pool, [(tokens, pages)])
+        chains.append((tokens, pages))
+    other = [[i] * 4 for i in range(3_000_000)]
+    times = []
+    for _ in range(trials):
+        swept = 0
+        for obj in other[::3]:
+            swept += obj[0]
+        step = []
+        for k in rng.sample(range(len(chains)), 16):
+            tokens, pages = chains[k]
+            pool, (page,) = allocate(pool, 1)
+            chains[k] = tokens + [rng.randrange(32000) for _ in range(16)], pages + (page,)
+            step.append(chains[k])
+        start = time.perf_counter()
+        pool = register_pages(pool, step)
+        times.append((time.perf_counter() - start) / len(step))
+    return statistics.median(times) * 1e6
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pages", type=int, default=70)
@@ -78,7 +109,8 @@ def main() -> None:
     args = p.parse_args()
     row = {"pages": args.pages, "trials": args.trials, "write_us": round(write_us(args.trials), 2),
            "cold_write_us": round(cold_write_us(min(args.trials, 60)), 2),
-           "release_us": round(release_us(args.pages, args.trials), 1)}
+           "release_us": round(release_us(args.pages, args.trials), 1),
+           "register_us": round(register_us(min(args.trials, 60)), 2)}
     print(row)
     if args.save:
         from llmfx.bench import save_rows
