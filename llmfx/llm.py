@@ -202,12 +202,16 @@ class RequestHandle:
             return
         if seq.update(event, error, sampled):
             self._llm._executor.abort((event.request_id,))
+        if seq.finish_reason is not None:
+            self._llm._sinks.pop(event.request_id, None)
         sequences = self._sequences.values()
         if event.hypotheses:  # a beam search ends: its outputs are its best hypotheses
             sequences = [_Sequence.of_hypothesis(i, seq.request, self._llm.tokenizer, h)
                          for i, h in enumerate(event.hypotheses[: self._keep])]
         if self._metrics.first_token_time is None and (seq.num_tokens or any(s.num_tokens for s in sequences)):
             self._metrics = replace(self._metrics, first_token_time=time.monotonic())
+            if self._append_only:  # from now on LLM._dispatch appends their tokens without calling here
+                self._llm._sinks.update((i, s) for i, s in self._sequences.items() if s.finish_reason is None)
         finished = all(s.finished for s in self._sequences.values())
         if not (finished or self._streaming):
             return  # nothing is published until the end: build no snapshot (this path runs once per token)
@@ -276,6 +280,9 @@ class LLM:
         self._num_pages = parts.num_pages
         self._ids = itertools.count()
         self._handles: dict[int, RequestHandle] = {}
+        # Sequences of append-only requests past their first token, by sequence id: _dispatch appends their
+        # tokens itself (one dict lookup a token instead of a handle's event path). Executor thread only.
+        self._sinks: dict[int, _Sequence] = {}
         self._lock = threading.Lock()
         started = time.perf_counter()
         self._engine = parts.engine
@@ -419,6 +426,16 @@ class LLM:
     def _dispatch(self, out: StepOutput) -> None:
         """Runs on the executor thread: hand each event to its request's handle (once per request per step)."""
         events, errors = out.events, out.errors
+        sinks, sampled = self._sinks, out.sampled
+        if sinks and not errors:  # a batch job's steady tokens: appended here, the rest go to their handles
+            rest = []
+            for event in events:
+                seq = sinks.get(event.request_id)
+                if seq is None or event.finish_reason is not None:
+                    rest.append(event)
+                else:
+                    seq.append(event.new_token_ids, sampled.get(event.request_id))
+            events = rest
         request_ids = [e.request_id for e in events]
         with self._lock:  # the user's threads add handles
             handles = list(map(self._handles.get, request_ids))
@@ -430,6 +447,8 @@ class LLM:
         with self._lock:
             for request_id in request_ids:
                 self._handles.pop(request_id, None)
+        for request_id in request_ids:
+            self._sinks.pop(request_id, None)
 
 
 def _load_tokenizer(tokenizer: str | Path | Any | None, source: ModelSource):

@@ -37,6 +37,7 @@ def _front_end(tokenizer=None) -> LLM:
     """An LLM without an engine: only what delivery touches."""
     llm = object.__new__(LLM)
     llm.tokenizer, llm._handles, llm._lock, llm._executor = tokenizer, {}, threading.Lock(), _Executor()
+    llm._sinks = {}
     return llm
 
 
@@ -103,6 +104,22 @@ def test_tokens_after_a_sequence_finished_are_dropped():
     llm._dispatch(_step({1: 7}, finished={1}))
     first, second = handle.result(timeout=0).outputs
     assert first.token_ids == (4, 5) and second.token_ids == (4, 5, 6, 7)
+
+
+def test_steady_tokens_of_a_batch_job_skip_the_handle_and_nothing_is_left_behind(monkeypatch):
+    llm = _front_end()
+    quiet, logged = _submit(llm, QUIET, [0, 1], keep=2), _submit(llm, replace(QUIET, logprobs=0), [2])
+    calls = []
+    on_event = RequestHandle._on_event
+    monkeypatch.setattr(RequestHandle, "_on_event", lambda self, event, *a: (calls.append(event.request_id),
+                                                                             on_event(self, event, *a))[1])
+    for t in range(5):
+        llm._dispatch(_step({0: t, 1: t, 2: t}, finished={0, 1, 2} if t == 4 else ()))
+    # The batch job's sequences: their first token and their last; the logprobs request: every token.
+    assert sorted(calls) == [0, 0, 1, 1] + [2] * 5
+    assert [o.token_ids for o in quiet.result(timeout=0).outputs] == [(0, 1, 2, 3, 4)] * 2
+    assert logged.result(timeout=0).outputs[0].token_ids == (0, 1, 2, 3, 4)
+    assert llm._sinks == {} and llm._handles == {}
 
 
 def test_logprobs_are_kept_for_every_token_without_streaming():
