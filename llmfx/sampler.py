@@ -46,7 +46,9 @@ _HALF = 1 << (_NOISE_BITS - 1)
 SAMPLING_FIELDS = (("temperature", 0.0), ("top_p", 1.0), ("min_p", 0.0), ("repetition_penalty", 1.0),
                    ("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("seed", 0.0), ("position", 0.0),
                    ("top_k", 0.0))
-NUM_FLOAT_FIELDS = 6  # SAMPLING_FIELDS[:6] are float32 on the device, the rest int64
+_INT64_FIELDS = ("seed", "position", "top_k")
+NUM_FLOAT_FIELDS = len(SAMPLING_FIELDS) - len(_INT64_FIELDS)  # the first ones are float32 on the device
+assert tuple(name for name, _ in SAMPLING_FIELDS[NUM_FLOAT_FIELDS:]) == _INT64_FIELDS, "int64 fields come last"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
