@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmfx.ops import silu_mul
+from tests.op_calls import OpCalls
 
 
 @st.composite
@@ -40,28 +41,17 @@ def test_op_compiles_fullgraph_with_the_fake_shape():
 def test_the_decoder_mlp_runs_through_the_op_once_a_layer(hf_checkpoint):
     # On CUDA the op's kernel sizes its launch per call; inductor's fused F.silu(gate) * up did not in the
     # engine's shape-generic graph (6.6x slower in a prefill step on the H200): keep the MLP on the op.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from llmfx.batch import SequenceChunk
     from llmfx.kv_pool import KVPool
     from llmfx.models import run
     from llmfx.step_inputs import pack
     from llmfx.weights import load_params, resolve_model
 
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.silu_mul = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.silu_mul += func is torch.ops.llmfx.silu_mul.default
-            return func(*args, **(kwargs or {}))
-
     _, path = hf_checkpoint("llama")
     source = resolve_model(path)
     params = load_params(source, dtype="float32")
     kv = KVPool.allocate(source.config, 3, 4, torch.float32, "cpu")
     batch = pack([SequenceChunk((1, 2, 3, 4, 5), 0, (1, 2))], 4)
-    with torch.no_grad(), Calls() as calls:
+    with torch.no_grad(), OpCalls(torch.ops.llmfx.silu_mul.default) as calls:
         run(params, source.config, batch, kv)
-    assert calls.silu_mul == source.config.num_layers
+    assert calls.count == source.config.num_layers

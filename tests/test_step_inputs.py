@@ -11,6 +11,7 @@ from llmfx.sampler import SamplingTensors, request_seed, sampling_row
 from llmfx.sampling_params import SamplingParams
 from llmfx.scheduler import PLACEHOLDER
 from llmfx.step_inputs import SEQ_ROWS, StepLayout, StepStager, fill_batch, fill_sampling, host_buffer
+from tests.op_calls import OpCalls
 
 PAGE, MAX_PAGES, ROWS = 4, 6, 5
 PARAMS = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=11, logprobs=2),
@@ -104,24 +105,13 @@ def test_unpack_gives_the_model_and_sampler_their_dtypes():
 
 
 def test_unpack_converts_each_dtype_block_with_one_op_and_keeps_every_field():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Conversions(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += func is torch.ops.aten._to_copy.default
-            return func(*args, **(kwargs or {}))
-
     layout = StepLayout(num_tokens=4, num_seqs=3, max_pages=2)
     views = layout.views(host_buffer(layout.size + 5, pinned=False))
     fill_batch(views, BatchColumns.of([SequenceChunk((5, 6), 0, (3,)), SequenceChunk((9,), 4, (1, 2))]), PAGE)
     p = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.2,
                        presence_penalty=0.5, frequency_penalty=-0.25, seed=11)
     fill_sampling(views, [sampling_row(p, 12345, 2), sampling_row(SamplingParams(), 7, 5)])
-    with Conversions() as conversions:
+    with OpCalls(torch.ops.aten._to_copy.default) as conversions:
         batch, sampling, gather = views.unpack()
     assert conversions.count == 3  # int32, float32, int64
     assert batch.query_start_loc.tolist() == [0, 2, 3, 3] and batch.query_start_loc.dtype == torch.int32
