@@ -197,9 +197,6 @@ class RequestHandle:
         seq = self._sequences[event.request_id]
         if seq.finish_reason is not None:  # also covers a finished request: all its sequences have finished
             return  # tokens of a step that was already running when a stop string ended the sequence
-        if self._append_only and event.finish_reason is None and self._metrics.first_token_time is not None:
-            seq.append(event.new_token_ids, sampled)  # almost every token of a batch job: once per request per step
-            return
         if seq.update(event, error, sampled):
             self._llm._executor.abort((event.request_id,))
         if seq.finish_reason is not None:
