@@ -5,7 +5,7 @@ is replaced by a stand-in (the compiled step is one graph replay on the GPU; the
 attention reads its lengths on purpose and refuses device tensors), so what runs on the executor
 thread is exactly the per-step host path: staging, penalties, beams' page copies, result copy, collect, schedule,
 postprocess and delivery. Any read of a tensor's values there is recorded and fails the test.
-The CUDA kernels' host wrappers (linear, paged attention, rope + KV write), which the stand-in skips,
+The CUDA kernels' host wrappers (linear, paged attention, rope + KV write, silu_mul), which the stand-in skips,
 are checked the same way with their Triton launches recorded instead of run. (The `.tolist()` calls
 left in the step path files are on numpy arrays of host buffers: no device is involved.)
 """
@@ -154,16 +154,17 @@ def test_the_cuda_linear_route_reads_no_tensor_back(monkeypatch):
     assert reads == []
 
 
-def test_the_cuda_attention_and_rope_kv_wrappers_read_no_tensor_back(monkeypatch):
-    # The other CUDA kernels of every layer: paged attention (decode and varlen) and the fused rope + KV
-    # write. On the GPU path their wrappers run at every eager step and at every capture: lengths, page
-    # tables and positions must stay on the device, only shapes and strides may steer the launch.
+def test_the_cuda_attention_rope_kv_and_silu_mul_wrappers_read_no_tensor_back(monkeypatch):
+    # The other CUDA kernels of every layer: paged attention (decode and varlen), the fused rope + KV
+    # write and the MLP's silu(gate) * up. On the GPU path their wrappers run at every eager step and at
+    # every capture: lengths, page tables and positions must stay on the device, only shapes and strides
+    # may steer the launch.
     pytest.importorskip("triton")
-    from llmfx.ops import triton_attention, triton_rope_kv
+    from llmfx.ops import triton_activation, triton_attention, triton_rope_kv
 
     launched = _record_launches(monkeypatch, (triton_attention, "_decode_kernel"),
                                 (triton_attention, "_decode_reduce_kernel"), (triton_attention, "_varlen_kernel"),
-                                (triton_rope_kv, "_rope_write_kv_kernel"))
+                                (triton_rope_kv, "_rope_write_kv_kernel"), (triton_activation, "_silu_mul_kernel"))
     tokens, seqs, heads, kv_heads, head_dim, pages, page_size = 6, 3, 8, 2, 64, 9, 16
     q = torch.randn(tokens, heads, head_dim).bfloat16()
     k = v = torch.randn(tokens, kv_heads, head_dim).bfloat16()
@@ -177,6 +178,9 @@ def test_the_cuda_attention_and_rope_kv_wrappers_read_no_tensor_back(monkeypatch
         qsl, seq_lens = torch.tensor(starts, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32)
         rows = q[: starts[-1]]
         triton_attention.triton_paged_attention(rows, k_pages, v_pages, table, qsl, seq_lens, 0.125, 0)
+    for rows in (1, tokens):  # a decode row, a prefill chunk
+        triton_activation.triton_silu_mul(torch.randn(rows, 2 * 5632).bfloat16())
     monkeypatch.undo()
-    assert launched == ["_rope_write_kv_kernel", "_decode_kernel", "_decode_reduce_kernel", "_varlen_kernel"]
+    assert launched == ["_rope_write_kv_kernel", "_decode_kernel", "_decode_reduce_kernel", "_varlen_kernel",
+                        "_silu_mul_kernel", "_silu_mul_kernel"]
     assert reads == []
