@@ -49,18 +49,27 @@ class StepLayout:
     num_seqs: int
     max_pages: int
 
+    def parts(self) -> tuple[int, ...]:
+        """Element counts of the buffer's parts, in order: query_start_loc, page_table, then SEQ_ROWS' int32 row,
+        float32 rows and int64 rows, then TOKEN_ROWS. The first three parts are int32 on the device, the fourth
+        float32, the last two int64: each dtype one block."""
+        t, b, p = self.num_tokens, self.num_seqs, self.max_pages
+        return (b + 1, b * p, _SAMPLING_AT * b, NUM_FLOAT_FIELDS * b, (len(SEQ_ROWS) - _INT64_AT) * b,
+                len(TOKEN_ROWS) * t)
+
     @property
     def size(self) -> int:
-        t, b, p = self.num_tokens, self.num_seqs, self.max_pages
-        return (b + 1) + b * p + len(SEQ_ROWS) * b + len(TOKEN_ROWS) * t
+        return sum(self.parts())
 
     def views(self, flat: Tensor) -> StepViews:
         """Views of this layout over the first `size` elements of flat (host or device)."""
-        t, b, p = self.num_tokens, self.num_seqs, self.max_pages
+        starts, table, seq_lens, floats, ints, tokens = self.parts()
         starts, table, seqs, tokens, _ = flat.split(
-            [b + 1, b * p, len(SEQ_ROWS) * b, len(TOKEN_ROWS) * t, flat.numel() - self.size])
-        return StepViews(tokens=tokens.view(len(TOKEN_ROWS), t), seqs=seqs.view(len(SEQ_ROWS), b),
-                         query_start_loc=starts, page_table=table.view(b, p), flat=flat[: self.size])
+            [starts, table, seq_lens + floats + ints, tokens, flat.numel() - self.size])
+        b = self.num_seqs
+        return StepViews(tokens=tokens.view(len(TOKEN_ROWS), self.num_tokens), seqs=seqs.view(len(SEQ_ROWS), b),
+                         query_start_loc=starts, page_table=table.view(b, self.max_pages), layout=self,
+                         flat=flat[: self.size])
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,20 +80,21 @@ class StepViews:
     seqs: Tensor  # [1 + 9 + 1, B] SEQ_ROWS
     query_start_loc: Tensor  # [B + 1]
     page_table: Tensor  # [B, P]
+    layout: StepLayout
     flat: Tensor  # the whole layout, the fields above in order
 
     def unpack(self) -> tuple[ForwardBatch, SamplingTensors, Tensor]:
         """(batch, sampling, gather_rows [T] int64): the device-side conversions, one per dtype block."""
-        (b, p), t = self.page_table.shape, self.tokens.shape[1]
-        n32 = (b + 1) + b * p + b  # query_start_loc, page_table, seq_lens
-        nf = NUM_FLOAT_FIELDS * b
-        int32, floats, int64 = self.flat.split([n32, nf, self.flat.numel() - n32 - nf])
-        starts, table, seq_lens = int32.int().split([b + 1, b * p, b])
-        seq_ints, tokens = int64.long().split([(len(SEQ_ROWS) - _INT64_AT) * b, len(TOKEN_ROWS) * t])
-        seq_ints, tokens = seq_ints.view(-1, b), tokens.view(len(TOKEN_ROWS), t)
+        starts, table, seq_lens, floats, ints, tokens = parts = self.layout.parts()
+        int32, float32, int64 = self.flat.split([starts + table + seq_lens, floats, ints + tokens])
+        starts, table, seq_lens = int32.int().split(parts[:3])
+        seq_ints, tokens = int64.long().split(parts[4:])
+        b = self.layout.num_seqs
+        seq_ints, tokens = seq_ints.view(len(SEQ_ROWS) - _INT64_AT, b), tokens.view(len(TOKEN_ROWS), self.layout.num_tokens)
         batch = ForwardBatch(token_ids=tokens[0], positions=tokens[1], slot_mapping=tokens[2], query_start_loc=starts,
-                             seq_lens=seq_lens, page_table=table.view(b, p), logits_indices=seq_ints[-1])
-        sampling = SamplingTensors.of_blocks(floats.float().view(NUM_FLOAT_FIELDS, b), seq_ints[:-1])
+                             seq_lens=seq_lens, page_table=table.view(b, self.layout.max_pages),
+                             logits_indices=seq_ints[-1])
+        sampling = SamplingTensors.of_blocks(float32.float().view(NUM_FLOAT_FIELDS, b), seq_ints[:-1])
         return batch, sampling, tokens[3]
 
 
