@@ -183,9 +183,13 @@ def offsets_staging(size: int, device: torch.device | str) -> Tensor:
 
 
 def count_tokens(output_counts: Tensor, tokens: Tensor) -> Tensor:
-    """Add this step's tokens [B] int64 to output_counts [B, V]; rows whose token is -1 are unchanged."""
-    valid = (tokens >= 0).to(output_counts.dtype).unsqueeze(1)  # [B, 1]
-    return output_counts.scatter_add(1, tokens.clamp(min=0).unsqueeze(1), valid)  # [B, V]
+    """Add this step's tokens [B] int64 to output_counts [B, V]; rows whose token is -1 are unchanged.
+
+    A comparison, not a scatter: pointwise, so inductor fuses it into the penalties that read the counts
+    instead of writing a [B, V] copy every step (39-78 us a step at batch 256 on the H200, session 16).
+    """
+    vocab = torch.arange(output_counts.shape[1], device=output_counts.device)
+    return output_counts + (vocab.unsqueeze(0) == tokens.unsqueeze(1)).to(output_counts.dtype)  # [B, V]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

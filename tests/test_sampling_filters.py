@@ -401,6 +401,17 @@ def test_count_tokens_adds_one_per_row_and_skips_minus_one():
     assert counts.tolist() == [[0, 1, 0], [2, 0, 0], [0, 0, 0]]  # pure: the input is untouched
 
 
+@given(st.integers(1, 6), st.integers(1, 9), st.data())
+def test_count_tokens_equals_a_scatter_add_of_the_valid_tokens(rows, vocab, data):
+    counts = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 5), min_size=vocab, max_size=vocab),
+                                             min_size=rows, max_size=rows)), dtype=torch.int32)
+    tokens = torch.tensor(data.draw(st.lists(st.integers(-1, vocab - 1), min_size=rows, max_size=rows)))
+    valid = (tokens >= 0).to(torch.int32).unsqueeze(1)
+    expected = counts.scatter_add(1, tokens.clamp(min=0).unsqueeze(1), valid)
+    updated = count_tokens(counts, tokens)
+    assert updated.dtype == torch.int32 and torch.equal(updated, expected)
+
+
 # --- batch invariance -------------------------------------------------------------------------------
 
 
