@@ -276,7 +276,7 @@ class ModelEngine:
         return KVPool(layers)
 
     def _compile_and_capture(self, layers: tuple[LayerKV, ...]) -> None:
-        keys = self.engine_cfg.buckets.all_keys()
+        keys = self.engine_cfg.buckets.warmup_order()
         if self._trees:
             _cudagraph_thread_state()
         static = [self._token_pool, *_tensors(self.params), *(t for layer in layers for t in layer)]
@@ -288,7 +288,6 @@ class ModelEngine:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle() if self._graphs_by_hand else None  # one pool: graphs replay in turn
         num_variants = 0
-        # Decode sizes ascending, then token counts: size 1 compiles apart (0/1 specialization).
         for key in keys:
             args = self._padding_args(key)
             variants = self.sampler_variants(key.num_seqs)

@@ -40,6 +40,21 @@ def test_a_batch_pads_to_the_smallest_bucket_that_holds_it(max_batch, max_tokens
     assert key in buckets.all_keys()
 
 
+@given(st.integers(1, 300), st.integers(16, 4096), st.none() | st.lists(st.integers(1, 300), min_size=1, max_size=8))
+def test_warmup_order_is_one_row_then_decode_descending_then_token_counts(max_batch, max_tokens, user_sizes):
+    user_sizes = None if user_sizes is None else [min(s, max_batch) for s in user_sizes]
+    buckets = make_buckets(max_batch, max_tokens, user_sizes)
+    order = buckets.warmup_order()
+    assert sorted(order, key=repr) == sorted(buckets.all_keys(), key=repr)  # every bucket, once
+    decode = [k.num_seqs for k in order if k.decode]
+    mixed = [k.num_tokens for k in order if not k.decode]
+    assert order[: len(decode)] == tuple(k for k in order if k.decode)  # decode buckets before mixed ones
+    ones = [k for k in order if k.num_seqs == 1]
+    assert order[: len(ones)] == tuple(ones)  # one row first: it compiles apart (0/1 specialization)
+    rest = [b for b in decode if b != 1]
+    assert rest == sorted(rest, reverse=True) and mixed == sorted(mixed, reverse=True)
+
+
 def test_default_decode_sizes_follow_the_design():
     assert default_decode_sizes(256)[:6] == (1, 2, 4, 8, 16, 24) and default_decode_sizes(256)[-1] == 256
     assert default_decode_sizes(20) == (1, 2, 4, 8, 16, 20)
