@@ -129,8 +129,8 @@ def tokens_between(prompt: Sequence[int], output: Sequence[int], start: int, sto
 @dataclass(frozen=True, slots=True)
 class TokenPrefix(Sequence):
     """Tokens [0, end) of prompt + output, sliced on demand: registering a new page reads only its own tokens,
-    not the whole context. Every token below end must be known; `output` may hold more (a running table's
-    shared list), which are never read."""
+    not the whole context. `output` may hold more (a running table's shared list), which are never read;
+    tokens past it read as PLACEHOLDER, as in tokens_between (the scheduler registers only known ones)."""
 
     prompt: tuple[int, ...]
     output: Sequence[int]
@@ -144,7 +144,8 @@ class TokenPrefix(Sequence):
             start, stop, step = index.indices(self.end)
             assert step == 1, "TokenPrefix slices with step 1 only"
             p = len(self.prompt)
-            if start >= p:  # a page of output tokens: one slice of the list, the common case while decoding
+            # A page of known output tokens: one slice of the list, the common case while decoding.
+            if start >= p and stop - p <= len(self.output):
                 return tuple(self.output[start - p: max(start, stop) - p])
             return tokens_between(self.prompt, self.output, start, max(start, stop))
         if not -self.end <= index < self.end:

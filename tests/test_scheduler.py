@@ -11,6 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from llmfx.kv_cache import allocate, new_page_pool, num_available, register_pages, release
 from llmfx.sampling_params import SamplingParams
+from llmfx.sequence import PLACEHOLDER
 from llmfx.scheduler import (
     Plan,
     Request,
@@ -350,6 +351,12 @@ def test_a_token_prefix_slices_like_the_tokens_it_stands_for(prompt, out, inflig
     assert len(view) == len(tokens) and view[start:stop] == tokens[start:stop] and tuple(view) == tokens
     if tokens:
         assert view[start % len(tokens)] == tokens[start % len(tokens)] and view[-1] == tokens[-1]
+
+
+def test_a_token_prefix_output_slice_past_the_known_tokens_reads_placeholders():
+    # Hypothesis found it once in many runs: the output-only fast path used to drop the in-flight token.
+    view = TokenPrefix((0,), (0, 0, 0), 5)
+    assert view[1:5] == (0, 0, 0, PLACEHOLDER) and view[4:5] == (PLACEHOLDER,)
 
 
 @given(token=st.integers(-1, 2**20 - 1))
