@@ -335,27 +335,8 @@ def argmax_rows(x: Tensor) -> Tensor:
     and leaves a second stage that reduces over a single element; its fusion pass then asserts
     (simd.py can_fuse: `assert rnumel1 == 1 and rnumel2 != 1`). Inductor does not look through an
     opaque op, so the ranks reduction is split normally. tests/test_compile_tinyllama_shape.py.
-    On CUDA the row is reduced in ARGMAX_CHUNKS pieces: torch's own argmax gives one row to one
-    thread block, 9.9 us for a 32,000-entry row on the H200 (session 17 trace), on a batch-1 step's path.
     """
-    if x.is_cuda and x.shape[-1] % ARGMAX_CHUNKS == 0:
-        return argmax_by_chunks(x, ARGMAX_CHUNKS)
     return x.argmax(dim=-1)
-
-
-ARGMAX_CHUNKS = 32  # a row of 32,000 ids: 32 blocks of 1,000
-
-
-def argmax_by_chunks(x: Tensor, chunks: int) -> Tensor:
-    """argmax of each row of x [B, V], V divisible by chunks, as the argmax of its chunks' maxima: [B] int64.
-
-    Each chunk's max gives its first maximal index, and the first chunk holding the row's max wins,
-    so ties resolve to the first index as in torch.argmax (NaN counts as the largest in both).
-    """
-    rows, vocab = x.shape
-    values, within = x.view(rows, chunks, vocab // chunks).max(dim=-1)  # [B, C] each
-    chunk = values.argmax(dim=-1, keepdim=True)  # [B, 1]
-    return chunk.squeeze(1) * (vocab // chunks) + within.gather(1, chunk).squeeze(1)
 
 
 @argmax_rows.register_fake

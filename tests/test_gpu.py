@@ -45,17 +45,3 @@ def test_greedy_tokens_on_gpu_in_fp32_equal_cpu(hf_checkpoint, case):
     cpu = greedy_generate(load_params(source), source.config, prompt, 32, shuffle_pages_seed=0)
     gpu = greedy_generate(load_params(source, device="cuda"), source.config, prompt, 32, shuffle_pages_seed=0)
     assert gpu == cpu
-
-
-@pytest.mark.parametrize("rows", [1, 3, 256])
-def test_argmax_rows_on_gpu_equals_torch_argmax_with_ties(rows):
-    from llmfx.sampler import ARGMAX_CHUNKS, argmax_rows
-
-    vocab = 32000
-    assert vocab % ARGMAX_CHUNKS == 0  # the chunked path is the one under test
-    g = torch.Generator(device="cuda").manual_seed(rows)
-    x = torch.randint(0, 4, (rows, vocab), device="cuda", generator=g).float()  # ties in every row
-    x[0, vocab // 2] = float("nan")  # NaN wins, as in torch.argmax
-    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
-    compiled = torch.compile(lambda t: argmax_rows(t * 2.0), fullgraph=True)
-    assert torch.equal(compiled(x), (x * 2.0).argmax(dim=-1))

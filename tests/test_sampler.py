@@ -10,8 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chi2
 
-from llmfx.sampler import (SamplingTensors, _neg_log_uniform, argmax_by_chunks, gumbel_noise, hash_bits, request_seed,
-                           sample, uniform_noise)
+from llmfx.sampler import SamplingTensors, _neg_log_uniform, gumbel_noise, hash_bits, request_seed, sample, uniform_noise
 from llmfx.sampling_params import SamplingParams
 
 # Deterministic given the hash, so a tiny p threshold only guards against a wrong distribution.
@@ -257,15 +256,6 @@ def test_user_seed_is_respected_across_engines_and_requests():
     assert request_seed(1234, 0, 0) == request_seed(1234, 99, 7)
     assert request_seed(1234, 0, 0) != request_seed(1235, 0, 0)
     assert len({request_seed(s, 0, 0) for s in range(10_000)}) == 10_000
-
-
-@given(st.integers(1, 5), st.sampled_from([1, 2, 4, 8]), st.integers(1, 6), st.data())
-def test_argmax_by_chunks_equals_argmax_ties_and_nan_included(rows, chunks, width, data):
-    # Few distinct values, so rows tie often, within and across chunks; NaN is the largest for both.
-    values = st.sampled_from([-1.0, 0.0, 2.0, float("-inf"), float("nan")])
-    x = torch.tensor(data.draw(st.lists(st.lists(values, min_size=chunks * width, max_size=chunks * width),
-                                        min_size=rows, max_size=rows)))
-    assert torch.equal(argmax_by_chunks(x, chunks), x.argmax(dim=-1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.bool])
