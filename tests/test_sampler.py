@@ -198,6 +198,36 @@ def test_uniform_noise_is_uniform_and_open():
     assert torch.allclose(deciles, torch.full((10,), 0.1, dtype=torch.float64), atol=2e-3)
 
 
+def _murmur3_x86_32(word: int, seed: int) -> int:
+    """MurmurHash3 x86_32 of one 4-byte little-endian word, in Python ints: the reference for hash_bits."""
+    m = 0xFFFFFFFF
+    rotl = lambda x, r: ((x << r) | (x >> (32 - r))) & m  # noqa: E731
+    k = rotl((word * 0xCC9E2D51) & m, 15) * 0x1B873593 & m
+    h = (rotl(seed ^ k, 13) * 5 + 0xE6546B64) & m
+    h ^= 4
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & m
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & m
+    return h ^ (h >> 16)
+
+
+def test_murmur3_reference_matches_a_published_value():
+    # MurmurHash3_x86_32 of the 4 bytes 00 00 00 00 with seed 0 is 0x2362F9DE.
+    assert _murmur3_x86_32(0, 0) == 0x2362F9DE
+
+
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=4), st.data())
+def test_hash_bits_are_two_nested_murmur3_calls(seeds, data):
+    positions = data.draw(st.lists(st.integers(0, 2**32 - 1), min_size=len(seeds), max_size=len(seeds)))
+    vocab = data.draw(st.integers(1, 40))
+    bits = hash_bits(torch.tensor(seeds), torch.tensor(positions), vocab)
+    assert bits.dtype == torch.int64
+    expected = [[_murmur3_x86_32(token, _murmur3_x86_32(position, seed)) for token in range(vocab)]
+                for seed, position in zip(seeds, positions)]
+    assert bits.tolist() == expected
+
+
 def test_hash_bits_use_all_32_bits():
     seeds = torch.arange(64, dtype=torch.int64)
     bits = hash_bits(seeds, seeds, 1024)
