@@ -232,74 +232,64 @@ def _fold32(x: int, *, salt: int) -> int:
     return h
 
 
-# Device hash: two nested MurmurHash3 x86_32 calls on one 4-byte word each, in int32 ops that wrap:
+# Device hash: two nested MurmurHash3 x86_32 calls on one 4-byte word each, in int64 ops:
 # row key = murmur3(position; seed) per row [B, 1], then murmur3(token id; row key) per token.
-# Finalizing the row key first means rows with nearby (seed, position) get unrelated keys. An int32
-# holds the hash's 32 bits (two's complement): products wrap mod 2**32 as murmur3's do, and right
-# shifts are made logical by a mask. In int64 with the products split in 16-bit halves, the [B, V]
-# hash was compute-bound on the H200 (session 17: 69 us at batch 256, most of the sampler).
+# Finalizing the row key first means rows with nearby (seed, position) get unrelated keys. Every
+# value is kept in [0, 2**32) and every product below 2**49, so no signed overflow happens.
 
 
-def _i32(c: int) -> int:
-    """The int32 value with the bits of the 32-bit constant c."""
-    return c - (1 << 32) if c >= 1 << 31 else c
-
-
-def _shr32(x: Tensor, r: int) -> Tensor:
-    return (x >> r) & ((1 << (32 - r)) - 1)  # logical: the mask drops the sign's copies
+def _mul32(x: Tensor, c: int) -> Tensor:
+    # (x * c) mod 2**32 via 16-bit halves of c: x*lo < 2**48, (x*hi mod 2**16) << 16 < 2**32.
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
 
 
 def _rotl32(x: Tensor, r: int) -> Tensor:
-    return (x << r) | _shr32(x, 32 - r)
+    return ((x << r) & _M32) | (x >> (32 - r))
 
 
 def _scramble(k: Tensor) -> Tensor:
-    return _rotl32(k * _i32(_C1), 15) * _i32(_C2)
+    return _mul32(_rotl32(_mul32(k, _C1), 15), _C2)
 
 
 def _absorb(h: Tensor, scrambled: Tensor) -> Tensor:
-    return _rotl32(h ^ scrambled, 13) * 5 + _i32(0xE6546B64)
+    h = _rotl32(h ^ scrambled, 13)
+    return (h * 5 + 0xE6546B64) & _M32
 
 
 def _fmix32(h: Tensor) -> Tensor:
-    h = h ^ _shr32(h, 16)
-    h = h * _i32(_F1)
-    h = h ^ _shr32(h, 13)
-    h = h * _i32(_F2)
-    return h ^ _shr32(h, 16)
+    h = h ^ (h >> 16)
+    h = _mul32(h, _F1)
+    h = h ^ (h >> 13)
+    h = _mul32(h, _F2)
+    return h ^ (h >> 16)
 
 
 def _murmur3_word(seed: Tensor, word: Tensor) -> Tensor:
     return _fmix32(_absorb(seed, _scramble(word)) ^ 4)  # 4 = input length in bytes
 
 
-def _hash32(seed: Tensor, position: Tensor, vocab_size: int) -> Tensor:
-    """hash_bits' 32 bits as int32 (two's complement): [B, V]."""
-    # int64 -> int32 keeps the low 32 bits: the seed's and position's bits, as murmur3 reads them.
-    row_key = _murmur3_word(seed.to(torch.int32).unsqueeze(1), position.to(torch.int32).unsqueeze(1))  # [B, 1]
-    token = torch.arange(vocab_size, device=seed.device, dtype=torch.int32)  # [V]
-    return _murmur3_word(row_key, token)  # [B, V]
-
-
 def hash_bits(seed: Tensor, position: Tensor, vocab_size: int) -> Tensor:
     """32-bit hash of (seed [B], position [B], token id) for every token: [B, V] int64 in [0, 2**32)."""
-    return _hash32(seed, position, vocab_size).long() & _M32
+    row_key = _murmur3_word((seed & _M32).unsqueeze(1), (position & _M32).unsqueeze(1))  # [B, 1]
+    token = torch.arange(vocab_size, device=seed.device, dtype=torch.int64)  # [V]
+    return _murmur3_word(row_key, token)  # [B, V]
 
 
 def uniform_noise(seed: Tensor, position: Tensor, vocab_size: int) -> Tensor:
     """The u in (0, 1) behind the Gumbel noise, exact in float64 (for tests and analysis): [B, V]."""
     k = hash_bits(seed, position, vocab_size) >> (32 - _NOISE_BITS)  # [B, V] in [0, 2**24)
-    return (k.double() + 0.5) * 2.0**-_NOISE_BITS  # the same k as gumbel_noise's
+    return (k.double() + 0.5) * 2.0**-_NOISE_BITS
 
 
 def gumbel_noise(seed: Tensor, position: Tensor, vocab_size: int) -> Tensor:
     """Gumbel noise g = -log(-log(u)) per (row, token): [B, V] float32, always finite."""
-    k = _shr32(_hash32(seed, position, vocab_size), 32 - _NOISE_BITS)  # [B, V] int32 in [0, 2**24)
+    k = hash_bits(seed, position, vocab_size) >> (32 - _NOISE_BITS)  # [B, V] in [0, 2**24)
     return -torch.log(_neg_log_uniform(k))
 
 
 def _neg_log_uniform(k: Tensor) -> Tensor:
-    """-log(u) for u = (k + 0.5) / 2**24, k an integer tensor in [0, 2**24): float32, always > 0 and finite."""
+    """-log(u) for u = (k + 0.5) / 2**24, k int64 in [0, 2**24): float32, always > 0 and finite."""
     # u rounds to 1.0 in float32 for the top k, so -log(u) is taken from whichever of u or 1 - u
     # is exact in float32 (each has at most 24 significant bits on its half of the range).
     low = k < _HALF
