@@ -1,49 +1,92 @@
-"""The engine step compiles for the TinyLlama shape (vocab 32000, hidden 2048) through inductor's Triton codegen.
+"""The engine step compiles for the TinyLlama shape (vocab 32000, hidden 2048) as inductor compiles it for the H200.
 
-On the H200 (torch 2.11) compiling the batch-1 step failed in inductor's fusion pass
-(simd.py can_fuse: `assert rnumel1 == 1 and rnumel2 != 1`): with one row, the `ranks` reduction
-read the sampled token's argmax, inductor split it along the argmax's ranges and left a reduction
-over one element. Tiny configs never hit it. On CPU, inductor's Triton (SIMD) codegen runs the same
-scheduling and fusion with `cpu_backend="triton"`; the kernels it writes cannot run without a Triton
-CPU driver, so the compile is stopped right after fusion, where the bug was.
+Two failures showed only on the H200, never with the tiny test models:
+- session 1: compiling the batch-1 step asserted in inductor's fusion pass (simd.py can_fuse:
+  `assert rnumel1 == 1 and rnumel2 != 1`): the `ranks` reduction read the sampled token's argmax and
+  inductor split it along the argmax's ranges (the opaque `llmfx::argmax_rows` fixed it);
+- session 17: an int32 version of the noise hash compiled everywhere but at batch 256, where inductor
+  split the vocabulary reduction in four and wrote `arange(V) * C1` as an index expression whose
+  constant Triton refuses as int32 (`Scalar -6896391544000 is out of range for type int32`).
+On the CPU, inductor's Triton (SIMD) codegen runs with `cpu_backend="triton"` and the H200's 132 SMs
+(split reductions are decided by the SM count). Every kernel it writes is then compiled for sm_90 by
+Triton's own compiler instead of for the CPU, which has no Triton driver; the kernels never run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from unittest import mock
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
-from torch._inductor.scheduler import Scheduler  # noqa: E402
+import torch.utils._triton as torch_triton  # noqa: E402
+from torch._inductor import config as inductor_config  # noqa: E402
+from torch._inductor.runtime import triton_helpers, triton_heuristics  # noqa: E402
+from torch._inductor.runtime.hints import DeviceProperties  # noqa: E402
+from torch.fx.experimental import _config as fx_config  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
 
 from llmfx.buckets import BucketKey  # noqa: E402
 from llmfx.kv_pool import KVPool  # noqa: E402
 from llmfx.model_engine import EngineConfig, ModelEngine, forward_step, sample_step  # noqa: E402
 from llmfx.ops import rope_table  # noqa: E402
 from llmfx.presets import preset  # noqa: E402
+from llmfx.sampler import SamplingTensors  # noqa: E402
 from llmfx.weights import dummy_params  # noqa: E402
 
-
-class _FusionDone(Exception):
-    """Raised in place of Scheduler.codegen: scheduling and fusion finished."""
+H200_SMS = 132
 
 
-def _stop(*args, **kwargs):
-    raise _FusionDone
+@contextlib.contextmanager
+def h200_codegen():
+    """Compile with inductor's Triton codegen as for an H200; yields the list of (kernel, launch config, error
+    or None) that each written kernel's sm_90 compile appends to."""
+    kernels: list[tuple[str, dict, str | None]] = []
+    create = DeviceProperties.create.__func__
+
+    def as_h200(cls, device):
+        return create(cls, device)._replace(multi_processor_count=H200_SMS)
+
+    def compile_for_sm90(self, *args, **kwargs):  # stands in for CachingAutotuner.precompile: no launchers
+        for cfg in self.configs:
+            meta = self._create_compile_meta(cfg)
+            source = ASTSource(self.fn, meta["signature"], meta["constants"], meta["configs"][0])
+            try:
+                triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                kernels.append((self.fn.__name__, cfg.kwargs, None))
+            except Exception as err:  # noqa: BLE001 (every compile error is a finding)
+                kernels.append((self.fn.__name__, cfg.kwargs, str(err).strip().splitlines()[-1]))
+
+    with mock.patch.object(DeviceProperties, "create", classmethod(as_h200)), \
+            mock.patch.object(torch_triton, "triton_hash_with_backend", lambda: "h200-codegen-on-cpu"), \
+            mock.patch.object(triton_helpers, "set_driver_to_cpu", lambda: None), \
+            mock.patch.object(triton_heuristics.CachingAutotuner, "precompile", compile_for_sm90), \
+            inductor_config.patch(cpu_backend="triton", compile_threads=1, force_disable_caches=True):
+        yield kernels
 
 
-def _reached(err: BaseException, kind: type) -> bool:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, kind):
-            return True
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return False
+def compile_for_h200(fn, calls: list[tuple], *, dynamic: bool | None) -> list[tuple[str, dict, str | None]]:
+    """Compile fn as inductor would for the H200 by running it on each argument tuple in turn; the kernels of
+    the last compile. Running a compiled graph fails (its kernels have no launchers): that is expected."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+    try:
+        for args in calls:
+            with h200_codegen() as kernels, torch.inference_mode():
+                try:
+                    compiled(*args)
+                except Exception:
+                    if not kernels:  # failed before any kernel was written: a real error
+                        raise
+    finally:
+        torch._dynamo.reset()
+    return kernels
 
 
 @pytest.fixture(scope="module")
@@ -51,31 +94,46 @@ def engine():
     cfg = dataclasses.replace(preset("tinyllama-1.1b"), num_layers=1, max_position_embeddings=64)
     params = dummy_params(cfg, dtype=torch.bfloat16, device="cpu", seed=0)
     params["rope"] = rope_table(cfg, 64, "cpu")
-    eng = ModelEngine(params, cfg, EngineConfig(page_size=16, seed=0, max_pages_per_seq=4, max_batch_size=8))
+    eng = ModelEngine(params, cfg, EngineConfig(page_size=16, seed=0, max_pages_per_seq=4, max_batch_size=256))
     kv = KVPool.allocate(cfg, 2, 16, torch.bfloat16, "cpu").layers
     return eng, kv
 
 
-@pytest.mark.parametrize("filtering", [True, False])
-@pytest.mark.parametrize("dynamic", [False, None])
-@pytest.mark.parametrize("num_seqs", [1, 8])
-def test_step_fuses_with_triton_codegen(engine, num_seqs, dynamic, filtering):
+def _halves(engine, num_seqs: int, filtering: bool) -> tuple[tuple, tuple]:
+    """(forward_step's arguments, sample_step's) for a decode batch of num_seqs padding rows."""
     eng, kv = engine
     inputs, sampling, gather_rows, penalties, token_pool = eng._padding_args(
         BucketKey(num_tokens=num_seqs, num_seqs=num_seqs, decode=True))
     logits = torch.randn(num_seqs, eng.cfg.vocab_size, dtype=torch.bfloat16)
     unseen = torch.full((num_seqs,), -1, dtype=torch.int64)
-    # Each half as the engine compiles it, with inductor's Triton codegen; each is stopped after fusion.
-    halves = ((forward_step, (eng.params, eng.cfg, kv, inputs, gather_rows, token_pool)),
-              (sample_step, (logits, unseen, sampling, penalties, token_pool, filtering)))
-    torch._dynamo.reset()
-    try:
-        for fn, args in halves:
-            compiled = torch.compile(fn, options={"cpu_backend": "triton"}, fullgraph=True, dynamic=dynamic)
-            with pytest.raises(Exception) as stopped, torch.inference_mode(), \
-                    mock.patch.object(Scheduler, "codegen", _stop):
-                compiled(*args)
-            if not _reached(stopped.value, _FusionDone):
-                raise stopped.value
-    finally:
-        torch._dynamo.reset()
+    return ((eng.params, eng.cfg, kv, inputs, gather_rows, token_pool),
+            (logits, unseen, sampling, penalties, token_pool, filtering, True, filtering))
+
+
+def _assert_all_compiled(kernels):
+    assert kernels, "no kernel was written"
+    failed = [k for k in kernels if k[2] is not None]
+    assert not failed, failed
+
+
+@pytest.mark.parametrize("filtering", [True, False])
+@pytest.mark.parametrize("num_seqs", [1, 256])
+def test_a_bucket_step_compiles_for_sm90(engine, num_seqs, filtering):
+    forward_args, sampler_args = _halves(engine, num_seqs, filtering)
+    _assert_all_compiled(compile_for_h200(forward_step, [forward_args], dynamic=False))
+    _assert_all_compiled(compile_for_h200(sample_step, [sampler_args], dynamic=False))
+
+
+@pytest.mark.parametrize("filtering", [True, False])
+def test_the_shape_generic_step_compiles_for_sm90(engine, filtering):
+    # As the engine warms up: the forward compiles at one row, then shape-generic at the largest batch
+    # (automatic dynamic shapes); the sampler once, its batch dimension marked dynamic, size-oblivious.
+    one, _ = _halves(engine, 1, filtering)
+    forward_args, sampler_args = _halves(engine, 256, filtering)
+    _assert_all_compiled(compile_for_h200(forward_step, [one, forward_args], dynamic=None))
+    logits, unseen, sampling, penalties, token_pool, *variant = sampler_args
+    for tensor in (logits, unseen, penalties.prompt_mask, penalties.output_counts,
+                   *(getattr(sampling, name) for name in SamplingTensors.__slots__)):
+        torch._dynamo.mark_dynamic(tensor, 0, min=1, max=token_pool.shape[0])
+    with fx_config.patch(backed_size_oblivious=True):
+        _assert_all_compiled(compile_for_h200(sample_step, [sampler_args], dynamic=None))
