@@ -272,7 +272,11 @@ def _murmur3_word(seed: Tensor, word: Tensor) -> Tensor:
 def hash_bits(seed: Tensor, position: Tensor, vocab_size: int) -> Tensor:
     """32-bit hash of (seed [B], position [B], token id) for every token: [B, V] int64 in [0, 2**32)."""
     row_key = _murmur3_word((seed & _M32).unsqueeze(1), (position & _M32).unsqueeze(1))  # [B, 1]
-    token = torch.arange(vocab_size, device=seed.device, dtype=torch.int64)  # [V]
+    # `^ 0` ends inductor's index arithmetic at the arange. Carried on, the token's products become one index
+    # expression, computed in the kernel's int32 index type: once inductor splits a large vocabulary's
+    # reduction, its constants overflow int32 and Triton refuses the kernel (Llama-3's 128,256 ids at
+    # batch 256; tests/test_compile_for_h200.py).
+    token = torch.arange(vocab_size, device=seed.device, dtype=torch.int64) ^ 0  # [V]
     return _murmur3_word(row_key, token)  # [B, V]
 
 
@@ -334,7 +338,7 @@ def argmax_rows(x: Tensor) -> Tensor:
     row reduction that reads this argmax, `ranks` in _with_logprobs, along the argmax's own ranges
     and leaves a second stage that reduces over a single element; its fusion pass then asserts
     (simd.py can_fuse: `assert rnumel1 == 1 and rnumel2 != 1`). Inductor does not look through an
-    opaque op, so the ranks reduction is split normally. tests/test_compile_tinyllama_shape.py.
+    opaque op, so the ranks reduction is split normally. tests/test_compile_for_h200.py.
     """
     return x.argmax(dim=-1)
 

@@ -1,12 +1,14 @@
-"""The engine step compiles for the TinyLlama shape (vocab 32000, hidden 2048) as inductor compiles it for the H200.
+"""The engine step compiles as inductor compiles it for the H200: the TinyLlama shape (vocab 32000, hidden 2048),
+and the sampler at the presets' larger vocabularies.
 
-Two failures showed only on the H200, never with the tiny test models:
+Three failures would show only on the H200, never with the tiny test models:
 - session 1: compiling the batch-1 step asserted in inductor's fusion pass (simd.py can_fuse:
   `assert rnumel1 == 1 and rnumel2 != 1`): the `ranks` reduction read the sampled token's argmax and
   inductor split it along the argmax's ranges (the opaque `llmfx::argmax_rows` fixed it);
 - session 17: an int32 version of the noise hash compiled everywhere but at batch 256, where inductor
   split the vocabulary reduction in four and wrote `arange(V) * C1` as an index expression whose
-  constant Triton refuses as int32 (`Scalar -6896391544000 is out of range for type int32`).
+  constant Triton refuses as int32 (`Scalar -6896391544000 is out of range for type int32`);
+- found here, session 17: the int64 noise hash the same way with Llama-3's 128,256 ids at batch 256.
 On the CPU, inductor's Triton (SIMD) codegen runs with `cpu_backend="triton"` and the H200's 132 SMs
 (split reductions are decided by the SM count). Every kernel it writes is then compiled for sm_90 by
 Triton's own compiler instead of for the CPU, which has no Triton driver; the kernels never run.
@@ -36,7 +38,7 @@ from llmfx.kv_pool import KVPool  # noqa: E402
 from llmfx.model_engine import EngineConfig, ModelEngine, forward_step, sample_step  # noqa: E402
 from llmfx.ops import rope_table  # noqa: E402
 from llmfx.presets import preset  # noqa: E402
-from llmfx.sampler import SamplingTensors  # noqa: E402
+from llmfx.sampler import PenaltyState, SamplingTensors  # noqa: E402
 from llmfx.weights import dummy_params  # noqa: E402
 
 H200_SMS = 132
@@ -137,3 +139,16 @@ def test_the_shape_generic_step_compiles_for_sm90(engine, filtering):
         torch._dynamo.mark_dynamic(tensor, 0, min=1, max=token_pool.shape[0])
     with fx_config.patch(backed_size_oblivious=True):
         _assert_all_compiled(compile_for_h200(sample_step, [sampler_args], dynamic=None))
+
+
+@pytest.mark.parametrize("filtering", [True, False])
+@pytest.mark.parametrize("model", ["llama-3.2-1b", "qwen3-0.6b"])
+def test_the_sampler_compiles_for_sm90_at_large_vocabularies(model, filtering):
+    rows, vocab = 256, preset(model).vocab_size
+    fields = {name: torch.zeros(rows, dtype=torch.int64 if name in ("seed", "position", "top_k") else torch.float32)
+              for name in SamplingTensors.__slots__}
+    penalties = PenaltyState(prompt_mask=torch.zeros(rows, vocab, dtype=torch.bool),
+                             output_counts=torch.zeros(rows, vocab, dtype=torch.int32))
+    args = (torch.randn(rows, vocab, dtype=torch.bfloat16), torch.full((rows,), -1, dtype=torch.int64),
+            SamplingTensors(**fields), penalties, torch.zeros(rows, dtype=torch.int64), filtering, True, filtering)
+    _assert_all_compiled(compile_for_h200(sample_step, [args], dynamic=False))
