@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from unittest import mock
 
 import pytest
@@ -65,7 +66,10 @@ def h200_codegen():
             except Exception as err:  # noqa: BLE001 (every compile error is a finding)
                 kernels.append((self.fn.__name__, cfg.kwargs, str(err).strip().splitlines()[-1]))
 
-    with mock.patch.object(DeviceProperties, "create", classmethod(as_h200)), \
+    # Kernel tests elsewhere set TRITON_INTERPRET=1 for the session; with it inductor would interpret its
+    # kernels instead of compiling them.
+    with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"}), \
+            mock.patch.object(DeviceProperties, "create", classmethod(as_h200)), \
             mock.patch.object(torch_triton, "triton_hash_with_backend", lambda: "h200-codegen-on-cpu"), \
             mock.patch.object(triton_helpers, "set_driver_to_cpu", lambda: None), \
             mock.patch.object(triton_heuristics.CachingAutotuner, "precompile", compile_for_sm90), \
