@@ -418,3 +418,12 @@ def test_benchmarks_compile_the_forward_as_the_engine_does_on_dummy_weights(monk
     # Inductor fuses bf16 ops differently from eager: equal to bf16 rounding, and not a different forward.
     torch.testing.assert_close(compiled, eager, rtol=0.02, atol=0.02 * eager.abs().max().item())
     assert seen == [torch.device("cpu")]
+
+
+def test_sampler_sass_counts_the_instructions_of_the_hash_kernels(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setattr(sys, "argv", ["sampler_sass.py", "--rows", "4", "--vocab", "320", "--save", str(tmp_path)])
+    runpy.run_path(str(Path(__file__).parent.parent / "benchmarks" / "sampler_sass.py"), run_name="__main__")
+    kernels = json.loads((tmp_path / "sampler_sass.json").read_text())["kernels"]
+    assert kernels and all("lshift" in k["kernel"] for k in kernels)
+    assert all(k["instructions"] == sum(k["by_opcode"].values()) and k["by_opcode"].get("IMAD") for k in kernels)
