@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from llmfx.bench import compile_static, decode_batch, dummy_params, graph_replay_us, print_kernel_table, save_rows
+from llmfx.bench import (compile_static, decode_batch, graph_replay_us, preset_dummy_params, print_kernel_table,
+                         save_rows)
 from llmfx.models import forward
 from llmfx.ops import triton_gemv, triton_linear, triton_pdl
 from llmfx.ops.triton_gemv import GemvConfig
@@ -60,7 +61,7 @@ def main() -> None:
     parser.add_argument("--save", default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
-    cfg, params = dummy_params(args.model, device)
+    cfg, params = preset_dummy_params(args.model, device)
     kv, inputs = decode_batch(cfg, args.batch, args.context, torch.bfloat16, device)
     fwd = compile_static(lambda: forward(params, cfg, inputs, kv), device)
     shipped = dict(triton_gemv._CONFIGS)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from llmfx.bench import (compile_static, decode_batch, decoder_weight_params, dummy_params, graph_replay_us,
-                         offline_prefill_lengths, prefill_batch, print_kernel_table, save_rows)
+from llmfx.bench import (compile_static, decode_batch, decoder_weight_params, graph_replay_us, offline_prefill_lengths,
+                         prefill_batch, preset_dummy_params, print_kernel_table, save_rows)
 from llmfx.models import forward
 from llmfx.sampler import PenaltyState, SamplingTensors, sample
 from llmfx.sampling_params import SamplingParams
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", type=int, default=0, help="time one prefill step of this many tokens")
     args = parser.parse_args()
     device = torch.device("cuda")
-    cfg, params = dummy_params(args.model, device)
+    cfg, params = preset_dummy_params(args.model, device)
     if args.prefill_tokens:
         prefill(args, params, cfg, device)
         return

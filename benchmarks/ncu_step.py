@@ -91,11 +91,11 @@ def run_forward(batch: int, context: int, model: str) -> None:
     """Compile and run the decode forward twice, then once between cudaProfilerStart and Stop (what ncu counts)."""
     import torch
 
-    from llmfx.bench import compile_static, decode_batch, dummy_params
+    from llmfx.bench import compile_static, decode_batch, preset_dummy_params
     from llmfx.models import forward
 
     device = torch.device("cuda")
-    cfg, params = dummy_params(model, device)
+    cfg, params = preset_dummy_params(model, device)
     kv, inputs = decode_batch(cfg, batch, context, torch.bfloat16, device)
     fwd = compile_static(lambda: forward(params, cfg, inputs, kv), device)
     with torch.inference_mode():

@@ -372,7 +372,7 @@ def offline_prefill_lengths(num_tokens: int) -> list[int]:
     return lengths
 
 
-def dummy_params(model: str, device) -> tuple[object, dict]:
+def preset_dummy_params(model: str, device) -> tuple[object, dict]:
     """(config, bf16 params with dummy weights from seed 0) of a preset: what the kernel benchmarks run."""
     from llmfx.weights import load_params, resolve_model
 

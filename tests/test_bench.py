@@ -407,8 +407,8 @@ def test_benchmarks_compile_the_forward_as_the_engine_does_on_dummy_weights(monk
 
     seen = []
     monkeypatch.setattr(model_engine, "inductor_pdl_options", lambda device: seen.append(device) or {})
-    cfg, params = bench.dummy_params("tiny", "cpu")
-    again = bench.dummy_params("tiny", "cpu")[1]
+    cfg, params = bench.preset_dummy_params("tiny", "cpu")
+    again = bench.preset_dummy_params("tiny", "cpu")[1]
     assert all(torch.equal(params[k], again[k]) for k in ("embed", "lm_head"))  # seed 0: the same weights each time
     assert params["embed"].dtype == torch.bfloat16 and params["embed"].shape == (cfg.vocab_size, cfg.hidden_size)
     kv, inputs = bench.decode_batch(cfg, 2, 20, torch.bfloat16, "cpu")
