@@ -26,7 +26,6 @@ from pathlib import Path
 
 from llmfx import bench
 from llmfx.llm import LLM
-from llmfx.sampling_params import SamplingParams
 from llmfx.testing.stand_in import instant_step
 
 
@@ -62,7 +61,7 @@ def main() -> None:
     from llmfx.kv_cache import KvCacheConfig
 
     work = bench.offline_workload(bench.preset(args.model).vocab_size, args.num_requests)
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False) for _, n in work]
+    params = bench.offline_params(work)
     prompts = [prompt for prompt, _ in work]
     kv = KvCacheConfig(max_tokens=args.num_requests * 2112, enable_block_reuse=args.prefix_cache)
     with LLM(args.model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", device="cpu", max_seq_len=2048 + 64,

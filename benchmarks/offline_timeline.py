@@ -141,14 +141,13 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(err))
     from llmfx.llm import LLM
     from llmfx.presets import preset
-    from llmfx.sampling_params import SamplingParams
 
     cuda = torch.cuda.is_available()
     path = bench.hf_checkpoint(args.model, Path(args.workdir or tempfile.mkdtemp()))
     vocab = preset(args.model).vocab_size
     work = bench.offline_workload(vocab, args.num_requests, (lo, hi))
     prompts = [p for p, _ in work]
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False) for _, n in work]
+    params = bench.offline_params(work)
     with LLM(str(path), skip_tokenizer_init=True, dtype="bfloat16" if cuda else "float32",
              max_seq_len=2048 + 64, garbage_collection_gen0_threshold=threshold) as llm:
         llm.generate(bench.shifted_prompts(prompts, vocab, 1), params, use_tqdm=False)

@@ -96,14 +96,12 @@ def trace_offline(args) -> tuple[list, list[tuple[int, int]]]:
     """Serve the workload under torch.profiler: the trace's events and each step's (seqs, prefill tokens)."""
     from llmfx.llm import LLM
     from llmfx.presets import preset
-    from llmfx.sampling_params import SamplingParams
 
     path = bench.hf_checkpoint(args.model, Path(args.workdir or tempfile.mkdtemp()))
     vocab = preset(args.model).vocab_size
     work = bench.offline_workload(vocab, args.num_requests)
     prompts = [p for p, _ in work]
-    params = [SamplingParams(temperature=0.0, max_tokens=min(n, args.max_tokens), ignore_eos=True, detokenize=False)
-              for _, n in work]
+    params = bench.offline_params(work, args.max_tokens)
     with LLM(str(path), skip_tokenizer_init=True, dtype="bfloat16", max_seq_len=2048 + 64) as llm:
         llm.generate(bench.shifted_prompts(prompts, vocab, 1), params, use_tqdm=False)
         with llm.trace_steps() as trace, torch.profiler.profile(

@@ -166,6 +166,14 @@ def offline_workload(vocab_size: int, num_requests: int = 256, lengths: tuple[in
     return work
 
 
+def offline_params(work: list[tuple[list[int], int]], max_tokens: int | None = None) -> list:
+    """Each request's SamplingParams: greedy, its drawn output length (capped at max_tokens), no EOS, no text."""
+    from llmfx.sampling_params import SamplingParams
+
+    return [SamplingParams(temperature=0.0, max_tokens=n if max_tokens is None else min(n, max_tokens),
+                           ignore_eos=True, detokenize=False) for _, n in work]
+
+
 def shifted_prompts(prompts: list[list[int]], vocab_size: int, shift: int) -> list[list[int]]:
     """The workload's shapes with every token moved by shift: runs with different shifts share no prefix-cache page."""
     return [[(t + shift) % vocab_size for t in p] for p in prompts]
@@ -217,7 +225,6 @@ def offline(model: str, num_requests: int = 256, peers: bool = True, peer_reques
     (gc.freeze, as an application may choose to), so full collections skip torch and the model.
     """
     from llmfx.llm import LLM
-    from llmfx.sampling_params import SamplingParams
 
     vocab = preset(model).vocab_size
     if not isinstance(repeats, int) or isinstance(repeats, bool) or not 1 <= repeats < vocab:
@@ -225,7 +232,7 @@ def offline(model: str, num_requests: int = 256, peers: bool = True, peer_reques
                          f"got {repeats!r}")
     path = hf_checkpoint(model, workdir or Path(tempfile.mkdtemp()))
     work = offline_workload(vocab, num_requests)
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False) for _, n in work]
+    params = offline_params(work)
     prompts = [p for p, _ in work]
     out_tokens = sum(n for _, n in work)
     all_tokens = out_tokens + sum(len(p) for p in prompts)
