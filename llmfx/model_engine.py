@@ -19,6 +19,7 @@ afterwards a recompile raises.
 from __future__ import annotations
 
 import collections
+import functools
 import contextlib
 import dataclasses
 import logging
@@ -40,7 +41,8 @@ from llmfx.config import ModelConfig
 from llmfx.kv_pool import KVPool, LayerKV, copy_pages
 from llmfx.models import Params, forward
 from llmfx.penalty_histories import PenaltyHistories
-from llmfx.sampler import TOP_LOGPROBS, PenaltyState, SamplingTensors, count_tokens, offsets_staging, sample
+from llmfx.sampler import (TOP_LOGPROBS, PenaltyState, SamplingTensors, count_tokens, offsets_staging, sample,
+                           token_words)
 from llmfx.scheduler import PLACEHOLDER, ScheduledBatch, SequenceState
 from llmfx.step_inputs import StagedFacts, StepLayout, StepStager, StepViews, fill_batch, fill_sampling
 
@@ -156,18 +158,18 @@ def read_results(inflight: InFlight) -> Collected:
 
 
 def step_fn(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inputs: ForwardBatch, sampling: SamplingTensors,
-            gather_rows: Tensor, penalties: PenaltyState, token_pool: Tensor, *, filtering: bool = True,
+            gather_rows: Tensor, penalties: PenaltyState, token_pool: Tensor, words: Tensor, *, filtering: bool = True,
             noise: bool = True, top_logprobs: bool = True) -> Tensor:
     """One step on the device: gather placeholder tokens, forward, sample, store tokens.
 
     gather_rows [T]: the token-pool row of a placeholder token, else -1. kv and token_pool
-    [max_batch] are written in place (DONATED). filtering=False: no row filters; noise=False: every
+    [max_batch] are written in place (DONATED). words [V]: sampler.token_words. filtering=False: no row filters; noise=False: every
     row is greedy; top_logprobs=False: no row reads its top-20 (sample's promises).
     Returns [B, OUT_COLUMNS] float64: one tensor, so the host needs one copy, and rows, so the
     host's [:B] slice of it is contiguous.
     """
     logits, unseen = forward_step(params, cfg, kv, inputs, gather_rows, token_pool)
-    return sample_step(logits, unseen, sampling, penalties, token_pool, filtering, noise, top_logprobs)
+    return sample_step(logits, unseen, sampling, penalties, token_pool, words, filtering, noise, top_logprobs)
 
 
 def forward_step(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inputs: ForwardBatch, gather_rows: Tensor,
@@ -182,7 +184,7 @@ def forward_step(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inpu
 
 
 def sample_step(logits: Tensor, unseen: Tensor, sampling: SamplingTensors, penalties: PenaltyState, token_pool: Tensor,
-                filtering: bool, noise: bool = True, top_logprobs: bool = True) -> Tensor:
+                words: Tensor, filtering: bool, noise: bool = True, top_logprobs: bool = True) -> Tensor:
     """step_fn's sampler half: sample, store the tokens in token_pool, pack the [B, OUT_COLUMNS] result.
 
     Compiled apart from the model so that its variants share one compiled forward; `filtering`,
@@ -190,7 +192,7 @@ def sample_step(logits: Tensor, unseen: Tensor, sampling: SamplingTensors, penal
     """
     penalties = PenaltyState(prompt_mask=penalties.prompt_mask,
                              output_counts=count_tokens(penalties.output_counts, unseen))
-    out = sample(logits, sampling, penalties, filtering=filtering, noise=noise, top_logprobs=top_logprobs)
+    out = sample(logits, sampling, penalties, filtering=filtering, noise=noise, top_logprobs=top_logprobs, words=words)
     token_pool.narrow(0, 0, out.tokens.shape[0]).copy_(out.tokens)
     return torch.cat([out.tokens.unsqueeze(1).double(), out.logprobs.unsqueeze(1).double(),
                       out.ranks.unsqueeze(1).double(), out.topk_ids.double(), out.topk_logprobs.double()], dim=1)
@@ -235,6 +237,7 @@ class ModelEngine:
         self._parity = 0  # which pinned input/output pair and event the next launch uses
         # The second donated buffer: the last sampled token of each row of the previous step.
         self._token_pool = torch.zeros(engine_cfg.max_batch_size, dtype=torch.int64, device=self.device)
+        self._words = token_words(cfg.vocab_size, self.device)  # the noise hash's per-token words, read by every step
         # Penalty inputs: zero except while a penalized batch runs; views per row count are cached.
         self._penalty_mask = torch.zeros(rows, cfg.vocab_size, dtype=torch.bool, device=self.device)
         self._penalty_counts = torch.zeros(rows, cfg.vocab_size, dtype=torch.int32, device=self.device)
@@ -281,7 +284,7 @@ class ModelEngine:
         keys = self.engine_cfg.buckets.warmup_order()
         if self._trees:
             _cudagraph_thread_state()
-        static = [self._token_pool, *_tensors(self.params), *(t for layer in layers for t in layer)]
+        static = [self._token_pool, self._words, *_tensors(self.params), *(t for layer in layers for t in layer)]
         for key in keys:  # create every bucket's penalty views once, so each graph reads fixed addresses
             static += _tensors(self._penalties_of(key.num_seqs))
         if not self._graphs_by_hand:
@@ -308,22 +311,22 @@ class ModelEngine:
     def _capture(self, key: BucketKey, layers: tuple[LayerKV, ...], args: tuple, variants: tuple[SamplerVariant, ...],
                  pool) -> None:
         """Compile and capture bucket key's model-half graph, then one sampler-half graph per variant."""
-        inputs, sampling, gather_rows, penalties, token_pool = args
+        inputs, sampling, gather_rows, penalties, token_pool, words = args
         for _ in range(2):  # compile (automatic dynamic shapes may recompile once), then settle
             self._forward_half(self.params, self.cfg, layers, inputs, gather_rows, token_pool)
         layout = self._layout_of(key)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):  # unpacking the staged inputs included
-            inputs, sampling, gather_rows, penalties, token_pool = self._step_args(layout, penalties)
+            inputs, sampling, gather_rows, penalties, token_pool, words = self._step_args(layout, penalties)
             logits, unseen = self._forward_half(self.params, self.cfg, layers, inputs, gather_rows, token_pool)
         graph.replay()  # the sampler's warm-up runs read real values (a token id indexes the penalty counts)
         self._forward_graphs[layout] = graph
         for variant in variants:
             for _ in range(2):
-                self._warm_sampler(logits, unseen, sampling, penalties, token_pool, variant)
+                self._warm_sampler(logits, unseen, sampling, penalties, token_pool, words, variant)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self._sampler_half(logits, unseen, sampling, penalties, token_pool, *variant)
+                out = self._sampler_half(logits, unseen, sampling, penalties, token_pool, words, *variant)
             self._sampler_graphs[layout, variant] = (graph, out)
 
     def sampler_variants(self, num_seqs: int) -> tuple[SamplerVariant, ...]:
@@ -391,17 +394,17 @@ class ModelEngine:
         return out
 
     def _step(self, layers: tuple[LayerKV, ...], inputs: ForwardBatch, sampling: SamplingTensors, gather_rows: Tensor,
-              penalties: PenaltyState, token_pool: Tensor, variant: SamplerVariant) -> Tensor:
+              penalties: PenaltyState, token_pool: Tensor, words: Tensor, variant: SamplerVariant) -> Tensor:
         """step_fn through the engine's halves (compiled or not), for the paths that do not replay graphs by hand."""
         if self._trees:  # a new step: the sampler half reads the model half's outputs of this step only
             torch.compiler.cudagraph_mark_step_begin()
         logits, unseen = self._forward_half(self.params, self.cfg, layers, inputs, gather_rows, token_pool)
         if self.engine_cfg.compile and not self._warm:
-            return self._warm_sampler(logits, unseen, sampling, penalties, token_pool, variant)
-        return self._sampler_half(logits, unseen, sampling, penalties, token_pool, *variant)
+            return self._warm_sampler(logits, unseen, sampling, penalties, token_pool, words, variant)
+        return self._sampler_half(logits, unseen, sampling, penalties, token_pool, words, *variant)
 
     def _warm_sampler(self, logits: Tensor, unseen: Tensor, sampling: SamplingTensors, penalties: PenaltyState,
-                      token_pool: Tensor, variant: SamplerVariant) -> Tensor:
+                      token_pool: Tensor, words: Tensor, variant: SamplerVariant) -> Tensor:
         """The sampler half at warm-up, compiled once per variant for every batch size, one row included.
 
         Its batch dimension is marked dynamic and compiled size-oblivious: otherwise a variant run at
@@ -416,7 +419,7 @@ class ModelEngine:
                        *(getattr(sampling, name) for name in SamplingTensors.__slots__)):
             torch._dynamo.mark_dynamic(tensor, 0, min=1, max=token_pool.shape[0])
         with fx_config.patch(backed_size_oblivious=True):
-            return self._sampler_half(logits, unseen, sampling, penalties, token_pool, *variant)
+            return self._sampler_half(logits, unseen, sampling, penalties, token_pool, words, *variant)
 
     def _sampler_variant(self, filtering: bool, sampled: bool, top_logprobs: bool, num_seqs: int) -> SamplerVariant:
         """The sampler variant a batch of num_seqs rows with these facts runs with.
@@ -518,7 +521,7 @@ class ModelEngine:
         unpacking is part of the graph, so it costs no host time.
         """
         inputs, sampling, gather_rows = self._buffer_views(layout, None).unpack()
-        return inputs, sampling, gather_rows, penalties, self._token_pool
+        return inputs, sampling, gather_rows, penalties, self._token_pool, self._words
 
     def _padding_args(self, key: BucketKey) -> tuple:
         """step_fn's arguments after params, config and kv for an all-padding batch of bucket `key`."""
@@ -544,8 +547,23 @@ class ModelEngine:
                    **dict(self.engine_cfg.inductor_options)}
         # dynamic=None: the first two sizes compile, after which one shape-generic graph serves every
         # bucket (automatic dynamic shapes); CUDA graphs are still recorded per bucket size.
-        return tuple(torch.compile(fn, options=options, fullgraph=True, dynamic=self.engine_cfg.compile_dynamic)
-                     for fn in (forward_step, sample_step))
+        compile_half = functools.partial(torch.compile, fullgraph=True, dynamic=self.engine_cfg.compile_dynamic)
+        return (compile_half(forward_step, options=options),
+                compile_half(sample_step, options={**sampler_options(), **options}))
+
+
+def sampler_options() -> dict[str, bool]:
+    """Inductor options of the sampler half: no mix-order reductions (fusing a row and a column reduction of one
+    [B, V] tensor), a GPU-only pass.
+
+    On the H200 (torch 2.11) the pass failed the sampler's batch-generic compile at small vocabularies ("CantSplit:
+    s12 not divisible by s12*s3"; with it off the same compile passed, session 18) or wrote a graph partition that
+    read a buffer before defining it ("name 'buf4' is not defined"). The CPU's H200 codegen test cannot reach it
+    (the pass runs only for CUDA devices).
+    """
+    import torch._inductor.config as inductor_config
+
+    return {"triton.mix_order_reduction": False} if hasattr(inductor_config.triton, "mix_order_reduction") else {}
 
 
 def inductor_pdl_options(device: torch.device) -> dict[str, bool]:

@@ -265,30 +265,36 @@ def _fmix32(h: Tensor) -> Tensor:
     return h ^ (h >> 16)
 
 
-def _murmur3_word(seed: Tensor, word: Tensor) -> Tensor:
-    return _fmix32(_absorb(seed, _scramble(word)) ^ 4)  # 4 = input length in bytes
+def token_words(vocab_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """murmur3's scrambled input word of every token id: [V] int64, the per-token half of hash_bits.
+
+    The engine computes it once and passes it to each step. Computed inside a compiled step, the arange
+    and its products become one inductor index expression, evaluated in the kernel's int32 index type:
+    at Llama-3's 128,256 ids and batch 256 its constants overflow int32 and Triton refuses the kernel
+    (tests/test_compile_for_h200.py), and a barrier at the arange (`^ 0`) failed other compiles on the
+    H200 instead (CantSplit at small vocabularies). Loaded from a tensor, the ids are data.
+    """
+    return _scramble(torch.arange(vocab_size, device=device, dtype=torch.int64))
 
 
-def hash_bits(seed: Tensor, position: Tensor, vocab_size: int) -> Tensor:
-    """32-bit hash of (seed [B], position [B], token id) for every token: [B, V] int64 in [0, 2**32)."""
-    row_key = _murmur3_word((seed & _M32).unsqueeze(1), (position & _M32).unsqueeze(1))  # [B, 1]
-    # `^ 0` ends inductor's index arithmetic at the arange. Carried on, the token's products become one index
-    # expression, computed in the kernel's int32 index type: once inductor splits a large vocabulary's
-    # reduction, its constants overflow int32 and Triton refuses the kernel (Llama-3's 128,256 ids at
-    # batch 256; tests/test_compile_for_h200.py).
-    token = torch.arange(vocab_size, device=seed.device, dtype=torch.int64) ^ 0  # [V]
-    return _murmur3_word(row_key, token)  # [B, V]
+def hash_bits(seed: Tensor, position: Tensor, words: Tensor) -> Tensor:
+    """32-bit hash of (seed [B], position [B], token id) for every token: [B, V] int64 in [0, 2**32).
+
+    words [V] is token_words(V): murmur3(token id; row key) with the token's scramble done ahead.
+    """
+    row_key = _fmix32(_absorb((seed & _M32).unsqueeze(1), _scramble((position & _M32).unsqueeze(1))) ^ 4)  # [B, 1]
+    return _fmix32(_absorb(row_key, words) ^ 4)  # [B, V]; 4 = murmur3's input length in bytes
 
 
-def uniform_noise(seed: Tensor, position: Tensor, vocab_size: int) -> Tensor:
+def uniform_noise(seed: Tensor, position: Tensor, words: Tensor) -> Tensor:
     """The u in (0, 1) behind the Gumbel noise, exact in float64 (for tests and analysis): [B, V]."""
-    k = hash_bits(seed, position, vocab_size) >> (32 - _NOISE_BITS)  # [B, V] in [0, 2**24)
+    k = hash_bits(seed, position, words) >> (32 - _NOISE_BITS)  # [B, V] in [0, 2**24)
     return (k.double() + 0.5) * 2.0**-_NOISE_BITS
 
 
-def gumbel_noise(seed: Tensor, position: Tensor, vocab_size: int) -> Tensor:
+def gumbel_noise(seed: Tensor, position: Tensor, words: Tensor) -> Tensor:
     """Gumbel noise g = -log(-log(u)) per (row, token): [B, V] float32, always finite."""
-    k = hash_bits(seed, position, vocab_size) >> (32 - _NOISE_BITS)  # [B, V] in [0, 2**24)
+    k = hash_bits(seed, position, words) >> (32 - _NOISE_BITS)  # [B, V] in [0, 2**24)
     return -torch.log(_neg_log_uniform(k))
 
 
@@ -371,7 +377,8 @@ def filter_threshold(sorted_scaled: Tensor, tensors: SamplingTensors) -> Tensor:
 
 
 def sample(logits: Tensor, tensors: SamplingTensors, penalties: PenaltyState | None = None, *,
-           filtering: bool = True, noise: bool = True, top_logprobs: bool = True) -> SampleOutput:
+           filtering: bool = True, noise: bool = True, top_logprobs: bool = True,
+           words: Tensor | None = None) -> SampleOutput:
     """Sample one token per row from logits [B, V] (any float dtype), no host sync; see the module doc.
 
     Logprobs, ranks and top-20 are of log_softmax(penalized logits / T) (T = 1 for greedy rows),
@@ -380,7 +387,8 @@ def sample(logits: Tensor, tensors: SamplingTensors, penalties: PenaltyState | N
     SamplingParams.filters), skips the filters and the vocabulary sort they need; noise=False, that
     every row is greedy, skips the Gumbel noise (a hash per vocabulary entry). top_logprobs=False
     skips the top-20: every row's ids come back -1 and logprobs -inf, as for an empty vocabulary;
-    tokens, logprobs and ranks are unchanged.
+    tokens, logprobs and ranks are unchanged. words is token_words(V), computed here when not given (a
+    compiled caller passes it: see token_words).
     """
     assert logits.dim() == 2, f"logits must be [B, V], got shape {tuple(logits.shape)}"
     batch, vocab = logits.shape
@@ -407,7 +415,8 @@ def sample(logits: Tensor, tensors: SamplingTensors, penalties: PenaltyState | N
     else:
         top_values, top_ids = top_ranked(scaled, TOP_LOGPROBS)
     if noise:
-        noisy = candidates + gumbel_noise(tensors.seed, tensors.position, vocab)  # [B, V]
+        words = token_words(vocab, logits.device) if words is None else words
+        noisy = candidates + gumbel_noise(tensors.seed, tensors.position, words)  # [B, V]
         tokens = argmax_rows(torch.where(sampled_row.unsqueeze(1), noisy, scaled))  # [B]; one argmax for both kinds
     else:
         tokens = argmax_rows(scaled)  # [B]; what a greedy row takes above

@@ -39,7 +39,7 @@ from llmfx.kv_pool import KVPool  # noqa: E402
 from llmfx.model_engine import EngineConfig, ModelEngine, forward_step, sample_step  # noqa: E402
 from llmfx.ops import rope_table  # noqa: E402
 from llmfx.presets import preset  # noqa: E402
-from llmfx.sampler import PenaltyState, SamplingTensors  # noqa: E402
+from llmfx.sampler import PenaltyState, SamplingTensors, token_words  # noqa: E402
 from llmfx.weights import dummy_params  # noqa: E402
 
 H200_SMS = 132
@@ -108,12 +108,12 @@ def engine():
 def _halves(engine, num_seqs: int, filtering: bool) -> tuple[tuple, tuple]:
     """(forward_step's arguments, sample_step's) for a decode batch of num_seqs padding rows."""
     eng, kv = engine
-    inputs, sampling, gather_rows, penalties, token_pool = eng._padding_args(
+    inputs, sampling, gather_rows, penalties, token_pool, words = eng._padding_args(
         BucketKey(num_tokens=num_seqs, num_seqs=num_seqs, decode=True))
     logits = torch.randn(num_seqs, eng.cfg.vocab_size, dtype=torch.bfloat16)
     unseen = torch.full((num_seqs,), -1, dtype=torch.int64)
     return ((eng.params, eng.cfg, kv, inputs, gather_rows, token_pool),
-            (logits, unseen, sampling, penalties, token_pool, filtering, True, filtering))
+            (logits, unseen, sampling, penalties, token_pool, words, filtering, True, filtering))
 
 
 def _assert_all_compiled(kernels):
@@ -137,7 +137,7 @@ def test_the_shape_generic_step_compiles_for_sm90(engine, filtering):
     one, _ = _halves(engine, 1, filtering)
     forward_args, sampler_args = _halves(engine, 256, filtering)
     _assert_all_compiled(compile_for_h200(forward_step, [one, forward_args], dynamic=None))
-    logits, unseen, sampling, penalties, token_pool, *variant = sampler_args
+    logits, unseen, sampling, penalties, token_pool, words, *variant = sampler_args
     for tensor in (logits, unseen, penalties.prompt_mask, penalties.output_counts,
                    *(getattr(sampling, name) for name in SamplingTensors.__slots__)):
         torch._dynamo.mark_dynamic(tensor, 0, min=1, max=token_pool.shape[0])
@@ -154,5 +154,6 @@ def test_the_sampler_compiles_for_sm90_at_large_vocabularies(model, filtering):
     penalties = PenaltyState(prompt_mask=torch.zeros(rows, vocab, dtype=torch.bool),
                              output_counts=torch.zeros(rows, vocab, dtype=torch.int32))
     args = (torch.randn(rows, vocab, dtype=torch.bfloat16), torch.full((rows,), -1, dtype=torch.int64),
-            SamplingTensors(**fields), penalties, torch.zeros(rows, dtype=torch.int64), filtering, True, filtering)
+            SamplingTensors(**fields), penalties, torch.zeros(rows, dtype=torch.int64), token_words(vocab), filtering,
+            True, filtering)
     _assert_all_compiled(compile_for_h200(sample_step, [args], dynamic=False))

@@ -47,15 +47,15 @@ def test_greedy_tokens_on_gpu_in_fp32_equal_cpu(hf_checkpoint, case):
     assert gpu == cpu
 
 
-@pytest.mark.parametrize("rows", [1, 256])
-def test_the_compiled_sampler_at_the_served_shape_equals_eager(rows):
-    # The GPU suite's models have small vocabularies; at 32,000 ids and 256 rows inductor splits the
-    # reductions (the codegen the CPU's tests/test_compile_for_h200.py compiles): run it against eager.
+@pytest.mark.parametrize("rows, vocab", [(1, 32000), (256, 32000), (256, 128256)])
+def test_the_compiled_sampler_at_the_served_shape_equals_eager(rows, vocab):
+    # The GPU suite's models have small vocabularies; at 32,000 ids (TinyLlama) and 128,256 (Llama-3) and 256
+    # rows inductor splits the reductions (the codegen the CPU's tests/test_compile_for_h200.py compiles): run
+    # it against eager.
     from llmfx.model_engine import sample_step
-    from llmfx.sampler import PenaltyState, SamplingTensors
+    from llmfx.sampler import PenaltyState, SamplingTensors, token_words
     from llmfx.sampling_params import SamplingParams
 
-    vocab = 32000
     g = torch.Generator().manual_seed(rows)
     params = [SamplingParams(temperature=0.0) if i % 3 == 0 else
               SamplingParams(temperature=0.8, top_p=0.9, top_k=50, presence_penalty=0.5, seed=i) for i in range(rows)]
@@ -65,7 +65,7 @@ def test_the_compiled_sampler_at_the_served_shape_equals_eager(rows):
     logits = (torch.randn(rows, vocab, generator=g) * 3).to("cuda", torch.bfloat16)
     unseen = torch.full((rows,), -1, dtype=torch.int64, device="cuda")
     run = lambda fn: fn(logits, unseen, sampling, penalties, torch.zeros(rows, dtype=torch.int64, device="cuda"),  # noqa: E731
-                        True, True, True)
+                        token_words(vocab, "cuda"), True, True, True)
     eager, compiled = run(sample_step), run(torch.compile(sample_step, fullgraph=True, dynamic=False))
     assert torch.equal(compiled[:, 0], eager[:, 0])  # the tokens
     torch.testing.assert_close(compiled[:, 1:], eager[:, 1:], rtol=1e-4, atol=1e-4)  # logprobs, ranks, top-20

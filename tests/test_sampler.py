@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chi2
 
-from llmfx.sampler import SamplingTensors, _neg_log_uniform, gumbel_noise, hash_bits, request_seed, sample, uniform_noise
+from llmfx.sampler import (SamplingTensors, _neg_log_uniform, gumbel_noise, hash_bits, request_seed, sample, token_words,
+                           uniform_noise)
 from llmfx.sampling_params import SamplingParams
 
 # Deterministic given the hash, so a tiny p threshold only guards against a wrong distribution.
@@ -190,7 +191,7 @@ def test_sampling_any_float_dtype_matches_float32():
 
 def test_uniform_noise_is_uniform_and_open():
     seeds = torch.arange(256, dtype=torch.int64)
-    u = uniform_noise(seeds, seeds * 3, 4096)  # [256, 4096]
+    u = uniform_noise(seeds, seeds * 3, token_words(4096))  # [256, 4096]
     assert u.min() > 0 and u.max() < 1
     assert abs(float(u.mean()) - 0.5) < 1e-3
     # Each decile holds a tenth of the draws.
@@ -221,7 +222,7 @@ def test_murmur3_reference_matches_a_published_value():
 def test_hash_bits_are_two_nested_murmur3_calls(seeds, data):
     positions = data.draw(st.lists(st.integers(0, 2**32 - 1), min_size=len(seeds), max_size=len(seeds)))
     vocab = data.draw(st.integers(1, 40))
-    bits = hash_bits(torch.tensor(seeds), torch.tensor(positions), vocab)
+    bits = hash_bits(torch.tensor(seeds), torch.tensor(positions), token_words(vocab))
     assert bits.dtype == torch.int64
     expected = [[_murmur3_x86_32(token, _murmur3_x86_32(position, seed)) for token in range(vocab)]
                 for seed, position in zip(seeds, positions)]
@@ -230,7 +231,7 @@ def test_hash_bits_are_two_nested_murmur3_calls(seeds, data):
 
 def test_hash_bits_use_all_32_bits():
     seeds = torch.arange(64, dtype=torch.int64)
-    bits = hash_bits(seeds, seeds, 1024)
+    bits = hash_bits(seeds, seeds, token_words(1024))
     assert bits.min() >= 0 and bits.max() <= 2**32 - 1
     ones = torch.stack([(bits >> b) & 1 for b in range(32)]).double().mean(dim=(1, 2))  # [32]
     assert torch.all((ones - 0.5).abs() < 0.01)
@@ -238,8 +239,8 @@ def test_hash_bits_use_all_32_bits():
 
 def test_gumbel_noise_is_finite_and_matches_float64_reference():
     seeds = torch.arange(128, dtype=torch.int64)
-    g = gumbel_noise(seeds, seeds + 1, 4096)
-    reference = -torch.log(-torch.log(uniform_noise(seeds, seeds + 1, 4096)))
+    g = gumbel_noise(seeds, seeds + 1, token_words(4096))
+    reference = -torch.log(-torch.log(uniform_noise(seeds, seeds + 1, token_words(4096))))
     assert torch.isfinite(g).all()
     assert torch.allclose(g.double(), reference, rtol=1e-5, atol=1e-5)
 
