@@ -13,7 +13,7 @@ def instant_step(max_rows: int, token: int = 1):
     out[:, 0] = token
     out[:, 2] = 1  # rank
 
-    def step(kv, inputs, sampling, gather_rows, penalties, token_pool, variant):
+    def step(kv, inputs, sampling, gather_rows, penalties, token_pool, words, variant):
         return out[: inputs.logits_indices.shape[0]]
 
     return step
