@@ -123,51 +123,37 @@ def _class_shapes() -> dict[str, tuple[int, int]]:
 GEMV_SHAPES = _class_shapes()
 
 
-# What the gemv computes of x before the product: (NORM, HAS_DELTA, GATED) of each prologue the ops launch.
-GEMV_PROLOGUES = {"plain": (False, False, False), "norm": (True, False, False), "add_norm": (True, True, False),
-                  "gated": (False, False, True)}
-
-
-def gemv_partial_args(m: int, n: int, k: int, cfg, dtype: str = "bf16",
-                      prologue: str = "plain") -> tuple[dict, dict, dict]:
+def gemv_partial_args(m: int, n: int, k: int, cfg, dtype: str = "bf16") -> tuple[dict, dict, dict]:
     """(constexprs, pointers, ints) of the gemv partial kernel for x [m, k] @ w[n, k].T, as the H200 launches it."""
-    norm, has_delta, gated = GEMV_PROLOGUES[prologue]
-    splits, k_per_split = cfg.splits(k) if not norm else (1, k)  # the norm runs with one K range
+    splits, k_per_split = cfg.splits(k)
     constexprs = dict(ROWS=m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-                      NUM_STAGES=cfg.num_stages, NORM=norm, HAS_DELTA=has_delta, GATED=gated, PDL=True)
-    pointers = dict(out_ptr=dtype if splits == 1 else "fp32", x_ptr=dtype, w_ptr=dtype, delta_ptr=dtype,
-                    norm_w_ptr=dtype, h_out_ptr=dtype)
-    ints = dict(N=n, K=k, k_per_split=k_per_split, stride_xm=2 * k if gated else k, stride_wn=k, stride_om=n,
-                stride_os=m * n if splits > 1 else 0, stride_dm=k, stride_hm=k)
+                      NUM_STAGES=cfg.num_stages, PDL=True)
+    pointers = dict(out_ptr=dtype if splits == 1 else "fp32", x_ptr=dtype, w_ptr=dtype)
+    ints = dict(N=n, K=k, k_per_split=k_per_split, stride_xm=k, stride_wn=k, stride_om=n,
+                stride_os=m * n if splits > 1 else 0)
     return constexprs, pointers, ints
 
 
-def gemv_report(shape: str, m: int, n: int, k: int, cfg, dtype: str = "bf16", prologue: str = "plain") -> dict:
+def gemv_report(shape: str, m: int, n: int, k: int, cfg, dtype: str = "bf16") -> dict:
     """One JSON row: the gemv partial kernel's resources for x [m, k] @ w[n, k].T under cfg."""
     from llmfx.ops.triton_gemv import _gemv_partial_kernel
 
     row = {"kernel": "gemv_partial", "shape": shape, "N": n, "K": k, "M": m, "dtype": dtype,
-           "config": [cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages],
-           **({} if prologue == "plain" else {"prologue": prologue})}
-    constexprs, pointers, ints = gemv_partial_args(m, n, k, cfg, dtype, prologue)
+           "config": [cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps, cfg.num_stages]}
+    constexprs, pointers, ints = gemv_partial_args(m, n, k, cfg, dtype)
     return report_row(row, _gemv_partial_kernel, constexprs, pointers, cfg.num_warps, ints=ints,
-                      num_stages=cfg.num_stages, floats=("eps",))
+                      num_stages=cfg.num_stages)
 
 
 def gemv_reports(candidates: bool = False):
-    """Rows for the shipped config of each shape class at M = 1, 2, 4, 8, for the fused prologues where the
-    decoder launches them (the norms before qkv and gate_up, the gate before down; M = 1, 2) and for the split-K
-    reduce kernel; with candidates, also one per distinct launch among benchmarks/small_m_gemm.py's candidates."""
+    """Rows for the shipped config of each shape class at M = 1, 2, 4, 8 and for the split-K reduce kernel;
+    with candidates, also one per distinct launch among benchmarks/small_m_gemm.py's candidate configs."""
     from llmfx.ops.triton_gemv import _CONFIGS, _REDUCE_BLOCK, _gemv_reduce_kernel
 
     for shape, table in _CONFIGS.items():
         n, k = GEMV_SHAPES[shape]
         for m in (1, 2, 4, 8):
             yield gemv_report(shape, m, n, k, next(c for most, c in table if m <= most))
-    for shape, prologues in (("square", ("norm", "add_norm")), ("wide", ("add_norm",)), ("deep", ("gated",))):
-        n, k = GEMV_SHAPES[shape]
-        for m, prologue in ((m, p) for m in (1, 2) for p in prologues):
-            yield gemv_report(shape, m, n, k, next(c for most, c in _CONFIGS[shape] if m <= most), prologue=prologue)
     yield {"kernel": "gemv_reduce", "SPLITS": 8,
            **compile_sm90(_gemv_reduce_kernel, dict(SPLITS=8, BLOCK=_REDUCE_BLOCK, PDL=True),
                           {"out_ptr": "bf16", "ws_ptr": "fp32"}, 4, ints={"numel": 2048}, num_stages=1)}
@@ -209,8 +195,7 @@ def gemm_reports():
 
 
 _ATTENTION_POINTERS = {"out_ptr": "bf16", "q_ptr": "bf16", "k_ptr": "bf16", "v_ptr": "bf16", "table_ptr": "i32",
-                       "qsl_ptr": "i32", "lens_ptr": "i32", "part_acc_ptr": "fp32", "part_ml_ptr": "fp32",
-                       "counter_ptr": "i32"}
+                       "qsl_ptr": "i32", "lens_ptr": "i32", "part_acc_ptr": "fp32", "part_ml_ptr": "fp32"}
 
 
 def attention_strides(heads: int, kv_heads: int, head_dim: int, page_size: int, max_pages: int, splits: int) -> dict:
@@ -236,7 +221,7 @@ def attention_strides(heads: int, kv_heads: int, head_dim: int, page_size: int, 
 
 def attention_reports():
     """One row per bf16 launch _tuning ships, for TinyLlama (head_dim 64) and 8B-class (128) shapes, GQA 8, page 16:
-    the varlen kernel and the decode kernel at each pipeline depth it takes."""
+    the varlen kernel, the decode kernel at each pipeline depth it takes and the decode reduce."""
     from llmfx.ops import triton_attention as ta
     import torch
 
@@ -261,6 +246,9 @@ def attention_reports():
                              ta._decode_kernel, {**shape, **split, "BLOCK_M": block_m, "BLOCK_N": decode["block_n"],
                                                  "BLOCK_D": block_d, "IEEE": False}, _ATTENTION_POINTERS,
                              decode["num_warps"], floats=("scale_log2",), ints=ints, num_stages=stages)
+        yield report_row({"kernel": "decode_reduce", "head_dim": head_dim}, ta._decode_reduce_kernel,
+                         {**{k: v for k, v in shape.items() if k != "PAGE_SIZE"}, **split, "BLOCK_N": 64,
+                          "BLOCK_D": block_d, "GROUP_PAD": 8}, _ATTENTION_POINTERS, 4, ints=ints)
 
 
 def activation_reports():
@@ -290,24 +278,22 @@ def pdl_kernels():
 
     name, constexprs, pointers, _ = next(rope_write_kv_configs())
     yield "rope_write_kv " + name, _rope_write_kv_kernel, constexprs, pointers, ()
+    tensors = {"out_ptr": "bf16", "q_ptr": "bf16", "k_ptr": "bf16", "v_ptr": "bf16", "table_ptr": "i32",
+               "qsl_ptr": "i32", "lens_ptr": "i32", "part_acc_ptr": "fp32", "part_ml_ptr": "fp32"}
     shape = dict(HEAD_DIM=64, PAGE_SIZE=16, GROUP=8, BLOCK_D=64, PDL=True)
     yield ("paged_attention varlen", ta._varlen_kernel, {**shape, "BLOCK_M": 128, "BLOCK_N": 64, "IEEE": False},
-           _ATTENTION_POINTERS, ("scale_log2",))
+           tensors, ("scale_log2",))
     split = dict(MIN_SPLIT=ta.DECODE_MIN_SPLIT, MAX_SPLITS=ta.DECODE_MAX_SPLITS, BLOCK_N=64)
-    yield ("paged_attention decode", ta._decode_kernel, {**shape, **split, "BLOCK_M": 16, "IEEE": False},
-           _ATTENTION_POINTERS, ("scale_log2",))
+    yield ("paged_attention decode", ta._decode_kernel, {**shape, **split, "BLOCK_M": 16, "IEEE": False}, tensors,
+           ("scale_log2",))
+    yield ("paged_attention decode reduce", ta._decode_reduce_kernel,
+           {**{k: v for k, v in shape.items() if k != "PAGE_SIZE"}, **split, "GROUP_PAD": 8}, tensors, ())
     from llmfx.ops.triton_gemv import _gemv_partial_kernel, _gemv_reduce_kernel
 
-    yield ("gemv", _gemv_partial_kernel, dict(ROWS=1, BLOCK_N=16, BLOCK_K=256, EVEN_K=True, NUM_STAGES=1, NORM=True,
-                                               HAS_DELTA=True, GATED=False, PDL=True),
-           {"out_ptr": "fp32", "x_ptr": "bf16", "w_ptr": "bf16", "delta_ptr": "bf16", "norm_w_ptr": "bf16",
-            "h_out_ptr": "bf16"}, ("eps",))
+    yield ("gemv", _gemv_partial_kernel, dict(ROWS=1, BLOCK_N=16, BLOCK_K=256, EVEN_K=True, NUM_STAGES=1, PDL=True),
+           {"out_ptr": "fp32", "x_ptr": "bf16", "w_ptr": "bf16"}, ())
     yield ("gemv reduce", _gemv_reduce_kernel, dict(SPLITS=8, BLOCK=256, PDL=True),
            {"out_ptr": "bf16", "ws_ptr": "fp32"}, ())
-    from llmfx.ops.triton_norm import _add_rms_norm_kernel
-
-    yield ("add_rms_norm", _add_rms_norm_kernel, dict(HAS_DELTA=True, BLOCK=2048, PDL=True),
-           {"out_ptr": "bf16", "h_ptr": "bf16", "x_ptr": "bf16", "delta_ptr": "bf16", "norm_w_ptr": "bf16"}, ("eps",))
     from llmfx.ops.triton_activation import _silu_mul_kernel
 
     yield "silu_mul", _silu_mul_kernel, dict(BLOCK=1024, PDL=True), {"out_ptr": "bf16", "gate_up_ptr": "bf16"}, ()

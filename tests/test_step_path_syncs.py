@@ -154,28 +154,6 @@ def test_the_cuda_linear_route_reads_no_tensor_back(monkeypatch):
     assert reads == []
 
 
-def test_the_cuda_fused_linear_routes_read_no_tensor_back(monkeypatch):
-    # The fused linear ops pick the fused GEMV or the norm / gate kernel and then the matmul by rows, on every
-    # layer of every step: their host side, launches recorded instead of run, reads no value back either.
-    pytest.importorskip("triton")
-    from llmfx.ops import triton_activation, triton_gemv, triton_linear, triton_norm
-
-    launched = _record_launches(monkeypatch, (triton_gemv, "_gemv_partial_kernel"), (triton_gemv, "_gemv_reduce_kernel"),
-                                (triton_norm, "_add_rms_norm_kernel"), (triton_activation, "_silu_mul_kernel"))
-    monkeypatch.setattr(triton_linear, "triton_linear", lambda x, w, b=None: launched.append("matmul"))
-    x, delta, norm_weight = torch.randn(4, 256).bfloat16(), torch.randn(4, 256).bfloat16(), torch.ones(256).bfloat16()
-    w, down = torch.randn(64, 256).bfloat16(), torch.randn(64, 128).bfloat16()
-    reads = _record_reads(monkeypatch)
-    for rows in (1, 4):
-        triton_linear.triton_add_rms_norm_linear(x[:rows], delta[:rows], norm_weight, w, None, 1e-5)
-        triton_linear.triton_rms_norm_linear(x[:rows], norm_weight, w, None, 1e-5)
-        triton_linear.triton_silu_mul_linear(x[:rows], down)
-    monkeypatch.undo()
-    assert launched == ["_gemv_partial_kernel"] * 3 + ["_add_rms_norm_kernel", "matmul"] * 2 + ["_silu_mul_kernel",
-                                                                                              "matmul"], launched
-    assert reads == []
-
-
 def test_the_cuda_attention_rope_kv_and_silu_mul_wrappers_read_no_tensor_back(monkeypatch):
     # The other CUDA kernels of every layer: paged attention (decode and varlen), the fused rope + KV
     # write and the MLP's silu(gate) * up. On the GPU path their wrappers run at every eager step and at
@@ -184,7 +162,8 @@ def test_the_cuda_attention_rope_kv_and_silu_mul_wrappers_read_no_tensor_back(mo
     pytest.importorskip("triton")
     from llmfx.ops import triton_activation, triton_attention, triton_rope_kv
 
-    launched = _record_launches(monkeypatch, (triton_attention, "_decode_kernel"), (triton_attention, "_varlen_kernel"),
+    launched = _record_launches(monkeypatch, (triton_attention, "_decode_kernel"),
+                                (triton_attention, "_decode_reduce_kernel"), (triton_attention, "_varlen_kernel"),
                                 (triton_rope_kv, "_rope_write_kv_kernel"), (triton_activation, "_silu_mul_kernel"))
     tokens, seqs, heads, kv_heads, head_dim, pages, page_size = 6, 3, 8, 2, 64, 9, 16
     q = torch.randn(tokens, heads, head_dim).bfloat16()
@@ -202,6 +181,6 @@ def test_the_cuda_attention_rope_kv_and_silu_mul_wrappers_read_no_tensor_back(mo
     for rows in (1, tokens):  # a decode row, a prefill chunk
         triton_activation.triton_silu_mul(torch.randn(rows, 2 * 5632).bfloat16())
     monkeypatch.undo()
-    assert launched == ["_rope_write_kv_kernel", "_decode_kernel", "_varlen_kernel", "_silu_mul_kernel",
-                        "_silu_mul_kernel"]
+    assert launched == ["_rope_write_kv_kernel", "_decode_kernel", "_decode_reduce_kernel", "_varlen_kernel",
+                        "_silu_mul_kernel", "_silu_mul_kernel"]
     assert reads == []

@@ -7,8 +7,6 @@ replay with new lengths in the same buffers, and torch.compile.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -18,8 +16,6 @@ from hypothesis import strategies as st
 from tests.triton_interpreter import (DEVICE, KERNELS_RUN_HERE, kernels, needs_cuda,  # isort: skip
                                       assert_compiled_without_spills, run_kernel_tests_in_fresh_interpreter,
                                       sm90_reports)
-
-from triton.runtime import interpreter
 
 from llmfx.ops import triton_attention as ta
 from llmfx.ops.attention import paged_attention, write_kv
@@ -178,126 +174,6 @@ def test_dispatch_gives_a_sequence_the_same_bits_alone_and_in_a_batch_of_200():
     assert torch.equal(ta.triton_paged_attention(*alone, 0)[0], ta.triton_paged_attention(*crowd, 0)[0])
 
 
-@contextlib.contextmanager
-def splits_in_reverse():
-    """Run the split programs (grid axis 2) last to first in the interpreter, so split 0, not the last split,
-    finishes each sequence and merges it. Compiled kernels finish in whatever order the GPU runs them."""
-    if DEVICE != "cpu":
-        yield
-        return
-    builder = interpreter.interpreter_builder
-    set_grid_idx = builder.set_grid_idx
-    builder.set_grid_idx = lambda x, y, z: set_grid_idx(x, y, builder.grid_dim[2] - 1 - z)
-    try:
-        yield
-    finally:
-        del builder.set_grid_idx
-
-
-def split_counters():
-    """The decode kernel's split counters on DEVICE."""
-    return ta._decode_counters(torch.device(DEVICE), 0)
-
-
-@st.composite
-def long_decode_batches(draw):
-    """Decode rows of sequences long enough for several splits each, at times next to a padding sequence."""
-    page_size = draw(st.sampled_from([1, 4, 16]))
-    kv_heads = draw(st.sampled_from([1, 2]))
-    group = draw(st.sampled_from([1, 3, 4, 8]))
-    head_dim = draw(st.sampled_from([16, 64]))
-    window = draw(st.sampled_from([0, 0, 100]))  # a window of 100 still spans 2+ splits
-    seqs = [(1, n) for n in draw(st.lists(st.integers(60, 300), min_size=1, max_size=3))]
-    seqs += [(0, 0)] * draw(st.integers(0, 1))
-    split = draw(st.sampled_from([(16, 3), (16, 8), (32, 4)]))  # (min_split, max_splits)
-    return page_size, kv_heads, group, head_dim, window, seqs, split, draw(st.integers(0, 2**16))
-
-
-@kernels
-@settings(max_examples=15)
-@given(long_decode_batches())
-def test_decode_merges_several_splits_to_the_same_bits_whichever_split_finishes_last(case):
-    page_size, kv_heads, group, head_dim, window, seqs, (min_split, max_splits), seed = case
-    args = random_batch(seqs, page_size, kv_heads, group, head_dim, 0, seed)
-    split = dict(min_split=min_split, max_splits=max_splits, block_n=16)
-    out = ta.paged_attention_decode(*args, window, **split, out=nan_out(args[0]))
-    torch.testing.assert_close(out.cpu(), reference(args, window), rtol=1e-4, atol=1e-4)
-    with splits_in_reverse():
-        again = ta.paged_attention_decode(*args, window, **split, out=nan_out(args[0]))
-    assert torch.equal(again, out)
-
-
-@kernels
-def test_decode_leaves_every_split_counter_at_zero():
-    # Two KV heads, a padding sequence and a 2-token chunk, which takes two query tiles (16 heads a KV head);
-    # every real sequence has 2-4 splits.
-    counters = split_counters()
-    args = random_batch([(1, 200), (2, 90), (0, 0), (1, 40)], 4, 2, 16, 16, 0, 9)
-    for _ in range(2):
-        out = ta.paged_attention_decode(*args, 0, min_split=16, max_splits=4, block_n=16, out=nan_out(args[0]))
-        assert split_counters() is counters and not counters.any()
-    torch.testing.assert_close(out.cpu(), reference(args, 0), rtol=1e-4, atol=1e-4)
-
-
-def test_split_counters_grow_outside_cuda_graph_capture_only(monkeypatch):
-    monkeypatch.setattr(ta, "_DECODE_COUNTERS", {})
-    monkeypatch.setattr(ta, "_RETIRED_COUNTERS", [])
-    cpu = torch.device("cpu")
-    first = ta._decode_counters(cpu, 10)
-    assert first.numel() == ta._MIN_DECODE_COUNTERS and first.dtype == torch.int32 and not first.any()
-    assert ta._decode_counters(cpu, first.numel()) is first
-    grown = ta._decode_counters(cpu, first.numel() + 1)
-    assert grown.numel() == first.numel() + 1 and not grown.any()
-    assert len(ta._RETIRED_COUNTERS) == 1 and ta._RETIRED_COUNTERS[0] is first  # graphs captured on it live on
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    with pytest.raises(RuntimeError, match="capture"):
-        ta._decode_counters(torch.device("cuda", 0), 1)
-
-
-@kernels
-@pytest.mark.parametrize("fill", [float("nan"), 1e30])
-def test_decode_zeroes_padding_rows_over_garbage(fill):
-    # Rows 2 and 3 pad the batch; 2 is also the index of a sequence with several splits, 3 of a padding sequence.
-    args = random_batch([(1, 200), (0, 0), (1, 150), (0, 0)], 4, 2, 4, 16, 2, 4)
-    assert args[0].shape[0] == 4 and args[4].tolist() == [0, 1, 1, 2, 2]
-    out = ta.paged_attention_decode(*args, 0, min_split=16, max_splits=4, block_n=16,
-                                    out=torch.full_like(args[0], fill))
-    assert not out[2:].any()
-    torch.testing.assert_close(out.cpu(), reference(args, 0), rtol=1e-4, atol=1e-4)
-
-
-@st.composite
-def mixed_split_batches(draw):
-    """Sequences of one split and of several, padding sequences and rows, and a 2-token chunk (its padding
-    sequence beside it keeps T <= B)."""
-    page_size = draw(st.sampled_from([1, 4, 16]))
-    kv_heads = draw(st.sampled_from([1, 2]))
-    group = draw(st.sampled_from([1, 2, 4, 16]))  # 16: one query a tile, so the chunk takes two
-    window = draw(st.sampled_from([0, 0, 7, 100]))
-    lengths = [draw(st.integers(1, 16)), draw(st.integers(100, 200))]  # one split, several (min_split 16)
-    lengths += draw(st.lists(st.integers(0, 200), max_size=2))
-    seqs = [(1, n - 1) if n else (0, 0) for n in lengths] + [(2, draw(st.integers(0, 150))), (0, 0)]
-    seqs = draw(st.permutations(seqs))
-    pad_rows = draw(st.integers(0, len(seqs) - sum(n_q for n_q, _ in seqs)))
-    max_splits = draw(st.sampled_from([3, 8]))
-    return page_size, kv_heads, group, window, seqs, pad_rows, max_splits, draw(st.integers(0, 2**16))
-
-
-@kernels
-@settings(max_examples=10)
-@given(mixed_split_batches())
-def test_decode_is_exact_for_a_batch_of_one_and_several_splits_and_a_chunk(case):
-    page_size, kv_heads, group, window, seqs, pad_rows, max_splits, seed = case
-    args = random_batch(seqs, page_size, kv_heads, group, 16, pad_rows, seed)
-    assert args[0].shape[0] <= args[5].shape[0]
-    split = dict(min_split=16, max_splits=max_splits, block_n=16)
-    out = ta.paged_attention_decode(*args, window, **split, out=nan_out(args[0]))
-    torch.testing.assert_close(out.cpu(), reference(args, window), rtol=1e-4, atol=1e-4)
-    with splits_in_reverse():
-        again = ta.paged_attention_decode(*args, window, **split, out=nan_out(args[0]))
-    assert torch.equal(again, out) and not split_counters().any()
-
-
 @given(st.integers(1, 4096), st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        st.sampled_from([16, 64, 128, 256]))
 def test_decode_launch_settings_differ_by_batch_size_in_pipeline_depth_only(num_seqs, dtype, head_dim):
@@ -310,7 +186,7 @@ def test_decode_launch_settings_differ_by_batch_size_in_pipeline_depth_only(num_
 @pytest.mark.skipif(KERNELS_RUN_HERE, reason="once per session, outside the interpreter; a GPU compiles for itself")
 def test_shipped_launches_compile_for_sm90_without_spills():
     reports = sm90_reports("--attention")
-    assert [r["kernel"] for r in reports] == ["varlen", "decode", "decode"] * 2, reports
+    assert [r["kernel"] for r in reports] == ["varlen", "decode", "decode", "decode_reduce"] * 2, reports
     assert_compiled_without_spills(reports)
     for r in reports:
         assert "LDG.128" in r["global_loads"] or "LDGSTS.128" in r["global_loads"], r  # 16-byte K/V rows
@@ -384,9 +260,9 @@ def test_kernels_launch_with_pdl_where_the_gpu_has_it():
         args = random_batch(seqs, 16, 4, 8, 64, 0, 3, torch.bfloat16, "cuda")
         assert_close_bf16(torch.ops.llmfx.paged_attention(*args, 0), reference(args, 0))
     expected = torch.cuda.get_device_capability()[0] >= 9
-    kernels = [k for fn in (ta._varlen_kernel, ta._decode_kernel)
+    kernels = [k for fn in (ta._varlen_kernel, ta._decode_kernel, ta._decode_reduce_kernel)
                for cache in fn.device_caches.values() for k in cache[0].values()]
-    assert len(kernels) >= 2 and all(k.metadata.launch_pdl == expected for k in kernels)
+    assert len(kernels) >= 3 and all(k.metadata.launch_pdl == expected for k in kernels)
 
 
 @pytest.mark.parametrize("decode", [True, False])

@@ -1,11 +1,10 @@
 """Shared model ops: attention over the paged KV pool, KV write, rotary embeddings (fused with the write), RMSNorm,
-linear, the SiLU-gated activation, and linear with the norm or the activation before it fused in."""
+linear, the SiLU-gated activation."""
 
 import torch
 
 from llmfx.ops.activation import silu_mul
 from llmfx.ops.attention import paged_attention, write_kv
-from llmfx.ops.fused_linear import add_rms_norm_linear, rms_norm_linear, silu_mul_linear
 from llmfx.ops.linear import linear
 from llmfx.ops.norm import rms_norm
 from llmfx.ops.rope import apply_rope, rope_table
@@ -18,5 +17,5 @@ if torch.cuda.is_available():  # registers the Triton kernels; CPU-only torch wh
         if missing.name != "triton":
             raise
 
-__all__ = ["add_rms_norm_linear", "apply_rope", "linear", "paged_attention", "rms_norm", "rms_norm_linear", "rope_table",
-           "rope_write_kv", "silu_mul", "silu_mul_linear", "write_kv"]
+__all__ = ["apply_rope", "linear", "paged_attention", "rms_norm", "rope_table", "rope_write_kv", "silu_mul",
+           "write_kv"]

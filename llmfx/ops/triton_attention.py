@@ -8,11 +8,6 @@ Which kernel: `triton_paged_attention` takes the decode kernel when T <= B (the 
 T == B) and the varlen kernel otherwise. The decode kernel is correct for any n_q per sequence (it
 loops over query tiles), so the choice only affects speed: a T == B batch that happens to hold a
 2-token chunk next to a padding sequence still gets exact results.
-
-The decode kernel is one launch: a sequence with several splits has each split program store float32
-partials and count itself in on an atomic counter per (sequence, KV head); the last one merges every
-split's partials in split order and zeroes the counter again. The atomic only picks which program
-merges, never the order or arithmetic of the merge, so results are the same bits on every run.
 """
 
 from __future__ import annotations
@@ -43,11 +38,6 @@ DECODE_MAX_SPLITS = 8
 # it may follow the batch size (a static shape of a captured step) without changing any result. 3 stages
 # won at batches 1-64, 2 at 128-256 in the same sweep; the bound between is interpolated.
 _DECODE_STAGES = ((96, 3), (None, 2))
-
-# The decode kernel's split counters (see _decode_counters), by device; superseded buffers, kept alive.
-_MIN_DECODE_COUNTERS = 65536
-_DECODE_COUNTERS: dict[torch.device, Tensor] = {}
-_RETIRED_COUNTERS: list[Tensor] = []
 
 
 @triton.jit
@@ -196,71 +186,20 @@ def _split_plan(seq_len, n_q, window, MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.co
     return kv_lo, split_len, tl.cdiv(span, split_len)
 
 
-@triton.jit
-def _merge_splits(out_ptr, part_acc_ptr, part_ml_ptr, q_start, n_q, num_splits, kv_head, stride_ot, stride_oh,
-                  stride_od, stride_at, stride_as, stride_ah, stride_mt, stride_ms, HEAD_DIM: tl.constexpr,
-                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Merge the (max, sum, acc) partials of one sequence's splits, in split order, into its output rows."""
-    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
-    rows = tl.arange(0, BLOCK_M)
-    q_in_tile = rows // GROUP
-    head = kv_head * GROUP + rows % GROUP
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    for tile_start in range(0, n_q, BLOCK_Q):
-        q_local = tile_start + q_in_tile
-        row_ok = (q_in_tile < BLOCK_Q) & (q_local < n_q)
-        t = q_start + q_local
-        io_mask = row_ok[:, None] & d_ok[None, :]
-        m_tot = tl.full([BLOCK_M], _NEG, dtype=tl.float32)
-        l_tot = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for s in range(0, num_splits):
-            # Other programs wrote these: .cg reads them at L2, past any stale line in this SM's L1.
-            ml = part_ml_ptr + t * stride_mt + s * stride_ms + head * 2
-            m_s = tl.load(ml, mask=row_ok, other=_NEG, cache_modifier=".cg")
-            l_s = tl.load(ml + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
-            acc_s = tl.load(part_acc_ptr + t[:, None] * stride_at + s * stride_as + head[:, None] * stride_ah
-                            + offs_d[None, :], mask=io_mask, other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m_tot, m_s)
-            alpha = tl.exp2(m_tot - m_new)
-            beta = tl.exp2(m_s - m_new)
-            l_tot = l_tot * alpha + l_s * beta
-            acc = acc * alpha[:, None] + acc_s * beta[:, None]
-            m_tot = m_new
-        out = acc / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
-        tl.store(out_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
-                 out.to(out_ptr.dtype.element_ty), mask=io_mask)
-
-
-@triton.jit(do_not_specialize=["window", "num_tokens"])
-def _decode_kernel(out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, q_ptr, k_ptr, v_ptr, table_ptr, qsl_ptr,
-                   lens_ptr, scale_log2, window, num_tokens, stride_qt, stride_qh, stride_qd, stride_ot, stride_oh,
-                   stride_od, stride_kp, stride_ks, stride_kh, stride_kd, stride_vp, stride_vs, stride_vh, stride_vd,
+@triton.jit(do_not_specialize=["window"])
+def _decode_kernel(out_ptr, part_acc_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, table_ptr, qsl_ptr, lens_ptr,
+                   scale_log2, window, stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
+                   stride_kp, stride_ks, stride_kh, stride_kd, stride_vp, stride_vs, stride_vh, stride_vd,
                    stride_pt, stride_at, stride_as, stride_ah, stride_mt, stride_ms,
                    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr,
                    MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
-    """One program: one split of one sequence's keys x all GROUP heads of one KV head, every query.
-
-    With several splits, each stores float32 partials and counts itself in; the last to finish merges them.
-    Program (seq, kv_head, 0) also zeroes padding row `seq`.
-    """
+    """One program: one split of one sequence's keys x all GROUP heads of one KV head, every query."""
     wait_for_prior_kernel(PDL)
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    rows = tl.arange(0, BLOCK_M)
-    q_in_tile = rows // GROUP
-    head = kv_head * GROUP + rows % GROUP
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    # Decode runs with T <= B, so every padding row index t in [qsl[B], T) is some program's seq.
-    if (split == 0) & (seq >= tl.load(qsl_ptr + tl.num_programs(0))) & (seq < num_tokens):
-        zeros = tl.zeros([BLOCK_M, BLOCK_D], dtype=out_ptr.dtype.element_ty)
-        tl.store(out_ptr + seq * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od, zeros,
-                 mask=(q_in_tile == 0)[:, None] & d_ok[None, :])
     q_start = tl.load(qsl_ptr + seq)
     n_q = tl.load(qsl_ptr + seq + 1) - q_start
     seq_len = tl.load(lens_ptr + seq)
@@ -269,6 +208,11 @@ def _decode_kernel(out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, q_ptr, k_ptr
         return
     split_lo = kv_lo + split * split_len
     split_hi = tl.minimum(split_lo + split_len, seq_len)
+    rows = tl.arange(0, BLOCK_M)
+    q_in_tile = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
     for tile_start in range(0, n_q, BLOCK_Q):  # one iteration for decode rows
         q_local = tile_start + q_in_tile
         row_ok = (q_in_tile < BLOCK_Q) & (q_local < n_q)
@@ -298,17 +242,52 @@ def _decode_kernel(out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, q_ptr, k_ptr
             ml = part_ml_ptr + t * stride_mt + split * stride_ms + head * 2
             tl.store(ml, m_i, mask=row_ok)
             tl.store(ml + 1, l_i, mask=row_ok)
-    if num_splits > 1:
-        # Triton runs a scalar atomic on one thread: the barrier puts every thread's partials before its
-        # release, and on the last split its acquire (shared with the block by the barrier Triton puts after
-        # the atomic to broadcast its result) puts every split's partials before the merge's loads.
-        tl.debug_barrier()
-        counter = counter_ptr + seq * tl.num_programs(1) + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-            _merge_splits(out_ptr, part_acc_ptr, part_ml_ptr, q_start, n_q, num_splits, kv_head, stride_ot,
-                          stride_oh, stride_od, stride_at, stride_as, stride_ah, stride_mt, stride_ms, HEAD_DIM,
-                          GROUP, BLOCK_M, BLOCK_D)
-            tl.store(counter, 0)  # every split has counted in: zero again for the next launch
+
+
+@triton.jit(do_not_specialize=["window"])
+def _decode_reduce_kernel(out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, lens_ptr, window, num_seqs,
+                          num_tokens, stride_ot, stride_oh, stride_od, stride_at, stride_as, stride_ah,
+                          stride_mt, stride_ms, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
+                          GROUP_PAD: tl.constexpr, MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    """Merge the (max, sum, acc) partials of one sequence's splits; also zero padding row `seq`."""
+    wait_for_prior_kernel(PDL)
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    g = tl.arange(0, GROUP_PAD)
+    head = kv_head * GROUP + g
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (g < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    out_offs = head[:, None] * stride_oh + offs_d[None, :] * stride_od
+    # Decode runs with T <= B, so every padding row index t in [qsl[B], T) is some program's seq.
+    if (seq >= tl.load(qsl_ptr + num_seqs)) & (seq < num_tokens):
+        zeros = tl.zeros([GROUP_PAD, BLOCK_D], dtype=out_ptr.dtype.element_ty)
+        tl.store(out_ptr + seq * stride_ot + out_offs, zeros, mask=mask)
+    q_start = tl.load(qsl_ptr + seq)
+    q_end = tl.load(qsl_ptr + seq + 1)
+    seq_len = tl.load(lens_ptr + seq)
+    kv_lo, split_len, num_splits = _split_plan(seq_len, q_end - q_start, window, MIN_SPLIT, MAX_SPLITS,
+                                               BLOCK_N)
+    if num_splits <= 1:
+        return
+    for t in range(q_start, q_end):
+        m_tot = tl.full([GROUP_PAD], _NEG, dtype=tl.float32)
+        l_tot = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+        for s in range(0, num_splits):
+            ml = part_ml_ptr + t * stride_mt + s * stride_ms + head * 2
+            m_s = tl.load(ml, mask=g < GROUP, other=_NEG)
+            l_s = tl.load(ml + 1, mask=g < GROUP, other=0.0)
+            acc_s = tl.load(part_acc_ptr + t * stride_at + s * stride_as + head[:, None] * stride_ah
+                            + offs_d[None, :], mask=mask, other=0.0)
+            m_new = tl.maximum(m_tot, m_s)
+            alpha = tl.exp2(m_tot - m_new)
+            beta = tl.exp2(m_s - m_new)
+            l_tot = l_tot * alpha + l_s * beta
+            acc = acc * alpha[:, None] + acc_s * beta[:, None]
+            m_tot = m_new
+        out = acc / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
+        tl.store(out_ptr + t * stride_ot + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _blocks(head_dim: int, group: int, block_m: int) -> tuple[int, int]:
@@ -344,38 +323,12 @@ def paged_attention_varlen(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_tab
     return out
 
 
-def _decode_counters(device: torch.device, needed: int) -> Tensor:
-    """device's int32 split counters, one per (sequence, KV head), at least `needed`: all zero between calls.
-
-    A captured CUDA graph keeps the address it was captured with, so the buffer is allocated outside capture
-    (warm-up runs every call eagerly first) and a larger call's buffer leaves the old one alive for the
-    graphs captured on it. Decode calls on one device must not overlap (one stream): they share the counters.
-    """
-    counters = _DECODE_COUNTERS.get(device)
-    if counters is not None and counters.numel() >= needed:
-        return counters
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"paged_attention_decode needs {needed} split counters on {device} and has "
-                           f"{0 if counters is None else counters.numel()}: allocating them during CUDA graph "
-                           "capture would leave the graph on a buffer later calls do not share; run the call "
-                           "once eagerly before capturing it")
-    if counters is not None:
-        _RETIRED_COUNTERS.append(counters)
-    _DECODE_COUNTERS[device] = torch.zeros(max(needed, _MIN_DECODE_COUNTERS), dtype=torch.int32, device=device)
-    return _DECODE_COUNTERS[device]
-
-
 def paged_attention_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tensor,
                            query_start_loc: Tensor, seq_lens: Tensor, scale: float, sliding_window: int, *,
                            min_split: int = DECODE_MIN_SPLIT, max_splits: int = DECODE_MAX_SPLITS,
                            block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
                            out: Tensor | None = None) -> Tensor:
-    """llmfx::paged_attention, split-KV, for T <= B (decode): exact for any n_q, fast for n_q <= 1.
-
-    One launch: a sequence's splits store float32 partials, and the last of them to finish (an atomic
-    counter per sequence and KV head) merges all of them in split order. Which program merges varies from
-    run to run; the order and arithmetic of the merge do not, so no atomic affects the result bits.
-    """
+    """llmfx::paged_attention, split-KV, for T <= B (decode): exact for any n_q, fast for n_q <= 1."""
     _check(q, k_pages)
     (tokens, heads, head_dim), (_, page_size, kv_heads, _) = q.shape, k_pages.shape
     num_seqs, max_pages, group = page_table.shape[0], page_table.shape[1], heads // kv_heads
@@ -389,13 +342,17 @@ def paged_attention_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_tab
     num_splits = max(1, min(max_splits, triton.cdiv(max_pages * page_size, min_split)))
     part_acc = torch.empty(tokens, num_splits, heads, head_dim, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(tokens, num_splits, heads, 2, dtype=torch.float32, device=q.device)  # (max, sum)
-    counters = _decode_counters(q.device, num_seqs * kv_heads)
+    meta = dict(HEAD_DIM=head_dim, GROUP=group, MIN_SPLIT=min_split, MAX_SPLITS=max_splits, BLOCK_N=block_n,
+                BLOCK_D=block_d, **pdl_launch(q.device))
     _decode_kernel[(num_seqs, kv_heads, num_splits)](
-        out, part_acc, part_ml, counters, q, k_pages, v_pages, page_table, query_start_loc, seq_lens,
-        scale * _LOG2E, sliding_window, tokens, *q.stride(), *out.stride(), *k_pages.stride(), *v_pages.stride(),
-        page_table.stride(0), *part_acc.stride()[:3], *part_ml.stride()[:2], HEAD_DIM=head_dim, PAGE_SIZE=page_size,
-        GROUP=group, MIN_SPLIT=min_split, MAX_SPLITS=max_splits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages, **pdl_launch(q.device))
+        out, part_acc, part_ml, q, k_pages, v_pages, page_table, query_start_loc, seq_lens, scale * _LOG2E,
+        sliding_window, *q.stride(), *out.stride(), *k_pages.stride(), *v_pages.stride(), page_table.stride(0),
+        *part_acc.stride()[:3], *part_ml.stride()[:2], PAGE_SIZE=page_size, BLOCK_M=block_m,
+        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages, **meta)
+    _decode_reduce_kernel[(num_seqs, kv_heads)](
+        out, part_acc, part_ml, query_start_loc, seq_lens, sliding_window, num_seqs, tokens, *out.stride(),
+        *part_acc.stride()[:3], *part_ml.stride()[:2], GROUP_PAD=triton.next_power_of_2(group), num_warps=4,
+        **meta)
     return out
 
 

@@ -94,17 +94,11 @@ def _row_accumulators(ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.con
 
 @triton.jit
 def _gemv_partial_kernel(out_ptr, x_ptr, w_ptr, N, K, k_per_split, stride_xm, stride_wn, stride_om, stride_os,
-                         delta_ptr, norm_w_ptr, h_out_ptr, stride_dm, stride_hm, eps,
                          ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                         NUM_STAGES: tl.constexpr, NORM: tl.constexpr, HAS_DELTA: tl.constexpr,
-                         GATED: tl.constexpr, PDL: tl.constexpr):
+                         NUM_STAGES: tl.constexpr, PDL: tl.constexpr):
     """out[split, m, cols] = sum over this split's K range of x[m, k] * w[cols, k], for the ROWS rows of x.
 
-    With one split, out is the result [M, N] itself (stride_os unused) and gets x's dtype. NORM (one split
-    only): x is h = x (+ delta with HAS_DELTA, rounded to x's dtype, which the first program stores to h_out)
-    and the product is taken with h * norm_w, then scaled by each row's 1 / rms(h), whose sum of squares the
-    same loop gathers. GATED: x [M, 2K] holds gate then up, and the product is taken with silu(gate) * up,
-    computed in float32 and rounded once (as ops/triton_activation.py's kernel).
+    With one split, out is the result [M, N] itself (stride_os unused) and gets x's dtype.
     """
     wait_for_prior_kernel(PDL)
     split = tl.program_id(1)
@@ -117,11 +111,8 @@ def _gemv_partial_kernel(out_ptr, x_ptr, w_ptr, N, K, k_per_split, stride_xm, st
     w_ptrs = w_ptr + tl.minimum(cols, N - 1).to(tl.int64)[:, None] * stride_wn + (k_lo + offs_k)[None, :]
     # x's chunk is loaded at the weight tile's shape (every column reads the same addresses, which L1
     # serves): x then has the tile's layout and the product needs no shuffle through shared memory.
-    k_tile = tl.broadcast_to((k_lo + offs_k)[None, :], (BLOCK_N, BLOCK_K))
-    first_col = (tl.arange(0, BLOCK_N) == 0)[:, None]  # x's copy in the tile's first column stands for all
-    stores_h = (tl.program_id(0) == 0) & first_col  # the residual sum h: stored once, by the first program
+    x_ptrs = tl.broadcast_to(x_ptr + (k_lo + offs_k)[None, :], (BLOCK_N, BLOCK_K))
     accs = _row_accumulators(ROWS, BLOCK_N, BLOCK_K)
-    squares = _row_accumulators(ROWS, BLOCK_N, BLOCK_K)  # NORM: h * h per row (unused, so dropped, otherwise)
     # An explicit stage count: without it Triton pipelines only loads that feed a tl.dot.
     for k in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
         k_ok = (k + offs_k < k_hi)[None, :]
@@ -130,54 +121,19 @@ def _gemv_partial_kernel(out_ptr, x_ptr, w_ptr, N, K, k_per_split, stride_xm, st
         else:
             w = tl.load(w_ptrs, mask=k_ok, other=0.0)
         w = w.to(tl.float32)
-        if NORM:
-            if EVEN_K:
-                norm_w = tl.load(norm_w_ptr + k_tile)
-            else:
-                norm_w = tl.load(norm_w_ptr + k_tile, mask=k_ok, other=0.0)
-            norm_w = norm_w.to(tl.float32)
         updated = ()
-        updated_squares = ()
         for m in tl.static_range(ROWS):  # every row of x against the one loaded tile
-            x = _load_row_chunk(x_ptr + m * stride_xm + k_tile, K, k_ok, EVEN_K, GATED)
-            if NORM:
-                if HAS_DELTA:
-                    x = (x + _load_row_chunk(delta_ptr + m * stride_dm + k_tile, K, k_ok, EVEN_K, False)).to(
-                        h_out_ptr.dtype.element_ty).to(tl.float32)
-                    tl.store(h_out_ptr + m * stride_hm + k_tile, x.to(h_out_ptr.dtype.element_ty),
-                             mask=stores_h & k_ok)
-                updated_squares = updated_squares + (squares[m] + x * x,)
-                x = x * norm_w
-            updated = updated + (accs[m] + w * x,)
+            if EVEN_K:
+                x = tl.load(x_ptrs + m * stride_xm)
+            else:
+                x = tl.load(x_ptrs + m * stride_xm, mask=k_ok, other=0.0)
+            updated = updated + (accs[m] + w * x.to(tl.float32),)
         accs = updated
-        if NORM:
-            squares = updated_squares
         w_ptrs += BLOCK_K
-        k_tile += BLOCK_K
+        x_ptrs += BLOCK_K
     for m in tl.static_range(ROWS):  # one reduction over K per row, after the loop
-        total = tl.sum(accs[m], axis=1)
-        if NORM:
-            total = total * tl.rsqrt(tl.sum(tl.where(first_col, squares[m], 0.0)) / K + eps)
-        tl.store(out_ptr + split * stride_os + m * stride_om + cols, total.to(out_ptr.dtype.element_ty),
-                 mask=cols < N)
-
-
-@triton.jit
-def _load_row_chunk(ptrs, K, k_ok, EVEN_K: tl.constexpr, GATED: tl.constexpr):
-    """One row's x chunk at the tile's shape, as float32: x itself, or silu(gate) * up rounded to x's dtype
-    (gate at ptrs, up K elements further)."""
-    if EVEN_K:
-        x = tl.load(ptrs)
-    else:
-        x = tl.load(ptrs, mask=k_ok, other=0.0)
-    if GATED:
-        gate = x.to(tl.float32)
-        if EVEN_K:
-            up = tl.load(ptrs + K)
-        else:
-            up = tl.load(ptrs + K, mask=k_ok, other=0.0)
-        x = (gate / (1.0 + tl.exp(-gate)) * up.to(tl.float32)).to(up.dtype)
-    return x.to(tl.float32)
+        tl.store(out_ptr + split * stride_os + m * stride_om + cols,
+                 tl.sum(accs[m], axis=1).to(out_ptr.dtype.element_ty), mask=cols < N)
 
 
 @triton.jit
@@ -200,62 +156,19 @@ def gemv(x: Tensor, weight: Tensor, *, config: GemvConfig | None = None) -> Tens
 
     Accumulates in float32; bitwise reproducible for a given config (no atomics).
     """
-    _check(x, weight, x.shape[1])
-    return _launch(x, weight, config or gemv_config(x.shape[0], *weight.shape))
-
-
-def rms_norm_gemv(x: Tensor, delta: Tensor | None, norm_weight: Tensor, weight: Tensor, eps: float, *,
-                  config: GemvConfig | None = None) -> tuple[Tensor | None, Tensor]:
-    """(h, rms_norm(h, norm_weight, eps) @ weight.T) for h = x + delta (h is None without delta), in one kernel.
-
-    x, delta [M, K] (1 <= M <= 8), norm_weight [K], weight [N, K]. The normalized h is not rounded to x's
-    dtype before the product (the unfused ops round it twice), so the result differs from theirs within
-    that rounding. Runs with one K range whatever the config says: each program needs every K for the rms.
-    """
-    _check(x, weight, x.shape[1])
-    assert delta is None or (delta.shape == x.shape and delta.dtype == x.dtype and delta.stride(1) == 1), \
-        "delta must match x [M, K] with contiguous rows"
-    assert norm_weight.shape == (x.shape[1],) and norm_weight.is_contiguous(), "norm_weight must be [K], contiguous"
-    cfg = config or gemv_config(x.shape[0], *weight.shape)
-    h = None if delta is None else torch.empty_like(x)
-    out = _launch(x, weight, GemvConfig(cfg.block_n, cfg.block_k, 1, cfg.num_warps, cfg.num_stages),
-                  delta=delta, norm_weight=norm_weight, eps=eps, h_out=h)
-    return h, out
-
-
-def silu_mul_gemv(gate_up: Tensor, weight: Tensor, *, config: GemvConfig | None = None) -> Tensor:
-    """(silu(gate) * up) @ weight.T for gate_up [M, 2K] (gate first) and weight [N, K], in one kernel: [M, N].
-
-    silu(gate) * up is rounded to gate_up's dtype before the product, as llmfx::silu_mul's kernel returns it.
-    """
-    rows, width = gate_up.shape
-    assert width == 2 * weight.shape[1], f"gate_up [M, 2K] must match weight [N, K]: {width} vs 2 * {weight.shape[1]}"
-    _check(gate_up, weight, width // 2)
-    return _launch(gate_up, weight, config or gemv_config(rows, *weight.shape), gated=True)
-
-
-def _check(x: Tensor, weight: Tensor, k: int) -> None:
-    assert k == weight.shape[1], f"x [M, K] and weight [N, K] disagree on K: {k} vs {weight.shape[1]}"
-    assert 1 <= x.shape[0] <= MAX_ROWS, f"gemv takes 1 to {MAX_ROWS} rows, got {x.shape[0]}"
+    (rows, k), (n, k_w) = x.shape, weight.shape
+    assert k == k_w, f"x [M, K] and weight [N, K] disagree on K: {k} vs {k_w}"
+    assert 1 <= rows <= MAX_ROWS, f"gemv takes 1 to {MAX_ROWS} rows, got {rows}"
     assert x.dtype == weight.dtype, "x and weight must share a dtype"
     assert x.stride(1) == 1 and weight.stride(1) == 1, "x and weight need contiguous rows"
-
-
-def _launch(x: Tensor, weight: Tensor, cfg: GemvConfig, *, delta: Tensor | None = None,
-            norm_weight: Tensor | None = None, eps: float = 0.0, h_out: Tensor | None = None,
-            gated: bool = False) -> Tensor:
-    """Run the partial kernel (and the split reduce) for x's rows against weight [N, K]: [M, N]."""
-    rows, (n, k) = x.shape[0], weight.shape
+    cfg = config or gemv_config(rows, n, k)
     splits, k_per_split = cfg.splits(k)
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     partial = out if splits == 1 else torch.empty(splits, rows, n, dtype=torch.float32, device=x.device)
-    norm = norm_weight is not None
     _gemv_partial_kernel[(triton.cdiv(n, cfg.block_n), splits)](
         partial, x, weight, n, k, k_per_split, x.stride(0), weight.stride(0), n,
-        partial.stride(0) if splits > 1 else 0, x if delta is None else delta, norm_weight if norm else x,
-        x if h_out is None else h_out, 0 if delta is None else delta.stride(0), 0 if h_out is None else h_out.stride(0),
-        eps, ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-        NUM_STAGES=cfg.num_stages, NORM=norm, HAS_DELTA=delta is not None, GATED=gated, num_warps=cfg.num_warps,
+        partial.stride(0) if splits > 1 else 0, ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EVEN_K=k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **pdl_launch(x.device))
     if splits > 1:
         _gemv_reduce_kernel[(triton.cdiv(rows * n, _REDUCE_BLOCK),)](
