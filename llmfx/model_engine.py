@@ -19,7 +19,6 @@ afterwards a recompile raises.
 from __future__ import annotations
 
 import collections
-import functools
 import contextlib
 import dataclasses
 import logging
@@ -285,6 +284,12 @@ class ModelEngine:
         if self._trees:
             _cudagraph_thread_state()
         static = [self._token_pool, self._words, *_tensors(self.params), *(t for layer in layers for t in layer)]
+        # Dynamo remembers the sizes each function was compiled at in this process, across engines: after
+        # another model's steps (another vocabulary, hidden size or pool) automatic dynamic shapes would
+        # make these sizes symbols. They never change in this engine's life; a symbolic vocabulary also broke
+        # inductor's sampler compile on the H200 (CantSplit, session 18).
+        for tensor in static:
+            torch._dynamo.mark_static(tensor)
         for key in keys:  # create every bucket's penalty views once, so each graph reads fixed addresses
             static += _tensors(self._penalties_of(key.num_seqs))
         if not self._graphs_by_hand:
@@ -418,6 +423,8 @@ class ModelEngine:
         for tensor in (logits, unseen, penalties.prompt_mask, penalties.output_counts,
                        *(getattr(sampling, name) for name in SamplingTensors.__slots__)):
             torch._dynamo.mark_dynamic(tensor, 0, min=1, max=token_pool.shape[0])
+        for tensor in (logits, penalties.prompt_mask, penalties.output_counts):
+            torch._dynamo.mark_static(tensor, 1)  # the vocabulary: see _compile_and_capture
         with fx_config.patch(backed_size_oblivious=True):
             return self._sampler_half(logits, unseen, sampling, penalties, token_pool, words, *variant)
 
@@ -547,23 +554,8 @@ class ModelEngine:
                    **dict(self.engine_cfg.inductor_options)}
         # dynamic=None: the first two sizes compile, after which one shape-generic graph serves every
         # bucket (automatic dynamic shapes); CUDA graphs are still recorded per bucket size.
-        compile_half = functools.partial(torch.compile, fullgraph=True, dynamic=self.engine_cfg.compile_dynamic)
-        return (compile_half(forward_step, options=options),
-                compile_half(sample_step, options={**sampler_options(), **options}))
-
-
-def sampler_options() -> dict[str, bool]:
-    """Inductor options of the sampler half: no mix-order reductions (fusing a row and a column reduction of one
-    [B, V] tensor), a GPU-only pass.
-
-    On the H200 (torch 2.11) the pass failed the sampler's batch-generic compile at small vocabularies ("CantSplit:
-    s12 not divisible by s12*s3"; with it off the same compile passed, session 18) or wrote a graph partition that
-    read a buffer before defining it ("name 'buf4' is not defined"). The CPU's H200 codegen test cannot reach it
-    (the pass runs only for CUDA devices).
-    """
-    import torch._inductor.config as inductor_config
-
-    return {"triton.mix_order_reduction": False} if hasattr(inductor_config.triton, "mix_order_reduction") else {}
+        return tuple(torch.compile(fn, options=options, fullgraph=True, dynamic=self.engine_cfg.compile_dynamic)
+                     for fn in (forward_step, sample_step))
 
 
 def inductor_pdl_options(device: torch.device) -> dict[str, bool]:

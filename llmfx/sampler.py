@@ -271,8 +271,7 @@ def token_words(vocab_size: int, device: torch.device | str = "cpu") -> Tensor:
     The engine computes it once and passes it to each step. Computed inside a compiled step, the arange
     and its products become one inductor index expression, evaluated in the kernel's int32 index type:
     at Llama-3's 128,256 ids and batch 256 its constants overflow int32 and Triton refuses the kernel
-    (tests/test_compile_for_h200.py), and a barrier at the arange (`^ 0`) failed other compiles on the
-    H200 instead (CantSplit at small vocabularies). Loaded from a tensor, the ids are data.
+    (tests/test_compile_for_h200.py). Loaded from a tensor, the ids are data.
     """
     return _scramble(torch.arange(vocab_size, device=device, dtype=torch.int64))
 

@@ -239,3 +239,40 @@ def test_the_eager_step_skips_the_noise_only_for_a_greedy_batch(temperatures, no
     seqs = tuple(ScheduledSeq(request_id=i, token_ids=(3,), start_pos=0, pages=(1 + i,), sample=True) for i in range(2))
     engine.execute(kv, ScheduledBatch(seqs=seqs), requests)
     assert calls == [noise]
+
+
+def test_sizes_seen_by_other_compiles_in_the_process_stay_static(monkeypatch):
+    # Dynamo keeps the sizes a function was compiled at for the whole process: after sample_step ran at two
+    # other vocabularies (another engine, a test), automatic dynamic shapes made this engine's vocabulary a
+    # symbol, and inductor's sampler compile failed on the H200 (session 18). The engine pins every size
+    # that never changes; only the batch dimension is dynamic.
+    from llmfx.sampler import PenaltyState, SamplingTensors, token_words
+
+    torch._dynamo.reset()
+    seen = []
+
+    def recording(gm, example_inputs):  # the sizes the graph was traced with, symbols included
+        values = [node.meta.get("example_value") for node in gm.graph.nodes if node.op == "placeholder"]
+        seen.append([tuple(v.shape) for v in values if isinstance(v, torch.Tensor)])
+        return gm
+
+    elsewhere = torch.compile(model_engine.sample_step, backend=recording, fullgraph=True)
+    for vocab in (300, 400):
+        fields = {name: torch.zeros(2, dtype=torch.int64 if name in ("seed", "position", "top_k") else torch.float32)
+                  for name in SamplingTensors.__slots__}
+        elsewhere(torch.randn(2, vocab), torch.full((2,), -1), SamplingTensors(**fields),
+                  PenaltyState(prompt_mask=torch.zeros(2, vocab, dtype=torch.bool),
+                               output_counts=torch.zeros(2, vocab, dtype=torch.int32)),
+                  torch.zeros(4, dtype=torch.int64), token_words(vocab), True, True, True)
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, options=None, **kwargs: compile_(fn, backend=recording, **kwargs))
+    seen.clear()
+    engine, _ = _engine(True, make_buckets(4, 32, [1, 2, 4]))
+    vocab = engine.cfg.vocab_size
+    # The sampler's graphs: their first input is the logits [B, V]; B is a symbol, V must not be.
+    sampler_graphs = [shapes for shapes in seen if len(shapes[0]) == 2 and not isinstance(shapes[0][0], int)]
+    assert sampler_graphs, seen
+    for shapes in sampler_graphs:
+        assert shapes[0][1] == vocab and all(all(isinstance(size, int) for size in shape[1:]) for shape in shapes), \
+            shapes
+    torch._dynamo.reset()
