@@ -162,8 +162,9 @@ def step_fn(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inputs: F
     """One step on the device: gather placeholder tokens, forward, sample, store tokens.
 
     gather_rows [T]: the token-pool row of a placeholder token, else -1. kv and token_pool
-    [max_batch] are written in place (DONATED). words [V]: sampler.token_words. filtering=False: no row filters; noise=False: every
-    row is greedy; top_logprobs=False: no row reads its top-20 (sample's promises).
+    [max_batch] are written in place (DONATED). words [V]: sampler.token_words. filtering=False: no
+    row filters; noise=False: every row is greedy; top_logprobs=False: no row reads its top-20
+    (sample's promises).
     Returns [B, OUT_COLUMNS] float64: one tensor, so the host needs one copy, and rows, so the
     host's [:B] slice of it is contiguous.
     """

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chi2
 
-from llmfx.sampler import (SamplingTensors, _neg_log_uniform, gumbel_noise, hash_bits, request_seed, sample, token_words,
-                           uniform_noise)
+from llmfx.sampler import (SamplingTensors, _neg_log_uniform, gumbel_noise, hash_bits, request_seed, sample,
+                           token_words, uniform_noise)
 from llmfx.sampling_params import SamplingParams
 
 # Deterministic given the hash, so a tiny p threshold only guards against a wrong distribution.
