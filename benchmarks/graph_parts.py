@@ -19,7 +19,7 @@ import torch
 from llmfx.bench import (compile_static, decode_batch, decoder_weight_params, graph_replay_us, offline_prefill_lengths,
                          prefill_batch, preset_dummy_params, print_kernel_table, save_rows)
 from llmfx.models import forward
-from llmfx.sampler import PenaltyState, SamplingTensors, sample
+from llmfx.sampler import PenaltyState, SamplingTensors, sample, token_words
 from llmfx.sampling_params import SamplingParams
 
 
@@ -47,12 +47,13 @@ def main() -> None:
         penalties = PenaltyState(prompt_mask=torch.zeros(batch, cfg.vocab_size, dtype=torch.bool, device=device),
                                  output_counts=torch.zeros(batch, cfg.vocab_size, dtype=torch.int32, device=device))
         logits = torch.randn(batch, cfg.vocab_size, device=device)
+        words = token_words(cfg.vocab_size, device)  # as the engine passes them: computed once
         fwd = compile_static(lambda: forward(params, cfg, inputs, kv), device)
-        smp = compile_static(lambda: sample(logits, tensors, penalties, filtering=p.filters, top_logprobs=p.filters),
-                             device)
-        smp_filtering = compile_static(lambda: sample(logits, tensors, penalties, filtering=True), device)
+        smp = compile_static(lambda: sample(logits, tensors, penalties, filtering=p.filters, top_logprobs=p.filters,
+                                            words=words), device)
+        smp_filtering = compile_static(lambda: sample(logits, tensors, penalties, filtering=True, words=words), device)
         both = compile_static(lambda: sample(forward(params, cfg, inputs, kv), tensors, penalties, filtering=p.filters,
-                                             top_logprobs=p.filters), device)
+                                             top_logprobs=p.filters, words=words), device)
         with torch.inference_mode():
             row = {"batch": batch, "sampling": args.sampling}
             parts = (("forward_us", fwd),) if args.forward_only else (

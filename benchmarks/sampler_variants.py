@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from llmfx.bench import graph_replay_us, save_rows
-from llmfx.sampler import SamplingTensors, sample
+from llmfx.sampler import SamplingTensors, sample, token_words
 from llmfx.sampling_params import SamplingParams
 
 
@@ -50,13 +50,14 @@ def main(argv: list[str] | None = None) -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         gen = torch.Generator(device=args.device).manual_seed(batch)
         logits = torch.randn(batch, args.vocab, device=args.device, generator=gen)
+        words = token_words(args.vocab, args.device)  # as the engine passes them: computed once
         tensors = SamplingTensors.build([SamplingParams(temperature=0.0)] * batch, [1] * batch, [3] * batch,
                                         args.device)
         variants = {"sorting": {}, "sort_free": {"filtering": False}, "greedy": {"filtering": False, "noise": False},
                     "lean": {"filtering": False, "top_logprobs": False}}
-        expected = sample(logits, tensors)
+        expected = sample(logits, tensors, words=words)
         for variant in variants.values():
-            got = sample(logits, tensors, **variant)
+            got = sample(logits, tensors, words=words, **variant)
             assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.ranks, expected.ranks)
             assert torch.equal(got.logprobs, expected.logprobs)
             assert torch.equal(got.topk_ids, expected.topk_ids if variant.get("top_logprobs", True)
@@ -65,13 +66,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.device == "cuda":
             for name, variant in variants.items():
                 torch._dynamo.reset()  # one lambda code object across variants and batches: compile each afresh
-                compiled = torch.compile(lambda v=variant: sample(logits, tensors, **v), fullgraph=True, dynamic=False)
+                compiled = torch.compile(lambda v=variant: sample(logits, tensors, words=words, **v), fullgraph=True,
+                                         dynamic=False)
                 row[f"{name}_us"], _ = graph_replay_us(compiled)
         else:
             rounds = {name: [] for name in variants}
             for _ in range(args.rounds):  # alternate, one round each
                 for name, variant in variants.items():
-                    rounds[name].append(cpu_ms(lambda v=variant: sample(logits, tensors, **v), args.iters))
+                    rounds[name].append(cpu_ms(lambda v=variant: sample(logits, tensors, words=words, **v), args.iters))
             for name, times in rounds.items():
                 row[f"{name}_ms"], row[f"{name}_round_ms"] = statistics.median(times), times
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("round_ms")}), flush=True)
