@@ -265,6 +265,11 @@ def _fmix32(h: Tensor) -> Tensor:
     return h ^ (h >> 16)
 
 
+def _murmur3_of_scrambled(seed: Tensor, scrambled: Tensor) -> Tensor:
+    """MurmurHash3 x86_32 of one 4-byte word with seed, from the word's scramble."""
+    return _fmix32(_absorb(seed, scrambled) ^ 4)  # 4 = input length in bytes
+
+
 def token_words(vocab_size: int, device: torch.device | str = "cpu") -> Tensor:
     """murmur3's scrambled input word of every token id: [V] int64, the per-token half of hash_bits.
 
@@ -281,8 +286,8 @@ def hash_bits(seed: Tensor, position: Tensor, words: Tensor) -> Tensor:
 
     words [V] is token_words(V): murmur3(token id; row key) with the token's scramble done ahead.
     """
-    row_key = _fmix32(_absorb((seed & _M32).unsqueeze(1), _scramble((position & _M32).unsqueeze(1))) ^ 4)  # [B, 1]
-    return _fmix32(_absorb(row_key, words) ^ 4)  # [B, V]; 4 = murmur3's input length in bytes
+    row_key = _murmur3_of_scrambled((seed & _M32).unsqueeze(1), _scramble((position & _M32).unsqueeze(1)))  # [B, 1]
+    return _murmur3_of_scrambled(row_key, words)  # [B, V]
 
 
 def uniform_noise(seed: Tensor, position: Tensor, words: Tensor) -> Tensor:
