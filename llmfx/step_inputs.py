@@ -63,9 +63,9 @@ class StepLayout:
 
     def views(self, flat: Tensor) -> StepViews:
         """Views of this layout over the first `size` elements of flat (host or device)."""
-        starts, table, seq_lens, floats, ints, tokens = self.parts()
+        n_starts, n_table, n_seq_lens, n_floats, n_ints, n_tokens = self.parts()
         starts, table, seqs, tokens, _ = flat.split(
-            [starts, table, seq_lens + floats + ints, tokens, flat.numel() - self.size])
+            [n_starts, n_table, n_seq_lens + n_floats + n_ints, n_tokens, flat.numel() - self.size])
         b = self.num_seqs
         return StepViews(tokens=tokens.view(len(TOKEN_ROWS), self.num_tokens), seqs=seqs.view(len(SEQ_ROWS), b),
                          query_start_loc=starts, page_table=table.view(b, self.max_pages), layout=self,
@@ -85,8 +85,8 @@ class StepViews:
 
     def unpack(self) -> tuple[ForwardBatch, SamplingTensors, Tensor]:
         """(batch, sampling, gather_rows [T] int64): the device-side conversions, one per dtype block."""
-        starts, table, seq_lens, floats, ints, tokens = parts = self.layout.parts()
-        int32, float32, int64 = self.flat.split([starts + table + seq_lens, floats, ints + tokens])
+        n_starts, n_table, n_seq_lens, n_floats, n_ints, n_tokens = parts = self.layout.parts()
+        int32, float32, int64 = self.flat.split([n_starts + n_table + n_seq_lens, n_floats, n_ints + n_tokens])
         starts, table, seq_lens = int32.int().split(parts[:3])
         seq_ints, tokens = int64.long().split(parts[4:])
         b = self.layout.num_seqs
