@@ -31,7 +31,9 @@ def step_spans(events, launch_steps: dict[int, int]) -> dict[int, dict]:
 
     launch_steps maps a graph launch's correlation id to its step number. `critical_by_name` splits busy
     among the kernels: each kernel is charged the time by which it moves the step's covered end (under PDL a
-    kernel that starts early and waits is charged only for what it adds), so it sums to busy."""
+    kernel that starts early and waits is charged only for what it adds), so it sums to busy. A charge is not
+    what removing the kernel would save: session 18 fused away kernels charged ~150 us of a batch-1 step and
+    the step got no faster (benchmarks/README.md)."""
     kernels = defaultdict(list)
     for e in events:
         step = launch_steps.get(e.get("args", {}).get("correlation"))
