@@ -37,10 +37,11 @@ def shipped_setting(batch: int) -> dict:
 
 def settings(args):
     """The settings to try."""
-    for block_n, warps, stages, (min_split, max_splits) in itertools.product(
-            args.block_n, args.num_warps, args.num_stages, args.splits):
+    for block_n, warps, stages, (min_split, max_splits), prefetch in itertools.product(
+            args.block_n, args.num_warps, args.num_stages, args.splits, args.prefetch_kv):
         if min_split % block_n == 0:
-            yield dict(block_n=block_n, num_warps=warps, num_stages=stages, min_split=min_split, max_splits=max_splits)
+            yield dict(block_n=block_n, num_warps=warps, num_stages=stages, min_split=min_split, max_splits=max_splits,
+                       prefetch_kv=bool(prefetch))
 
 
 def main() -> None:
@@ -52,6 +53,8 @@ def main() -> None:
     p.add_argument("--num-stages", type=parse_ints, default=(2, 3))
     p.add_argument("--splits", type=parse_splits,
                    default=parse_splits("64x32,128x32,256x32,512x32,1024x32,128x1,128x2,128x4,128x8"))
+    p.add_argument("--prefetch-kv", type=parse_ints, default=(0, 1),
+                   help="0 and/or 1: the L2 prefetch before the PDL wait (timed alone, no prior kernel hides it)")
     p.add_argument("--layout", choices=("hnd", "nhd"), default="hnd",
                    help="page memory order: head-major as KVPool stores it, or token-major (before session 12)")
     p.add_argument("--iters", type=int, default=50)

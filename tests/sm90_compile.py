@@ -1,7 +1,7 @@
 """Compile Triton kernels for the H200 (sm_90) on a machine without a GPU; print their resource usage.
 
     python -m tests.sm90_compile                      # the rope + KV-write kernel's configurations, one JSON line each
-    python -m tests.sm90_compile --pdl                # each llmfx kernel: does it wait for the prior kernel first?
+    python -m tests.sm90_compile --pdl                # each llmfx kernel: what it reads before PDL's wait
     python -m tests.sm90_compile --gemv               # the gemv's shipped configs (llmfx.ops.triton_gemv._CONFIGS)
     python -m tests.sm90_compile --gemv --candidates  # also every config benchmarks/small_m_gemm.py tries
     python -m tests.sm90_compile --gemm               # the tensor-core matmul's shipped configs (triton_gemm._CONFIGS)
@@ -244,8 +244,10 @@ def attention_reports():
             yield report_row({"kernel": "decode", "head_dim": head_dim, "num_seqs": num_seqs,
                               "config": [block_m, decode["block_n"], decode["num_warps"], stages]},
                              ta._decode_kernel, {**shape, **split, "BLOCK_M": block_m, "BLOCK_N": decode["block_n"],
-                                                 "BLOCK_D": block_d, "IEEE": False}, _ATTENTION_POINTERS,
-                             decode["num_warps"], floats=("scale_log2",), ints=ints, num_stages=stages)
+                                                 "BLOCK_D": block_d, "IEEE": False,
+                                                 "PREFETCH_KV": decode["prefetch_kv"]},
+                             _ATTENTION_POINTERS, decode["num_warps"], floats=("scale_log2",), ints=ints,
+                             num_stages=stages)
         yield report_row({"kernel": "decode_reduce", "head_dim": head_dim}, ta._decode_reduce_kernel,
                          {**{k: v for k, v in shape.items() if k != "PAGE_SIZE"}, **split, "BLOCK_N": 64,
                           "BLOCK_D": block_d, "GROUP_PAD": 8}, _ATTENTION_POINTERS, 4, ints=ints)
@@ -262,13 +264,62 @@ def activation_reports():
                          ints=dict(inner=inner, stride_gt=2 * inner, stride_ot=inner))
 
 
-def waits_before_memory(compiled) -> bool:
-    """Whether the PTX's first global or shared memory access comes after griddepcontrol.wait (PDL's wait)."""
+_REGISTER = re.compile(r"%[a-z]+\d+")
+
+
+def memory_before_wait(compiled, arg_names: list[str], pointers: dict) -> dict:
+    """What the PTX does to memory before its first griddepcontrol.wait (PDL's wait).
+
+    Returns the pointer arguments whose memory it loads ("loads") or prefetches ("prefetches") and
+    whether it stores ("stores"). Which argument an address comes from is traced through the PTX's
+    registers from each `ld.param` (to a fixed point, for loops); a value loaded from memory carries
+    its address's arguments on, so an address computed from a loaded page id names the table too.
+    arg_names: the kernel's non-constexpr arguments in order (PTX names them _param_0, _param_1, ...).
+    """
     lines = compiled.asm["ptx"].splitlines()
-    first_wait = next((i for i, line in enumerate(lines) if "griddepcontrol.wait" in line), None)
-    first_access = next(i for i, line in enumerate(lines)
-                        if re.match(r"\s*(@%p\d+\s+)?(ld|st|cp\.async|atom|red)\.(global|shared)", line))
-    return first_wait is not None and first_wait < first_access
+    wait = next((i for i, line in enumerate(lines) if "griddepcontrol.wait" in line), None)
+    assert wait is not None, "the kernel never waits for the prior kernel"
+    statements = []
+    for line in lines[:wait]:
+        code = line.split("//")[0].strip()
+        if code and not code.endswith(":") and not code.startswith("."):
+            statements += [re.sub(r"^@!?%p\d+\s+", "", st.strip()) for st in code.split(";") if st.strip()]
+    taint: dict[str, frozenset] = {}
+    found = {"loads": set(), "prefetches": set(), "stores": False}
+    changed = True
+    while changed:  # loops carry taint around their back edges: repeat until nothing new
+        changed = False
+        for st in statements:
+            op, _, rest = st.partition(" ")
+            param = re.match(r"ld\.param\S*\s+(%\w+),\s*\[\w+_param_(\d+)\]", st)
+            if param:
+                new = frozenset({arg_names[int(param[2])]})
+                dests = [param[1]]
+            elif op.startswith(("st.", "atom.", "red.")):
+                found["stores"] = True
+                continue
+            elif op.startswith(("ld.global", "prefetch", "cp.async")):
+                address = re.search(r"\[\s*(%\w+)", rest)
+                new = taint.get(address[1], frozenset()) if address else frozenset()
+                found["prefetches" if op.startswith("prefetch") else "loads"] |= {n for n in new if n in pointers}
+                braces = re.search(r"\{([^}]*)\}", rest)
+                dests = _REGISTER.findall(braces[1]) if braces else []
+            else:
+                regs = _REGISTER.findall(rest)
+                if not regs:
+                    continue
+                dests, new = regs[:1], frozenset().union(*(taint.get(r, frozenset()) for r in regs[1:]))
+            for d in dests:
+                if not new <= taint.get(d, frozenset()):
+                    taint[d] = taint.get(d, frozenset()) | new
+                    changed = True
+    return {"loads": sorted(found["loads"]), "prefetches": sorted(found["prefetches"]), "stores": found["stores"]}
+
+
+def argument_names(kernel, constexprs: dict) -> list[str]:
+    """The kernel's non-constexpr arguments in order, as _compile specializes them (stride_*d are constexpr)."""
+    return [n for n in inspect.signature(kernel.fn).parameters
+            if n not in constexprs and not re.fullmatch(r"stride_\w*d", n)]
 
 
 def pdl_kernels():
@@ -284,7 +335,8 @@ def pdl_kernels():
     yield ("paged_attention varlen", ta._varlen_kernel, {**shape, "BLOCK_M": 128, "BLOCK_N": 64, "IEEE": False},
            tensors, ("scale_log2",))
     split = dict(MIN_SPLIT=ta.DECODE_MIN_SPLIT, MAX_SPLITS=ta.DECODE_MAX_SPLITS, BLOCK_N=64)
-    yield ("paged_attention decode", ta._decode_kernel, {**shape, **split, "BLOCK_M": 16, "IEEE": False}, tensors,
+    yield ("paged_attention decode", ta._decode_kernel, {**shape, **split, "BLOCK_M": 16, "IEEE": False,
+                                                         "PREFETCH_KV": True}, tensors,
            ("scale_log2",))
     yield ("paged_attention decode reduce", ta._decode_reduce_kernel,
            {**{k: v for k, v in shape.items() if k != "PAGE_SIZE"}, **split, "GROUP_PAD": 8}, tensors, ())
@@ -304,7 +356,8 @@ def main() -> None:
     if "--pdl" in sys.argv[1:]:
         for name, kernel, constexprs, pointers, floats in pdl_kernels():
             compiled = _compile(kernel, constexprs, pointers, 4, floats)
-            print(json.dumps({"kernel": name, "waits_before_memory": waits_before_memory(compiled)}), flush=True)
+            before = memory_before_wait(compiled, argument_names(kernel, constexprs), pointers)
+            print(json.dumps({"kernel": name, **before}), flush=True)
         return
     if "--activation" in sys.argv[1:]:
         for row in activation_reports():

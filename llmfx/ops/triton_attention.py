@@ -38,6 +38,10 @@ DECODE_MAX_SPLITS = 8
 # it may follow the batch size (a static shape of a captured step) without changing any result. 3 stages
 # won at batches 1-64, 2 at 128-256 in the same sweep; the bound between is interpolated.
 _DECODE_STAGES = ((96, 3), (None, 2))
+# Batches up to which the decode kernel prefetches its K/V rows before the PDL wait. Served steps on the H200
+# (context 1024): -1.4% at batch 1, -0.3% at 8, but +6.8% at 64 and +15% at 256, where the prefetch's 96 -> 114
+# and 80 -> 111 registers cost more programs an SM than the hidden latency saves (benchmarks/README.md, session 19).
+_PREFETCH_KV_MAX_SEQS = 8
 
 
 @triton.jit
@@ -122,12 +126,15 @@ def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, table_ptr, qsl_ptr, lens_ptr, s
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
                    PDL: tl.constexpr):
     """One program: BLOCK_M // GROUP queries of one sequence x the GROUP heads of one KV head."""
-    wait_for_prior_kernel(PDL)
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
+    # The step's inputs are read before the wait (see triton_pdl): the search is a chain of dependent loads.
     seq = _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q)
     q_start = tl.load(qsl_ptr + seq)
+    n_q = tl.load(qsl_ptr + seq + 1, mask=seq < num_seqs, other=0) - q_start
+    seq_len = tl.load(lens_ptr + seq, mask=seq < num_seqs, other=0)
+    wait_for_prior_kernel(PDL)
     tile = pid - (q_start // BLOCK_Q + seq)
     rows = tl.arange(0, BLOCK_M)
     q_in_tile = rows // GROUP
@@ -141,10 +148,8 @@ def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, table_ptr, qsl_ptr, lens_ptr, s
         tl.store(out_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  zeros, mask=ok[:, None] & d_ok[None, :])
         return
-    n_q = tl.load(qsl_ptr + seq + 1) - q_start
     if tile * BLOCK_Q >= n_q:
         return
-    seq_len = tl.load(lens_ptr + seq)
     q_local = tile * BLOCK_Q + q_in_tile
     row_ok = (q_in_tile < BLOCK_Q) & (q_local < n_q)
     q_pos = seq_len - n_q + q_local  # [M]
@@ -186,6 +191,36 @@ def _split_plan(seq_len, n_q, window, MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.co
     return kv_lo, split_len, tl.cdiv(span, split_len)
 
 
+@triton.jit
+def _prefetch_to_l2(ptrs):
+    """Ask L2 for the 128-byte line at each of ptrs: no registers held, nothing waited for."""
+    return tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_kv_rows(lo, hi, seq, kv_head, k_ptr, v_ptr, table_ptr, stride_pt, stride_kp, stride_ks, stride_kh,
+                      stride_vp, stride_vs, stride_vh, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Prefetch into L2 the K and V rows (one KV head) of keys lo:hi, looking their pages up in the table.
+
+    Called before the PDL wait, so the rows' DRAM latency overlaps the prior kernel. The rows of this step's
+    own tokens may be prefetched before rope_write_kv stores them: stores land in L2, so the loads after the
+    wait still read the new values.
+    """
+    LINE: tl.constexpr = 128 // (k_ptr.dtype.element_ty.primitive_bitwidth // 8)  # elements a 128-byte line
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        k_pos = tl.minimum(start + offs_n, hi - 1)
+        page = tl.load(table_ptr + seq * stride_pt + k_pos // PAGE_SIZE).to(tl.int64)
+        in_page = k_pos % PAGE_SIZE
+        k_row = k_ptr + page * stride_kp + in_page * stride_ks + kv_head * stride_kh
+        v_row = v_ptr + page * stride_vp + in_page * stride_vs + kv_head * stride_vh
+        for d in tl.static_range(0, HEAD_DIM, LINE):
+            _prefetch_to_l2(k_row + d)
+            _prefetch_to_l2(v_row + d)
+
+
 @triton.jit(do_not_specialize=["window"])
 def _decode_kernel(out_ptr, part_acc_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, table_ptr, qsl_ptr, lens_ptr,
                    scale_log2, window, stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
@@ -193,21 +228,27 @@ def _decode_kernel(out_ptr, part_acc_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, tabl
                    stride_pt, stride_at, stride_as, stride_ah, stride_mt, stride_ms,
                    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr,
                    MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+                   PREFETCH_KV: tl.constexpr):
     """One program: one split of one sequence's keys x all GROUP heads of one KV head, every query."""
-    wait_for_prior_kernel(PDL)
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # Until the wait: the step's inputs only (see triton_pdl), and at small batches the split's K/V rows into L2.
     q_start = tl.load(qsl_ptr + seq)
     n_q = tl.load(qsl_ptr + seq + 1) - q_start
     seq_len = tl.load(lens_ptr + seq)
     kv_lo, split_len, num_splits = _split_plan(seq_len, n_q, window, MIN_SPLIT, MAX_SPLITS, BLOCK_N)
-    if (n_q <= 0) | (split >= num_splits):
-        return
     split_lo = kv_lo + split * split_len
     split_hi = tl.minimum(split_lo + split_len, seq_len)
+    if PREFETCH_KV:
+        if (n_q > 0) & (split < num_splits):
+            _prefetch_kv_rows(split_lo, split_hi, seq, kv_head, k_ptr, v_ptr, table_ptr, stride_pt, stride_kp,
+                              stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N)
+    wait_for_prior_kernel(PDL)
+    if (n_q <= 0) | (split >= num_splits):
+        return
     rows = tl.arange(0, BLOCK_M)
     q_in_tile = rows // GROUP
     head = kv_head * GROUP + rows % GROUP
@@ -251,7 +292,6 @@ def _decode_reduce_kernel(out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, lens_ptr,
                           GROUP_PAD: tl.constexpr, MIN_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Merge the (max, sum, acc) partials of one sequence's splits; also zero padding row `seq`."""
-    wait_for_prior_kernel(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     g = tl.arange(0, GROUP_PAD)
@@ -259,15 +299,17 @@ def _decode_reduce_kernel(out_ptr, part_acc_ptr, part_ml_ptr, qsl_ptr, lens_ptr,
     offs_d = tl.arange(0, BLOCK_D)
     mask = (g < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
     out_offs = head[:, None] * stride_oh + offs_d[None, :] * stride_od
-    # Decode runs with T <= B, so every padding row index t in [qsl[B], T) is some program's seq.
-    if (seq >= tl.load(qsl_ptr + num_seqs)) & (seq < num_tokens):
-        zeros = tl.zeros([GROUP_PAD, BLOCK_D], dtype=out_ptr.dtype.element_ty)
-        tl.store(out_ptr + seq * stride_ot + out_offs, zeros, mask=mask)
+    padding = (seq >= tl.load(qsl_ptr + num_seqs)) & (seq < num_tokens)  # step inputs: read before the wait
     q_start = tl.load(qsl_ptr + seq)
     q_end = tl.load(qsl_ptr + seq + 1)
     seq_len = tl.load(lens_ptr + seq)
     kv_lo, split_len, num_splits = _split_plan(seq_len, q_end - q_start, window, MIN_SPLIT, MAX_SPLITS,
                                                BLOCK_N)
+    wait_for_prior_kernel(PDL)
+    # Decode runs with T <= B, so every padding row index t in [qsl[B], T) is some program's seq.
+    if padding:
+        zeros = tl.zeros([GROUP_PAD, BLOCK_D], dtype=out_ptr.dtype.element_ty)
+        tl.store(out_ptr + seq * stride_ot + out_offs, zeros, mask=mask)
     if num_splits <= 1:
         return
     for t in range(q_start, q_end):
@@ -326,9 +368,13 @@ def paged_attention_varlen(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_tab
 def paged_attention_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tensor,
                            query_start_loc: Tensor, seq_lens: Tensor, scale: float, sliding_window: int, *,
                            min_split: int = DECODE_MIN_SPLIT, max_splits: int = DECODE_MAX_SPLITS,
-                           block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+                           block_n: int = 64, num_warps: int = 4, num_stages: int = 2, prefetch_kv: bool = False,
                            out: Tensor | None = None) -> Tensor:
-    """llmfx::paged_attention, split-KV, for T <= B (decode): exact for any n_q, fast for n_q <= 1."""
+    """llmfx::paged_attention, split-KV, for T <= B (decode): exact for any n_q, fast for n_q <= 1.
+
+    prefetch_kv: with PDL, each program asks L2 for its split's K and V rows before waiting for the prior
+    kernel (see _prefetch_kv_rows); the results are the same bits either way.
+    """
     _check(q, k_pages)
     (tokens, heads, head_dim), (_, page_size, kv_heads, _) = q.shape, k_pages.shape
     num_seqs, max_pages, group = page_table.shape[0], page_table.shape[1], heads // kv_heads
@@ -348,7 +394,8 @@ def paged_attention_decode(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_tab
         out, part_acc, part_ml, q, k_pages, v_pages, page_table, query_start_loc, seq_lens, scale * _LOG2E,
         sliding_window, *q.stride(), *out.stride(), *k_pages.stride(), *v_pages.stride(), page_table.stride(0),
         *part_acc.stride()[:3], *part_ml.stride()[:2], PAGE_SIZE=page_size, BLOCK_M=block_m,
-        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages, **meta)
+        IEEE=q.dtype == torch.float32, PREFETCH_KV=prefetch_kv and meta["PDL"], num_warps=num_warps,
+        num_stages=num_stages, **meta)
     _decode_reduce_kernel[(num_seqs, kv_heads)](
         out, part_acc, part_ml, query_start_loc, seq_lens, sliding_window, num_seqs, tokens, *out.stride(),
         *part_acc.stride()[:3], *part_ml.stride()[:2], GROUP_PAD=triton.next_power_of_2(group), num_warps=4,
@@ -371,7 +418,8 @@ def _tuning(dtype: torch.dtype, head_dim: int, num_seqs: int) -> tuple[dict, dic
         return dict(block_m=32, block_n=32, num_warps=8, num_stages=1), dict(block_n=32, num_warps=4, num_stages=1)
     if head_dim > 128:
         return dict(block_m=64, block_n=32, num_warps=8), dict(block_n=32, num_warps=4)
-    decode = dict(block_n=64, num_warps=4, num_stages=_decode_stages(num_seqs))
+    decode = dict(block_n=64, num_warps=4, num_stages=_decode_stages(num_seqs),
+                  prefetch_kv=num_seqs <= _PREFETCH_KV_MAX_SEQS)
     if head_dim > 64:
         return dict(block_m=64, block_n=32, num_warps=4), decode
     # Best of 54 settings over one prefill step of the offline workload (varlen_attention_sweep.py, H200:

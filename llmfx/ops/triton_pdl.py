@@ -4,10 +4,20 @@ A kernel launched with PDL may be scheduled while the kernel before it on the st
 running, so its launch overlaps that kernel's tail instead of waiting for its completion. At batch 1
 a decode step is 253 kernels in a row, most of a few microseconds (the batch-1 kernel table in
 benchmarks/results/2026-11-30-nvidia-h200-graph-parts-kernels-b1-6a7f236.txt), so those gaps add up.
-Each of our kernels starts with `wait_for_prior_kernel`, before it touches any memory: it blocks until
-the prior kernel has finished and its writes are visible (a no-op when not launched with PDL), then
-lets the next kernel launch early in turn. Inductor's kernels take part through its
-`triton.enable_pdl` option (ModelEngine sets it where `pdl_enabled`).
+Each of our kernels calls `wait_for_prior_kernel` before it stores anything: it blocks until the prior
+kernel has finished and its writes are visible (a no-op when not launched with PDL), then lets the next
+kernel launch early in turn. Inductor's kernels take part through its `triton.enable_pdl` option
+(ModelEngine sets it where `pdl_enabled`).
+
+Before the wait a kernel reads only the step's inputs: positions, slots, query starts, lengths, the page
+table (and the rope table, a constant). Their dependent loads then overlap the prior kernel instead of
+following it (served batch-1 step -2.9% on the H200; benchmarks/README.md, session 19). That is safe
+because a kernel launches only when every program of the kernel before it has passed its own wait, so
+every kernel two or more launches back has finished; and the step's inputs are converted by torch's own
+kernels before the compiled step (launched without PDL, they let the next kernel start only when they
+finish) and written by no kernel inside it. A caller that computes these inputs in a PDL kernel right
+before calling llmfx::rope_write_kv or llmfx::paged_attention would break that. What each kernel reads
+early is pinned by tests/test_triton_pdl.py, from the compiled PTX.
 """
 
 from __future__ import annotations

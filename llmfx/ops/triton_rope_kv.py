@@ -63,15 +63,16 @@ def _rope_write_kv_kernel(q_out_ptr, q_ptr, k_ptr, v_ptr, k_pages_ptr, v_pages_p
                           HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_HALF: tl.constexpr,
                           BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, PDL: tl.constexpr):
     """One program: token t's q heads rotated into q_out, its k heads rotated and v heads copied into its slot."""
-    wait_for_prior_kernel(PDL)
     HALF: tl.constexpr = HEAD_DIM // 2
     t = tl.program_id(0).to(tl.int64)
+    # The step's inputs and the rope table are read before the wait (see triton_pdl); q, k and v after it.
     position = tl.load(positions_ptr + t).to(tl.int64)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
     row = rope_ptr + position * stride_rope
     cos = tl.load(row + d, mask=d < HALF, other=0.0).to(tl.float32)[None, :]  # [1, D/2]
     sin = tl.load(row + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)[None, :]
+    wait_for_prior_kernel(PDL)
     _rotate_heads(q_ptr + t * stride_qt, stride_qh, stride_qd, q_out_ptr + t * stride_ot, stride_oh, stride_od,
                   cos, sin, True, HEADS, HALF, BLOCK_Q, BLOCK_HALF)
     write = slot >= 0
