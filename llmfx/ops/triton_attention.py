@@ -411,8 +411,8 @@ def _decode_stages(num_seqs: int) -> int:
 def _tuning(dtype: torch.dtype, head_dim: int, num_seqs: int) -> tuple[dict, dict]:
     """(varlen, decode) launch settings: no register spills (ptxas, sm_90), picked on an H200.
 
-    fp32 (parity tests only) lowers dot to FMAs: small tiles. Only the decode pipeline depth follows
-    the batch size; the split plan never does.
+    fp32 (parity tests only) lowers dot to FMAs: small tiles. Only the decode pipeline depth and its K/V
+    prefetch follow the batch size (neither changes a result); the split plan never does.
     """
     if dtype == torch.float32:
         return dict(block_m=32, block_n=32, num_warps=8, num_stages=1), dict(block_n=32, num_warps=4, num_stages=1)
