@@ -172,6 +172,17 @@ def step_fn(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inputs: F
     return sample_step(logits, unseen, sampling, penalties, token_pool, words, filtering, noise, top_logprobs)
 
 
+def mark_sampler_sizes(logits: Tensor, unseen: Tensor, sampling: SamplingTensors, penalties: PenaltyState,
+                       max_rows: int) -> None:
+    """Mark sample_step's inputs as the engine compiles them: batch dimension dynamic in [1, max_rows], the
+    vocabulary static (see ModelEngine._warm_sampler and _compile_and_capture)."""
+    for tensor in (logits, unseen, penalties.prompt_mask, penalties.output_counts,
+                   *(getattr(sampling, name) for name in SamplingTensors.__slots__)):
+        torch._dynamo.mark_dynamic(tensor, 0, min=1, max=max_rows)
+    for tensor in (logits, penalties.prompt_mask, penalties.output_counts):
+        torch._dynamo.mark_static(tensor, 1)
+
+
 def forward_step(params: Params, cfg: ModelConfig, kv: tuple[LayerKV, ...], inputs: ForwardBatch, gather_rows: Tensor,
                  token_pool: Tensor) -> tuple[Tensor, Tensor]:
     """step_fn's model half: (logits [B, V], unseen [B]: each row's placeholder token, else -1)."""
@@ -421,11 +432,7 @@ class ModelEngine:
         cache refuses, and every warm start traced the sampler variants again: session 14, same call,
         warm 24.7 s with it, 22.6 without).
         """
-        for tensor in (logits, unseen, penalties.prompt_mask, penalties.output_counts,
-                       *(getattr(sampling, name) for name in SamplingTensors.__slots__)):
-            torch._dynamo.mark_dynamic(tensor, 0, min=1, max=token_pool.shape[0])
-        for tensor in (logits, penalties.prompt_mask, penalties.output_counts):
-            torch._dynamo.mark_static(tensor, 1)  # the vocabulary: see _compile_and_capture
+        mark_sampler_sizes(logits, unseen, sampling, penalties, token_pool.shape[0])
         with fx_config.patch(backed_size_oblivious=True):
             return self._sampler_half(logits, unseen, sampling, penalties, token_pool, words, *variant)
 

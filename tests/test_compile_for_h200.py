@@ -36,7 +36,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from llmfx.buckets import BucketKey  # noqa: E402
 from llmfx.kv_pool import KVPool  # noqa: E402
-from llmfx.model_engine import EngineConfig, ModelEngine, forward_step, sample_step  # noqa: E402
+from llmfx.model_engine import EngineConfig, ModelEngine, forward_step, mark_sampler_sizes, sample_step  # noqa: E402
 from llmfx.ops import rope_table  # noqa: E402
 from llmfx.presets import preset  # noqa: E402
 from llmfx.sampler import PenaltyState, SamplingTensors, token_words  # noqa: E402
@@ -137,10 +137,8 @@ def test_the_shape_generic_step_compiles_for_sm90(engine, filtering):
     one, _ = _halves(engine, 1, filtering)
     forward_args, sampler_args = _halves(engine, 256, filtering)
     _assert_all_compiled(compile_for_h200(forward_step, [one, forward_args], dynamic=None))
-    logits, unseen, sampling, penalties, token_pool, words, *variant = sampler_args
-    for tensor in (logits, unseen, penalties.prompt_mask, penalties.output_counts,
-                   *(getattr(sampling, name) for name in SamplingTensors.__slots__)):
-        torch._dynamo.mark_dynamic(tensor, 0, min=1, max=token_pool.shape[0])
+    logits, unseen, sampling, penalties, token_pool, *_ = sampler_args
+    mark_sampler_sizes(logits, unseen, sampling, penalties, token_pool.shape[0])
     with fx_config.patch(backed_size_oblivious=True):
         _assert_all_compiled(compile_for_h200(sample_step, [sampler_args], dynamic=None))
 
