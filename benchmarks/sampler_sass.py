@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tests.test_compile_for_h200 as h200  # noqa: E402
 
 from llmfx.model_engine import sample_step  # noqa: E402
-from llmfx.sampler import PenaltyState, SamplingTensors, token_words  # noqa: E402
+from llmfx.testing.sampler_inputs import padding_sampler_inputs  # noqa: E402
 
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 _OPCODE = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
@@ -58,12 +58,7 @@ def main() -> None:
             found[f"{source.fn.__name__} {k.get('options')}"] = Counter(opcodes(compiled.asm["cubin"]))
         return compiled
 
-    fields = {n: torch.zeros(rows, dtype=torch.int64 if n in ("seed", "position", "top_k") else torch.float32)
-              for n in SamplingTensors.__slots__}
-    penalties = PenaltyState(prompt_mask=torch.zeros(rows, vocab, dtype=torch.bool),
-                             output_counts=torch.zeros(rows, vocab, dtype=torch.int32))
-    call = (torch.randn(rows, vocab, dtype=torch.bfloat16), torch.full((rows,), -1), SamplingTensors(**fields),
-            penalties, torch.zeros(rows, dtype=torch.int64), token_words(vocab), False, True, False)
+    call = (*padding_sampler_inputs(rows, vocab), False, True, False)
     h200.triton.compile = compile_and_count  # the name the test module's sm_90 compile calls
     try:
         h200.compile_for_h200(sample_step, [call], dynamic=False)

@@ -246,7 +246,7 @@ def test_sizes_seen_by_other_compiles_in_the_process_stay_static(monkeypatch):
     # other vocabularies (another engine, a test), automatic dynamic shapes made this engine's vocabulary a
     # symbol, and inductor's sampler compile failed on the H200 (session 18). The engine pins every size
     # that never changes; only the batch dimension is dynamic.
-    from llmfx.sampler import PenaltyState, SamplingTensors, token_words
+    from llmfx.testing.sampler_inputs import padding_sampler_inputs
 
     torch._dynamo.reset()
     seen = []
@@ -258,12 +258,7 @@ def test_sizes_seen_by_other_compiles_in_the_process_stay_static(monkeypatch):
 
     elsewhere = torch.compile(model_engine.sample_step, backend=recording, fullgraph=True)
     for vocab in (300, 400):
-        fields = {name: torch.zeros(2, dtype=torch.int64 if name in ("seed", "position", "top_k") else torch.float32)
-                  for name in SamplingTensors.__slots__}
-        elsewhere(torch.randn(2, vocab), torch.full((2,), -1), SamplingTensors(**fields),
-                  PenaltyState(prompt_mask=torch.zeros(2, vocab, dtype=torch.bool),
-                               output_counts=torch.zeros(2, vocab, dtype=torch.int32)),
-                  torch.zeros(4, dtype=torch.int64), token_words(vocab), True, True, True)
+        elsewhere(*padding_sampler_inputs(2, vocab, dtype=torch.float32), True, True, True)
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, options=None, **kwargs: compile_(fn, backend=recording, **kwargs))
     seen.clear()

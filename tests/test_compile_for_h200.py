@@ -39,7 +39,7 @@ from llmfx.kv_pool import KVPool  # noqa: E402
 from llmfx.model_engine import EngineConfig, ModelEngine, forward_step, mark_sampler_sizes, sample_step  # noqa: E402
 from llmfx.ops import rope_table  # noqa: E402
 from llmfx.presets import preset  # noqa: E402
-from llmfx.sampler import PenaltyState, SamplingTensors, token_words  # noqa: E402
+from llmfx.testing.sampler_inputs import padding_sampler_inputs  # noqa: E402
 from llmfx.weights import dummy_params  # noqa: E402
 
 H200_SMS = 132
@@ -146,12 +146,5 @@ def test_the_shape_generic_step_compiles_for_sm90(engine, filtering):
 @pytest.mark.parametrize("filtering", [True, False])
 @pytest.mark.parametrize("model", ["llama-3.2-1b", "qwen3-0.6b"])
 def test_the_sampler_compiles_for_sm90_at_large_vocabularies(model, filtering):
-    rows, vocab = 256, preset(model).vocab_size
-    fields = {name: torch.zeros(rows, dtype=torch.int64 if name in ("seed", "position", "top_k") else torch.float32)
-              for name in SamplingTensors.__slots__}
-    penalties = PenaltyState(prompt_mask=torch.zeros(rows, vocab, dtype=torch.bool),
-                             output_counts=torch.zeros(rows, vocab, dtype=torch.int32))
-    args = (torch.randn(rows, vocab, dtype=torch.bfloat16), torch.full((rows,), -1, dtype=torch.int64),
-            SamplingTensors(**fields), penalties, torch.zeros(rows, dtype=torch.int64), token_words(vocab), filtering,
-            True, filtering)
+    args = (*padding_sampler_inputs(256, preset(model).vocab_size), filtering, True, filtering)
     _assert_all_compiled(compile_for_h200(sample_step, [args], dynamic=False))
