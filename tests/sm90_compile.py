@@ -37,6 +37,13 @@ from triton.compiler import ASTSource
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
+def _specialized(kernel, constexprs: dict, ints: dict | None = None) -> dict:
+    """constexprs plus what the launcher specializes: strides named stride_*d (1, contiguous) and ints equal to 1."""
+    names = inspect.signature(kernel.fn).parameters
+    return {**constexprs, **{n: 1 for n in names if re.fullmatch(r"stride_\w*d", n)},
+            **{n: v for n, v in (ints or {}).items() if v == 1}}
+
+
 def _compile(kernel, constexprs: dict, pointers: dict[str, str], num_warps: int, floats: tuple[str, ...] = (),
              ints: dict[str, int] | None = None, num_stages: int | None = None):
     """kernel compiled for sm_90.
@@ -49,8 +56,7 @@ def _compile(kernel, constexprs: dict, pointers: dict[str, str], num_warps: int,
     """
     names = list(inspect.signature(kernel.fn).parameters)
     ints = ints or {}
-    constexprs = {**constexprs, **{n: 1 for n in names if re.fullmatch(r"stride_\w*d", n)},
-                  **{n: v for n, v in ints.items() if v == 1}}
+    constexprs = _specialized(kernel, constexprs, ints)
     signature = {n: "constexpr" if n in constexprs else f"*{pointers[n]}" if n in pointers else
                  "fp32" if n in floats else "i32" for n in names}
     divisible = {n for n in names if n in pointers or (n in ints and n not in constexprs and ints[n] % 16 == 0)}
@@ -316,10 +322,10 @@ def memory_before_wait(compiled, arg_names: list[str], pointers: dict) -> dict:
     return {"loads": sorted(found["loads"]), "prefetches": sorted(found["prefetches"]), "stores": found["stores"]}
 
 
-def argument_names(kernel, constexprs: dict) -> list[str]:
-    """The kernel's non-constexpr arguments in order, as _compile specializes them (stride_*d are constexpr)."""
-    return [n for n in inspect.signature(kernel.fn).parameters
-            if n not in constexprs and not re.fullmatch(r"stride_\w*d", n)]
+def argument_names(kernel, constexprs: dict, ints: dict | None = None) -> list[str]:
+    """The kernel's runtime arguments in order, as _compile specializes them: what PTX calls _param_0, _1, ..."""
+    specialized = _specialized(kernel, constexprs, ints)
+    return [n for n in inspect.signature(kernel.fn).parameters if n not in specialized]
 
 
 def pdl_kernels():
